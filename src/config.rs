@@ -1,0 +1,375 @@
+//! Configuration, parsed once into typed structs.
+//!
+//! Layers, lowest first: embedded defaults (the `Default` impls and serde defaults below) < TOML
+//! file (`--config FILE` or `CBGATE_CONFIG`) < environment (`CBGATE_...`, `__` between levels,
+//! e.g. `CBGATE_UPSTREAM__CA_FILE`) < command-line flags. Unknown keys and bad values are errors
+//! that name the key. Nothing else in the crate reads files or the environment for settings:
+//! the binary passes the environment in as a map.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration error; Display names the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration file {0} does not exist")]
+    FileMissing(PathBuf),
+    #[error("configuration key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Where the proxy listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address, e.g. `127.0.0.1:8750` or `[::1]:8750`.
+    Tcp(SocketAddr),
+    /// A Unix domain socket path, written `unix:/path`; created with mode 0600.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/cbgate.sock".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>()
+            .map(ListenAddr::Tcp)
+            .map_err(|_| format!("{s:?} is not IP:PORT or unix:/path"))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One route: requests whose path starts with `prefix` go to `upstream`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Path prefix, e.g. `/api/v3/`.
+    pub prefix: String,
+    /// Upstream base URL, `https://host[:port]`.
+    pub upstream: String,
+}
+
+/// The built-in routes, used when the configuration names none.
+pub fn default_routes() -> Vec<RouteConfig> {
+    [
+        ("/api/v3/", "https://api.coinbase.com"),
+        ("/v2/", "https://api.coinbase.com"),
+        ("/platform/", "https://api.cdp.coinbase.com"),
+    ]
+    .into_iter()
+    .map(|(p, u)| RouteConfig {
+        prefix: p.into(),
+        upstream: u.into(),
+    })
+    .collect()
+}
+
+/// `[key]`: where the API key comes from.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyConfig {
+    /// The CDP key JSON file. When unset, `COINBASE_API_KEY` + `COINBASE_API_SECRET` are used.
+    pub file: Option<PathBuf>,
+}
+
+/// `[upstream]`: how cbgate reaches Coinbase.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Extra trusted root certificates (PEM), added to the built-in Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+    /// Host name -> `ip:port`, like curl's `--resolve`. SNI, certificate check and JWT keep the name.
+    pub resolve: BTreeMap<String, SocketAddr>,
+    /// TCP connect plus TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// From sending the request to the response headers.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            ca_file: None,
+            resolve: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `cbgate=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Proxy listeners.
+    pub listen: Vec<ListenAddr>,
+    /// Request bodies larger than this get 413.
+    pub max_body_bytes: u64,
+    /// Time a client has to send the request head (slow-header defence).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    pub key: KeyConfig,
+    pub upstream: UpstreamConfig,
+    /// Routes, longest prefix wins. Replaces the built-in list when given.
+    pub routes: Vec<RouteConfig>,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8750)))],
+            max_body_bytes: 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            key: KeyConfig::default(),
+            upstream: UpstreamConfig::default(),
+            routes: default_routes(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Everything that feeds the layers, gathered by the binary.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// `--config FILE`, else `CBGATE_CONFIG`.
+    pub file: Option<PathBuf>,
+    /// The process environment (only `CBGATE_*` entries are used).
+    pub env: HashMap<String, String>,
+    /// Command-line flags.
+    pub listen: Vec<String>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Environment variables that steer cbgate but are not configuration keys.
+const NOT_KEYS: &[&str] = &["CBGATE_CONFIG"];
+
+impl Config {
+    /// Builds the configuration from its layers and checks it.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(path) = &sources.file {
+            if !path.exists() {
+                return Err(ConfigError::FileMissing(path.clone()));
+            }
+            b = b.add_source(
+                config::File::from(path.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env: config::Map<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with("CBGATE_") && !NOT_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        b = b.add_source(
+            config::Environment::with_prefix("CBGATE")
+                .prefix_separator("_")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("listen")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        if !sources.listen.is_empty() {
+            b = b.set_override("listen", sources.listen.clone())?;
+        }
+        if let Some(f) = &sources.key_file {
+            b = b.set_override("key.file", f.to_string_lossy().into_owned())?;
+        }
+        let cfg: Config = b.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: non-empty lists, sane numbers, well-formed upstream URLs.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "needs at least one address"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes", "must be greater than 0"));
+        }
+        if self.routes.is_empty() {
+            return Err(invalid("routes", "needs at least one route"));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if !r.prefix.starts_with('/') {
+                return Err(invalid(
+                    format!("{key}.prefix"),
+                    format!("{:?} must start with /", r.prefix),
+                ));
+            }
+            crate::route::Upstream::parse(&r.upstream)
+                .map_err(|m| invalid(format!("{key}.upstream"), m))?;
+        }
+        for (name, t) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.request_timeout", self.upstream.request_timeout),
+            ("header_read_timeout", self.header_read_timeout),
+        ] {
+            if t.is_zero() {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        for host in self.upstream.resolve.keys() {
+            if host.is_empty() || host.contains([':', '/', ' ']) {
+                return Err(invalid(
+                    format!("upstream.resolve.{host}"),
+                    "must be a bare host name",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        Config::load(&Sources {
+            file: Some(f.path().to_owned()),
+            ..Sources::default()
+        })
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::load(&Sources::default()).expect("defaults");
+        assert_eq!(c.listen, vec!["127.0.0.1:8750".parse().expect("addr")]);
+        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert_eq!(c.routes, default_routes());
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(
+            f,
+            "max_body_bytes = 10\nlisten = [\"127.0.0.1:1\"]\n[key]\nfile = \"/a\""
+        )
+        .expect("write");
+        let env = HashMap::from([
+            ("CBGATE_MAX_BODY_BYTES".to_string(), "20".to_string()),
+            ("CBGATE_KEY__FILE".to_string(), "/b".to_string()),
+            ("CBGATE_CONFIG".to_string(), "/ignored".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ]);
+        let c = Config::load(&Sources {
+            file: Some(f.path().to_owned()),
+            env,
+            listen: vec!["unix:/tmp/x.sock".into()],
+            key_file: Some("/c".into()),
+        })
+        .expect("load");
+        assert_eq!(c.max_body_bytes, 20, "env beats file");
+        assert_eq!(c.key.file, Some(PathBuf::from("/c")), "flag beats env");
+        assert_eq!(c.listen, vec![ListenAddr::Unix("/tmp/x.sock".into())]);
+    }
+
+    #[test]
+    fn resolve_table_keeps_dotted_host_names() {
+        let c = load_toml(
+            "[upstream]\nconnect_timeout = \"250ms\"\n[upstream.resolve]\n\"api.coinbase.com\" = \"127.0.0.1:8443\"\n",
+        )
+        .expect("load");
+        assert_eq!(
+            c.upstream.resolve.get("api.coinbase.com"),
+            Some(&"127.0.0.1:8443".parse().expect("addr"))
+        );
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = load_toml("lisen = [\"127.0.0.1:1\"]").expect_err("unknown key");
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = load_toml("[upstream]\nca_fil = \"x\"").expect_err("unknown nested key");
+        assert!(e.to_string().contains("ca_fil"), "{e}");
+        let e = load_toml("listen = [\"nowhere\"]").expect_err("bad address");
+        assert!(e.to_string().contains("nowhere"), "{e}");
+        let e = load_toml("max_body_bytes = \"lots\"").expect_err("bad number");
+        assert!(e.to_string().contains("max_body_bytes"), "{e}");
+        let e = load_toml("[[routes]]\nprefix = \"/x/\"\nupstream = \"http://plain\"")
+            .expect_err("plain http upstream");
+        assert!(e.to_string().contains("routes[0].upstream"), "{e}");
+        let e = load_toml("[upstream]\nconnect_timeout = \"soon\"").expect_err("bad duration");
+        assert!(e.to_string().contains("connect_timeout"), "{e}");
+    }
+}

@@ -1,0 +1,86 @@
+//! Errors cbgate itself answers with, each mapped to one status and one code.
+//!
+//! The body is `{"error": "<code>", "message": "<sentence>"}` and the response carries
+//! `x-cbgate-error: <code>`, so a client can tell cbgate's answers from Coinbase's (which pass
+//! through untouched). Messages never carry a secret or a token: they are built from the
+//! request line, host names and library errors that hold neither.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+
+use crate::upstream::{ConnectStage, UpstreamError};
+use crate::Body;
+
+/// The header naming a cbgate-made error.
+pub const ERROR_HEADER: &str = "x-cbgate-error";
+
+/// A request cbgate refused or could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no route for {path}; routes: {prefixes}")]
+    NoRoute { path: String, prefixes: String },
+    #[error("request body is larger than max_body_bytes ({limit} bytes)")]
+    BodyTooLarge { limit: u64 },
+    #[error("could not sign the request")]
+    Sign,
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    /// The HTTP status and the machine-readable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
+            ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
+            ProxyError::Upstream(e) => match e {
+                UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+                UpstreamError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+                UpstreamError::Other { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
+                UpstreamError::Connect(c) => match c.stage {
+                    ConnectStage::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+                    ConnectStage::Dns => (StatusCode::BAD_GATEWAY, "upstream_dns"),
+                    ConnectStage::Connect => (StatusCode::BAD_GATEWAY, "upstream_connect"),
+                    ConnectStage::Tls => (StatusCode::BAD_GATEWAY, "upstream_tls"),
+                },
+            },
+        }
+    }
+
+    /// The JSON response for this error.
+    pub fn into_response(self, max_body_bytes: u64) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        let message = match &self {
+            // The upstream error does not know the configured limit.
+            ProxyError::Upstream(UpstreamError::BodyTooLarge) => ProxyError::BodyTooLarge {
+                limit: max_body_bytes,
+            }
+            .to_string(),
+            other => other.to_string(),
+        };
+        json_error(status, code, &message)
+    }
+}
+
+/// Builds `{"error": code, "message": message}` with the `x-cbgate-error` header.
+pub fn json_error(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(ERROR_HEADER, HeaderValue::from_static(code));
+    resp
+}

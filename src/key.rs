@@ -1,0 +1,444 @@
+//! Loading the Coinbase API key: the one place that ever sees the secret.
+//!
+//! Keys come as the JSON file the CDP portal downloads (`name` or `id`, `privateKey` or `secret`)
+//! or as the `COINBASE_API_KEY` / `COINBASE_API_SECRET` pair the official SDK reads. Two families:
+//! ECDSA P-256 (SEC1 or PKCS#8 PEM, JWT alg `ES256`) and Ed25519 (base64 of 64 or 32 bytes, or
+//! PKCS#8 PEM, alg `EdDSA`). The key is parsed once here into an aws-lc-rs key pair; the request
+//! path only ever signs with the parsed pair.
+//!
+//! Errors name the problem and never quote the secret: base64 and PEM decoder messages can echo
+//! input bytes, so they are replaced by our own sentences.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
+};
+use base64::Engine as _;
+use rustls_pki_types::pem::SectionKind;
+use zeroize::Zeroizing;
+
+/// Which JWT algorithm a key signs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// ECDSA P-256 with SHA-256, signature as raw r||s.
+    Es256,
+    /// Ed25519.
+    EdDsa,
+}
+
+impl Algorithm {
+    /// The JWT `alg` header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Es256 => "ES256",
+            Algorithm::EdDsa => "EdDSA",
+        }
+    }
+}
+
+/// A problem with the configured key. Display is one line that names the problem; no variant
+/// holds any byte of the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key file {0} does not exist")]
+    FileMissing(PathBuf),
+    #[error("key file {path} cannot be read: {reason}")]
+    FileUnreadable { path: PathBuf, reason: String },
+    #[error("key file {path} is not valid JSON (line {line}, column {column}); expected the CDP key JSON {{\"name\": ..., \"privateKey\": ...}}")]
+    NotJson {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    #[error("key file {path} has no {field} field")]
+    MissingField { path: PathBuf, field: &'static str },
+    #[error("key file {path}: field {field} must be a string")]
+    FieldNotString { path: PathBuf, field: &'static str },
+    #[error("{0} is set but {1} is not; set both, or neither")]
+    EnvIncomplete(&'static str, &'static str),
+    #[error("the key name is empty")]
+    EmptyName,
+    #[error("the secret is empty")]
+    EmptySecret,
+    #[error("the secret is a public key (PEM {0}); cbgate needs the private key from the downloaded key file")]
+    PublicKeyGiven(&'static str),
+    #[error(
+        "the secret is an RSA key; Coinbase CDP keys are ECDSA P-256 (ES256) or Ed25519 (EdDSA)"
+    )]
+    Rsa,
+    #[error("the secret is an ECDSA key on curve {0}; Coinbase CDP keys use P-256 (ES256)")]
+    WrongCurve(&'static str),
+    #[error("the secret is a PEM block of an unsupported kind ({0}); expected EC PRIVATE KEY or PRIVATE KEY")]
+    UnsupportedPem(&'static str),
+    #[error("the secret's PEM block is malformed (bad base64 or missing END line)")]
+    BadPem,
+    #[error("the secret's {0} PEM block does not hold a usable private key")]
+    BadPrivateKey(&'static str),
+    #[error("the secret is neither a PEM private key nor valid base64 (truncated or mangled?)")]
+    BadBase64,
+    #[error("the secret decodes to {0} bytes; an Ed25519 secret is 64 bytes (seed + public key) or 32 bytes (seed): truncated?")]
+    WrongLength(usize),
+    #[error("the 64-byte Ed25519 secret's public half does not match its seed; is this an Exchange/Prime HMAC secret? Those keys cannot sign JWTs")]
+    PublicHalfMismatch,
+}
+
+/// A loaded, ready-to-sign API key. Debug prints the name and algorithm only.
+pub struct ApiKey {
+    name: String,
+    pair: KeyPairKind,
+}
+
+enum KeyPairKind {
+    Es256(EcdsaKeyPair),
+    EdDsa(Ed25519KeyPair),
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("alg", &self.algorithm())
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where the key comes from, as configuration decided.
+pub enum KeySource {
+    /// A CDP key JSON file.
+    File(PathBuf),
+    /// Name and secret given directly (the `COINBASE_API_KEY` / `COINBASE_API_SECRET` pair).
+    Inline {
+        name: String,
+        secret: Zeroizing<String>,
+    },
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::File(p) => f.debug_tuple("File").field(p).finish(),
+            KeySource::Inline { name, .. } => f
+                .debug_struct("Inline")
+                .field("name", name)
+                .field("secret", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+impl KeySource {
+    /// Builds the source from the environment pair; `None` when neither variable is set.
+    pub fn from_env_pair(
+        name: Option<String>,
+        secret: Option<String>,
+    ) -> Result<Option<KeySource>, KeyError> {
+        match (name, secret) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(KeyError::EnvIncomplete(
+                "COINBASE_API_KEY",
+                "COINBASE_API_SECRET",
+            )),
+            (None, Some(s)) => {
+                drop(Zeroizing::new(s));
+                Err(KeyError::EnvIncomplete(
+                    "COINBASE_API_SECRET",
+                    "COINBASE_API_KEY",
+                ))
+            }
+            (Some(name), Some(secret)) => Ok(Some(KeySource::Inline {
+                name,
+                secret: Zeroizing::new(secret),
+            })),
+        }
+    }
+
+    /// Picks the key source: the configured file, else the `COINBASE_API_KEY` +
+    /// `COINBASE_API_SECRET` pair from `env`, else none (requests are forwarded unsigned).
+    pub fn select(
+        file: Option<&Path>,
+        env: &std::collections::HashMap<String, String>,
+    ) -> Result<Option<KeySource>, KeyError> {
+        if let Some(f) = file {
+            return Ok(Some(KeySource::File(f.to_owned())));
+        }
+        KeySource::from_env_pair(
+            env.get("COINBASE_API_KEY").cloned(),
+            env.get("COINBASE_API_SECRET").cloned(),
+        )
+    }
+
+    /// Reads and parses the key.
+    pub fn load(&self) -> Result<ApiKey, KeyError> {
+        match self {
+            KeySource::File(path) => load_file(path),
+            KeySource::Inline { name, secret } => ApiKey::parse(name, secret),
+        }
+    }
+}
+
+fn load_file(path: &Path) -> Result<ApiKey, KeyError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            KeyError::FileMissing(path.to_owned())
+        } else {
+            KeyError::FileUnreadable {
+                path: path.to_owned(),
+                reason: e.kind().to_string(),
+            }
+        }
+    })?);
+    // Parse into a Value first: serde's typed errors can quote the offending value.
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| KeyError::NotJson {
+        path: path.to_owned(),
+        line: e.line(),
+        column: e.column(),
+    })?;
+    let field = |names: [&'static str; 2], label: &'static str| -> Result<&str, KeyError> {
+        for n in names {
+            if let Some(v) = value.get(n) {
+                return v.as_str().ok_or(KeyError::FieldNotString {
+                    path: path.to_owned(),
+                    field: n,
+                });
+            }
+        }
+        Err(KeyError::MissingField {
+            path: path.to_owned(),
+            field: label,
+        })
+    };
+    let name = field(["name", "id"], "\"name\" (or \"id\")")?;
+    let secret = field(["privateKey", "secret"], "\"privateKey\" (or \"secret\")")?;
+    let key = ApiKey::parse(name, secret);
+    // serde_json::Value does not zeroize; overwrite the secret string we know about.
+    let mut value = value;
+    for n in ["privateKey", "secret"] {
+        if let Some(serde_json::Value::String(s)) = value.get_mut(n) {
+            zeroize::Zeroize::zeroize(s);
+        }
+    }
+    key
+}
+
+/// Undoes what .env files, shells and JSON escaping do to a secret: surrounding whitespace and
+/// quotes, literal `\n` (two characters) for newlines, CRLF line ends.
+fn normalize(secret: &str) -> Zeroizing<String> {
+    let mut s = secret.trim();
+    loop {
+        let stripped = s
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .or_else(|| s.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')));
+        match stripped {
+            Some(inner) => s = inner.trim(),
+            None => break,
+        }
+    }
+    Zeroizing::new(
+        s.replace("\\r\\n", "\n")
+            .replace("\\n", "\n")
+            .replace("\r\n", "\n")
+            .replace('\r', "\n"),
+    )
+}
+
+impl ApiKey {
+    /// Parses a key from its name and secret text (PEM or base64).
+    pub fn parse(name: &str, secret: &str) -> Result<ApiKey, KeyError> {
+        let name = name.trim().trim_matches('"').trim();
+        if name.is_empty() {
+            return Err(KeyError::EmptyName);
+        }
+        let secret = normalize(secret);
+        if secret.is_empty() {
+            return Err(KeyError::EmptySecret);
+        }
+        let pair = if secret.contains("-----BEGIN") {
+            parse_pem(secret.as_bytes())?
+        } else {
+            parse_ed25519_base64(&secret)?
+        };
+        Ok(ApiKey {
+            name: name.to_owned(),
+            pair,
+        })
+    }
+
+    /// The key name: the JWT `kid` and `sub`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The JWT algorithm this key signs with.
+    pub fn algorithm(&self) -> Algorithm {
+        match self.pair {
+            KeyPairKind::Es256(_) => Algorithm::Es256,
+            KeyPairKind::EdDsa(_) => Algorithm::EdDsa,
+        }
+    }
+
+    /// The public key: the uncompressed SEC1 point (P-256) or the 32 raw bytes (Ed25519).
+    pub fn public_key(&self) -> &[u8] {
+        match &self.pair {
+            KeyPairKind::Es256(k) => k.public_key().as_ref(),
+            KeyPairKind::EdDsa(k) => k.public_key().as_ref(),
+        }
+    }
+
+    /// `SHA256:<base64>` of the public key, as ssh prints fingerprints: safe to show.
+    pub fn fingerprint(&self) -> String {
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.public_key());
+        format!(
+            "SHA256:{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(d.as_ref())
+        )
+    }
+
+    /// Signs `message`: raw r||s (64 bytes) for ES256, the 64-byte signature for EdDSA.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, aws_lc_rs::error::Unspecified> {
+        match &self.pair {
+            KeyPairKind::Es256(k) => {
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                Ok(k.sign(&rng, message)?.as_ref().to_vec())
+            }
+            KeyPairKind::EdDsa(k) => Ok(k.sign(message).as_ref().to_vec()),
+        }
+    }
+}
+
+fn parse_pem(text: &[u8]) -> Result<KeyPairKind, KeyError> {
+    let mut rest = text;
+    let (kind, der) = match rustls_pki_types::pem::from_buf(&mut rest) {
+        Ok(Some((kind, der))) => (kind, Zeroizing::new(der)),
+        // from_buf skips sections it does not know (e.g. "EC PUBLIC KEY"): name the common ones.
+        Ok(None) if contains(text, b"PUBLIC KEY-----") => {
+            return Err(KeyError::PublicKeyGiven("PUBLIC KEY"))
+        }
+        Ok(None) | Err(_) => return Err(KeyError::BadPem),
+    };
+    match kind {
+        SectionKind::EcPrivateKey => {
+            EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, &der)
+                .map(KeyPairKind::Es256)
+                .map_err(|_| {
+                    curve_of(&der).map_or(
+                        KeyError::BadPrivateKey("EC PRIVATE KEY"),
+                        KeyError::WrongCurve,
+                    )
+                })
+        }
+        SectionKind::PrivateKey => {
+            if let Ok(k) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der) {
+                return Ok(KeyPairKind::EdDsa(k));
+            }
+            if let Ok(k) =
+                EcdsaKeyPair::from_private_key_der(&ECDSA_P256_SHA256_FIXED_SIGNING, &der)
+            {
+                return Ok(KeyPairKind::Es256(k));
+            }
+            if contains(&der, OID_RSA) {
+                Err(KeyError::Rsa)
+            } else if let Some(curve) = curve_of(&der) {
+                Err(KeyError::WrongCurve(curve))
+            } else {
+                Err(KeyError::BadPrivateKey("PRIVATE KEY"))
+            }
+        }
+        SectionKind::RsaPrivateKey => Err(KeyError::Rsa),
+        SectionKind::PublicKey => Err(KeyError::PublicKeyGiven("PUBLIC KEY")),
+        SectionKind::Certificate => Err(KeyError::UnsupportedPem("CERTIFICATE")),
+        _ => Err(KeyError::UnsupportedPem("not a private key")),
+    }
+}
+
+// DER encodings of the OIDs we name in errors (tag, length, value). Only used to word an error
+// after aws-lc-rs has already rejected the key, never to accept one.
+const OID_RSA: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
+const CURVES: &[(&str, &[u8])] = &[
+    ("P-384", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22]),
+    ("P-521", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23]),
+    ("secp256k1", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a]),
+    ("P-224", &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x21]),
+];
+
+fn curve_of(der: &[u8]) -> Option<&'static str> {
+    CURVES
+        .iter()
+        .find(|(_, oid)| contains(der, oid))
+        .map(|(name, _)| *name)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn parse_ed25519_base64(secret: &str) -> Result<KeyPairKind, KeyError> {
+    // Base64 secrets are sometimes wrapped over lines; whitespace carries no data.
+    let compact: Zeroizing<String> =
+        Zeroizing::new(secret.chars().filter(|c| !c.is_whitespace()).collect());
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    let bytes = engines
+        .iter()
+        .find_map(|e| e.decode(compact.as_bytes()).ok())
+        .map(Zeroizing::new)
+        .ok_or(KeyError::BadBase64)?;
+    match bytes.len() {
+        64 => Ed25519KeyPair::from_seed_and_public_key(&bytes[..32], &bytes[32..])
+            .map(KeyPairKind::EdDsa)
+            .map_err(|_| KeyError::PublicHalfMismatch),
+        32 => Ed25519KeyPair::from_seed_unchecked(&bytes)
+            .map(KeyPairKind::EdDsa)
+            .map_err(|_| KeyError::WrongLength(32)),
+        n => Err(KeyError::WrongLength(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_undoes_env_file_damage() {
+        assert_eq!(
+            normalize("  \"-----BEGIN X-----\\nabc\\n-----END X-----\\n\"  ").as_str(),
+            "-----BEGIN X-----\nabc\n-----END X-----\n"
+        );
+        assert_eq!(normalize("'a\r\nb'\n").as_str(), "a\nb");
+    }
+
+    #[test]
+    fn debug_never_shows_secret() {
+        let seed = [7u8; 32];
+        let b64 = base64::engine::general_purpose::STANDARD.encode(seed);
+        let key = ApiKey::parse("k", &b64).expect("32-byte seed");
+        let dbg = format!("{key:?}");
+        assert!(!dbg.contains(&b64));
+        assert!(dbg.contains("redacted"));
+        let src = KeySource::Inline {
+            name: "k".into(),
+            secret: Zeroizing::new(b64.clone()),
+        };
+        assert!(!format!("{src:?}").contains(&b64));
+    }
+
+    #[test]
+    fn wrong_lengths_are_named() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode([1u8; 48]);
+        let err = ApiKey::parse("k", &b64).expect_err("48 bytes is no key");
+        assert!(err.to_string().contains("48 bytes"), "{err}");
+        assert!(matches!(
+            ApiKey::parse("k", "not base64 !!"),
+            Err(KeyError::BadBase64)
+        ));
+    }
+}

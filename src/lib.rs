@@ -1,0 +1,39 @@
+//! cbgate: a local authenticating reverse proxy for the Coinbase APIs.
+//!
+//! A client sends a plain HTTP request to cbgate; cbgate signs it with a fresh per-request JWT
+//! and forwards it over verified TLS to Coinbase, streaming the answer back. The API secret
+//! never leaves this process.
+//!
+//! A request goes through named phases, one module each:
+//!
+//! | phase / concern    | module       |
+//! |--------------------|--------------|
+//! | configuration      | [`config`]   |
+//! | the API key        | [`key`]      |
+//! | accept             | [`server`]   |
+//! | check client, forward, stream back, log | [`proxy`] |
+//! | route              | [`route`]    |
+//! | sign               | [`jwt`]      |
+//! | header hygiene     | [`headers`]  |
+//! | upstream TLS + pool| [`upstream`] |
+//! | cbgate's own error responses | [`error`] |
+//!
+//! The binary (`src/main.rs`) only parses flags, loads the configuration and key, binds the
+//! listeners and calls [`server::run`], which takes already-bound listeners and a shutdown
+//! future so that tests can drive it directly.
+
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod jwt;
+pub mod key;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+/// Body type used in both directions: streamed, boxed, with a boxed error.
+pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;
+
+/// Boxed error for bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

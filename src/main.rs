@@ -1,0 +1,292 @@
+//! The `cbgate` binary: flags, configuration, key, listeners; then [`cbgate::server::run`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use cbgate::config::{Config, LogFormat, Sources};
+use cbgate::jwt::{self, Binding, ClaimStyle};
+use cbgate::key::{Algorithm, ApiKey, KeySource};
+use cbgate::proxy::Proxy;
+use cbgate::route::{Router, Upstream};
+use cbgate::server::{self, Listener, ServeOptions};
+
+/// Exit code for bad configuration (flags, file, environment or key).
+const EXIT_CONFIG: u8 = 2;
+
+/// cbgate: a local authenticating reverse proxy for the Coinbase APIs.
+///
+/// Send plain HTTP to cbgate (default http://127.0.0.1:8750) instead of https://api.coinbase.com;
+/// cbgate signs each request with a fresh JWT and forwards it over verified TLS. The key comes
+/// from --key-file (the CDP key JSON) or COINBASE_API_KEY + COINBASE_API_SECRET.
+#[derive(Parser, Debug)]
+#[command(name = "cbgate", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default when no command is given).
+    Serve(ServeArgs),
+    /// Print a fresh JWT for one request, as the Coinbase docs' script does.
+    Token(TokenArgs),
+    /// Validate the configuration and key; print the key name, algorithm and fingerprint.
+    Check(Common),
+}
+
+#[derive(Args, Debug, Default)]
+struct Common {
+    /// TOML configuration file (see config/cbgate.toml).
+    #[arg(
+        long,
+        short = 'c',
+        env = "CBGATE_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    config: Option<PathBuf>,
+    /// CDP API key JSON file (overrides key.file).
+    #[arg(long, value_name = "FILE", global = true)]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Listen address, IP:PORT or unix:/path; repeat for several (overrides `listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct TokenArgs {
+    #[command(flatten)]
+    common: Common,
+    /// A WebSocket subscribe token (no request binding); METHOD and PATH are not needed.
+    #[arg(long)]
+    ws: bool,
+    /// HTTP method, e.g. GET.
+    #[arg(required_unless_present = "ws")]
+    method: Option<String>,
+    /// `/api/v3/...` (the route picks the host), `api.coinbase.com/path` or a full https URL.
+    #[arg(required_unless_present = "ws")]
+    path_or_url: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let result = match cli.command {
+        None => serve(cli.serve, env),
+        Some(Command::Serve(args)) => serve(args, env),
+        Some(Command::Token(args)) => token(args, env),
+        Some(Command::Check(args)) => check(args, env),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("cbgate: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("cbgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    Config(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+fn config_err(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Config(e.into())
+}
+
+/// Configuration plus the loaded key (`None`: requests go unsigned).
+fn load(
+    common: &Common,
+    listen: &[String],
+    env: HashMap<String, String>,
+) -> Result<(Config, Option<ApiKey>), Failure> {
+    let sources = Sources {
+        file: common.config.clone(),
+        env,
+        listen: listen.to_vec(),
+        key_file: common.key_file.clone(),
+    };
+    let cfg = Config::load(&sources).map_err(config_err)?;
+    let key = match KeySource::select(cfg.key.file.as_deref(), &sources.env).map_err(config_err)? {
+        None => None,
+        Some(src) => {
+            let key = src.load().map_err(config_err)?;
+            jwt::self_test(&key)
+                .map_err(|e| config_err(anyhow::anyhow!("key self-test failed: {e}")))?;
+            Some(key)
+        }
+    };
+    Ok((cfg, key))
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(args: ServeArgs, env: HashMap<String, String>) -> Result<(), Failure> {
+    let (cfg, key) = load(&args.common, &args.listen, env)?;
+    init_logging(&cfg);
+    match &key {
+        None => tracing::warn!(
+            "no API key configured: requests are forwarded unsigned (public endpoints only); \
+             set key.file or COINBASE_API_KEY + COINBASE_API_SECRET"
+        ),
+        Some(k) => {
+            tracing::info!(key = k.name(), alg = k.algorithm().as_str(), fingerprint = %k.fingerprint(), "key loaded");
+            if k.algorithm() == Algorithm::EdDsa
+                && cfg.routes.iter().any(|r| r.prefix.starts_with("/v2/"))
+            {
+                tracing::warn!("the Coinbase App API (/v2/...) accepts ECDSA keys only: /v2 requests signed with this Ed25519 key will get 401");
+            }
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .map_err(Failure::Runtime)?;
+    runtime.block_on(async move {
+        let proxy = Arc::new(Proxy::new(&cfg, key).map_err(config_err)?);
+        let mut listeners = Vec::new();
+        for addr in &cfg.listen {
+            let l = Listener::bind(addr)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            tracing::info!(listen = %l.describe(), "listening");
+            listeners.push(l);
+        }
+        let opts = ServeOptions {
+            header_read_timeout: cfg.header_read_timeout,
+            ..ServeOptions::default()
+        };
+        server::run(listeners, proxy, opts, shutdown_signal()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM (the orchestrator's stop signal; also as PID 1).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn token(args: TokenArgs, env: HashMap<String, String>) -> Result<(), Failure> {
+    let (cfg, key) = load(&args.common, &[], env)?;
+    let key = key.ok_or_else(|| {
+        config_err(anyhow::anyhow!(
+            "no API key configured: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"
+        ))
+    })?;
+    let now = jwt::now_secs(0);
+    let token = if args.ws {
+        let none = Binding {
+            method: "",
+            host: "",
+            path: "",
+        };
+        jwt::mint(&key, now, ClaimStyle::None, &none)
+    } else {
+        let method = args.method.unwrap_or_default().to_ascii_uppercase();
+        let target = args.path_or_url.unwrap_or_default();
+        let (upstream, path) = token_target(&cfg, &target).map_err(config_err)?;
+        let binding = Binding {
+            method: &method,
+            host: &upstream.authority,
+            path: &path,
+        };
+        jwt::mint(&key, now, upstream.claims, &binding)
+    }
+    .map_err(|e| Failure::Runtime(e.into()))?;
+    println!("{token}");
+    Ok(())
+}
+
+/// Splits a `token` target into the upstream and the path (the query never enters the claim).
+fn token_target(cfg: &Config, target: &str) -> anyhow::Result<(Upstream, String)> {
+    let without_query = |p: &str| p.split(['?', '#']).next().unwrap_or("/").to_owned();
+    if target.starts_with('/') {
+        let router = Router::new(&cfg.routes).map_err(anyhow::Error::msg)?;
+        let route = router.find(target).with_context(|| {
+            format!(
+                "no route for {target}; routes: {}",
+                router.prefixes().join(", ")
+            )
+        })?;
+        let upstream = Upstream::parse(&format!("https://{}", route.upstream.authority))
+            .map_err(anyhow::Error::msg)?;
+        return Ok((upstream, without_query(target)));
+    }
+    let full = if target.contains("://") {
+        target.to_owned()
+    } else {
+        format!("https://{target}")
+    };
+    let url = url::Url::parse(&full).with_context(|| format!("{target:?} is not a path or URL"))?;
+    let base = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default())
+        + &url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    let upstream = Upstream::parse(&base).map_err(anyhow::Error::msg)?;
+    // Url::path() is the path as given (already percent-encoded), which is what goes on the wire.
+    Ok((upstream, url.path().to_owned()))
+}
+
+fn check(args: Common, env: HashMap<String, String>) -> Result<(), Failure> {
+    let (cfg, key) = load(&args, &[], env)?;
+    let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    println!(
+        "config: ok (listen {}; {} routes)",
+        listen.join(", "),
+        cfg.routes.len()
+    );
+    match key {
+        Some(k) => {
+            println!("key: {}", k.name());
+            println!("algorithm: {}", k.algorithm().as_str());
+            println!("public key fingerprint: {}", k.fingerprint());
+            println!("self-test: a signed token verified against the public key");
+        }
+        None => println!(
+            "key: none configured; requests will be forwarded unsigned (public endpoints only)"
+        ),
+    }
+    Ok(())
+}

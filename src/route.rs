@@ -1,0 +1,161 @@
+//! Routing: the request path alone picks the upstream. The client's `Host` header never does.
+
+use std::sync::Arc;
+
+use crate::config::RouteConfig;
+use crate::jwt::ClaimStyle;
+
+/// An upstream Coinbase API host.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name: used for DNS (or `upstream.resolve`), SNI and the certificate check.
+    pub host: String,
+    pub port: u16,
+    /// `host`, or `host:port` when the port is not 443: the `Host` header and the JWT's host.
+    pub authority: String,
+    /// Which request-binding claim Coinbase expects from this host.
+    pub claims: ClaimStyle,
+}
+
+impl Upstream {
+    /// Parses `https://host[:port]` (a trailing `/` is allowed; no path, query or user info).
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let u = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        if u.scheme() != "https" {
+            return Err(format!(
+                "{url:?} must use https: cbgate only talks to Coinbase over verified TLS"
+            ));
+        }
+        if !(u.path().is_empty() || u.path() == "/")
+            || u.query().is_some()
+            || u.fragment().is_some()
+            || !u.username().is_empty()
+            || u.password().is_some()
+        {
+            return Err(format!("{url:?} must be only scheme, host and port"));
+        }
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+            None => return Err(format!("{url:?} has no host")),
+        };
+        let port = u.port().unwrap_or(443);
+        let authority = if port == 443 {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Upstream {
+            claims: ClaimStyle::for_host(&host),
+            host,
+            port,
+            authority,
+        })
+    }
+}
+
+/// A matched route.
+#[derive(Debug)]
+pub struct Route {
+    pub prefix: String,
+    pub upstream: Arc<Upstream>,
+}
+
+/// The route table, longest prefix first.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Builds the table; the configuration was validated, but errors are still reported.
+    pub fn new(configs: &[RouteConfig]) -> Result<Router, String> {
+        let mut routes = Vec::with_capacity(configs.len());
+        for c in configs {
+            // Routes to the same host share one Upstream.
+            let parsed = Upstream::parse(&c.upstream)?;
+            let upstream = match routes.iter().find(|r: &&Route| *r.upstream == parsed) {
+                Some(r) => Arc::clone(&r.upstream),
+                None => Arc::new(parsed),
+            };
+            routes.push(Route {
+                prefix: c.prefix.clone(),
+                upstream,
+            });
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(Router { routes })
+    }
+
+    /// The route whose prefix is the longest match for `path`.
+    pub fn find(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| path.starts_with(&r.prefix))
+    }
+
+    /// The configured prefixes, for error messages.
+    pub fn prefixes(&self) -> Vec<&str> {
+        self.routes.iter().map(|r| r.prefix.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::default_routes;
+
+    #[test]
+    fn default_routes_pick_the_right_host() {
+        let r = Router::new(&default_routes()).expect("routes");
+        let host = |p| r.find(p).map(|r| r.upstream.host.clone());
+        assert_eq!(
+            host("/api/v3/brokerage/accounts").as_deref(),
+            Some("api.coinbase.com")
+        );
+        assert_eq!(host("/v2/accounts").as_deref(), Some("api.coinbase.com"));
+        assert_eq!(
+            host("/platform/v1/networks").as_deref(),
+            Some("api.cdp.coinbase.com")
+        );
+        assert_eq!(host("/api/v2/x"), None);
+        assert_eq!(host("/v2"), None);
+        assert_eq!(
+            r.find("/platform/x").map(|r| r.upstream.claims),
+            Some(ClaimStyle::Uris)
+        );
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let r = Router::new(&[
+            RouteConfig {
+                prefix: "/a/".into(),
+                upstream: "https://one.example".into(),
+            },
+            RouteConfig {
+                prefix: "/a/b/".into(),
+                upstream: "https://two.example:8443".into(),
+            },
+        ])
+        .expect("routes");
+        let up = &r.find("/a/b/c").expect("match").upstream;
+        assert_eq!(up.authority, "two.example:8443");
+        assert_eq!(
+            r.find("/a/c").expect("match").upstream.authority,
+            "one.example"
+        );
+    }
+
+    #[test]
+    fn upstream_urls_are_checked() {
+        assert!(Upstream::parse("http://api.coinbase.com").is_err());
+        assert!(Upstream::parse("https://api.coinbase.com/path").is_err());
+        assert!(Upstream::parse("https://u:p@api.coinbase.com").is_err());
+        assert_eq!(
+            Upstream::parse("https://API.coinbase.com:443/")
+                .expect("ok")
+                .authority,
+            "api.coinbase.com"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! Accepting clients: TCP and Unix-socket listeners, HTTP/1.1 and h2c (prior knowledge) on the
+//! same port, keep-alive, and graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::config::ListenAddr;
+use crate::proxy::Proxy;
+
+/// A bound listener. Binding is separate from serving so that callers (and tests) can bind
+/// port 0 and learn the address before [`run`] starts.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+}
+
+/// Binding a listener failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: String,
+    #[source]
+    pub source: io::Error,
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket is created with mode 0600; a stale socket file left by an
+    /// earlier run is replaced, any other file at that path is an error.
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener, BindError> {
+        let err = |source| BindError {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Listener::Tcp).map_err(err),
+            ListenAddr::Unix(path) => {
+                use std::os::unix::fs::FileTypeExt as _;
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "path exists and is not a socket",
+                        )));
+                    }
+                    std::fs::remove_file(path).map_err(err)?;
+                }
+                let listener = UnixListener::bind(path).map_err(err)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(err)?;
+                Ok(Listener::Unix {
+                    listener,
+                    path: path.clone(),
+                })
+            }
+        }
+    }
+
+    /// The address clients use, for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+/// Serving options that are not part of the proxy itself.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Time a client has to send a complete HTTP/1 request head.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may take to finish after shutdown starts.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            header_read_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Serves `listeners` until `shutdown` resolves, then stops accepting and lets open
+/// connections finish their requests for up to `drain_timeout`.
+pub async fn run(
+    listeners: Vec<Listener>,
+    proxy: Arc<Proxy>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+
+    let (tx, mut rx) = mpsc::channel::<Accepted>(64);
+    let mut unix_paths = Vec::new();
+    let accept_tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            if let Listener::Unix { path, .. } = &l {
+                unix_paths.push(path.clone());
+            }
+            tokio::spawn(accept_loop(l, tx.clone()))
+        })
+        .collect();
+    drop(tx);
+
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = rx.recv() => match accepted {
+                Some(Accepted::Tcp(s)) => {
+                    let _ = s.set_nodelay(true);
+                    serve(s, &builder, &proxy, &graceful);
+                }
+                Some(Accepted::Unix(s)) => serve(s, &builder, &proxy, &graceful),
+                None => break,
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    for t in &accept_tasks {
+        t.abort();
+    }
+    for p in unix_paths {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!(
+        connections = graceful.count(),
+        "shutting down: draining open connections"
+    );
+    if tokio::time::timeout(opts.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(after = ?opts.drain_timeout, "drain timeout: closing remaining connections");
+    }
+}
+
+async fn accept_loop(listener: Listener, tx: mpsc::Sender<Accepted>) {
+    loop {
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+            Listener::Unix { listener, .. } => {
+                listener.accept().await.map(|(s, _)| Accepted::Unix(s))
+            }
+        };
+        match accepted {
+            Ok(a) => {
+                if tx.send(a).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn serve<I>(
+    io: I,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    proxy: &Arc<Proxy>,
+    graceful: &GracefulShutdown,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = Arc::clone(builder);
+    let proxy = Arc::clone(proxy);
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let svc = service_fn(move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move { proxy.handle(req).await }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        if let Err(e) = watcher.watch(conn).await {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    });
+}

@@ -1,0 +1,372 @@
+//! The upstream client: verified TLS to Coinbase with pooled keep-alive connections.
+//!
+//! rustls with the Mozilla roots compiled in (plus `upstream.ca_file`), TLS 1.2+, hostname
+//! verification, ALPN `h2` then `http/1.1`. There is deliberately no switch that turns
+//! verification off. `upstream.resolve` changes only where the TCP connection goes: SNI, the
+//! certificate check, `Host` and the JWT keep the real name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::UpstreamConfig;
+use crate::Body;
+
+/// Setting up the upstream client failed (bad `upstream.ca_file`).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("upstream.ca_file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// What part of reaching the upstream failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectStage {
+    Dns,
+    Connect,
+    Tls,
+    Timeout,
+}
+
+/// Reaching the upstream failed before any HTTP was exchanged.
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct ConnectError {
+    pub host: String,
+    pub stage: ConnectStage,
+    pub detail: String,
+}
+
+/// A forwarded request failed. Each variant maps to one cbgate error code.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Connect(ConnectError),
+    #[error("no response from {host} within {after:?}")]
+    Timeout { host: String, after: Duration },
+    #[error("request body is larger than max_body_bytes")]
+    BodyTooLarge,
+    #[error("request to {host} failed: {detail}")]
+    Other { host: String, detail: String },
+}
+
+/// The pooled, verifying HTTPS client.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<Connector, Body>,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamClient").finish_non_exhaustive()
+    }
+}
+
+/// The rustls client configuration: Mozilla roots + `ca_file`, TLS 1.2+, ALPN h2 and http/1.1.
+pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let ca_err = |reason: String| SetupError::CaFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_err(pem_error(&e)))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_err(pem_error(&e)))?;
+        if certs.is_empty() {
+            return Err(ca_err("holds no PEM CERTIFICATE".into()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| ca_err(format!("bad certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) if io.kind() == io::ErrorKind::NotFound => {
+            "file does not exist".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+impl UpstreamClient {
+    /// Builds the client from `[upstream]`.
+    pub fn new(cfg: &UpstreamConfig) -> Result<UpstreamClient, SetupError> {
+        let tls = tls_config(cfg.ca_file.as_deref())?;
+        let connector = Connector {
+            tls: TlsConnector::from(Arc::new(tls)),
+            resolve: Arc::new(cfg.resolve.clone()),
+            connect_timeout: cfg.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .build(connector);
+        Ok(UpstreamClient {
+            client,
+            request_timeout: cfg.request_timeout,
+        })
+    }
+
+    /// Sends `req` (absolute URI) and waits for the response head, up to the request timeout.
+    pub async fn send(
+        &self,
+        host: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+            Err(_) => Err(UpstreamError::Timeout {
+                host: host.to_owned(),
+                after: self.request_timeout,
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(host, &e)),
+        }
+    }
+}
+
+/// Finds the cause of a client error in its source chain.
+fn classify(host: &str, e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut innermost = e.to_string();
+    while let Some(s) = source {
+        if let Some(c) = s.downcast_ref::<ConnectError>() {
+            return UpstreamError::Connect(ConnectError {
+                host: c.host.clone(),
+                stage: c.stage,
+                detail: c.detail.clone(),
+            });
+        }
+        if s.is::<http_body_util::LengthLimitError>() {
+            return UpstreamError::BodyTooLarge;
+        }
+        innermost = s.to_string();
+        source = s.source();
+    }
+    UpstreamError::Other {
+        host: host.to_owned(),
+        detail: innermost,
+    }
+}
+
+/// Opens TCP (honouring `upstream.resolve`) then TLS, within the connect timeout.
+#[derive(Clone)]
+pub struct Connector {
+    tls: TlsConnector,
+    resolve: Arc<BTreeMap<String, SocketAddr>>,
+    connect_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TlsConn;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<TlsConn, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_owned();
+            let port = uri.port_u16().unwrap_or(443);
+            match tokio::time::timeout(this.connect_timeout, this.connect(&host, port)).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError {
+                    detail: format!(
+                        "connecting to {host} timed out after {:?}",
+                        this.connect_timeout
+                    ),
+                    host,
+                    stage: ConnectStage::Timeout,
+                }),
+            }
+        })
+    }
+}
+
+impl Connector {
+    async fn connect(&self, host: &str, port: u16) -> Result<TlsConn, ConnectError> {
+        let err = |stage, detail: String| ConnectError {
+            host: host.to_owned(),
+            stage,
+            detail,
+        };
+        let addrs: Vec<SocketAddr> = match self.resolve.get(host) {
+            Some(addr) => vec![*addr],
+            None => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| {
+                    err(
+                        ConnectStage::Dns,
+                        format!("DNS lookup of {host} failed: {e}"),
+                    )
+                })?
+                .collect(),
+        };
+        let mut last = None;
+        let mut tcp = None;
+        for addr in &addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some((addr, e)),
+            }
+        }
+        let tcp = match (tcp, last) {
+            (Some(s), _) => s,
+            (None, Some((addr, e))) => {
+                return Err(err(
+                    ConnectStage::Connect,
+                    format!("cannot connect to {host} ({addr}): {e}"),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    ConnectStage::Dns,
+                    format!("DNS lookup of {host} returned no address"),
+                ))
+            }
+        };
+        // Requests are small and latency-bound: do not wait to coalesce segments.
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(host.trim_matches(|c| c == '[' || c == ']').to_owned())
+            .map_err(|_| {
+                err(
+                    ConnectStage::Tls,
+                    format!("{host} is not a valid TLS server name"),
+                )
+            })?;
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| err(ConnectStage::Tls, describe_tls_error(host, &e)))?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok(TlsConn {
+            io: TokioIo::new(tls),
+            h2,
+        })
+    }
+}
+
+/// Words a TLS handshake failure the way a user searching for it would.
+fn describe_tls_error(host: &str, e: &io::Error) -> String {
+    use rustls::CertificateError as C;
+    let what = match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(c)) => match c {
+            C::UnknownIssuer => {
+                "certificate not trusted (unknown issuer); if this upstream is intended, add its CA with upstream.ca_file".to_owned()
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                format!("certificate is not valid for the name {host}")
+            }
+            C::Expired | C::ExpiredContext { .. } => "certificate has expired".to_owned(),
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "certificate is not valid yet (check the system clock)".to_owned()
+            }
+            C::Revoked => "certificate has been revoked".to_owned(),
+            other => format!("certificate rejected: {other:?}"),
+        },
+        Some(other) => other.to_string(),
+        None if e.kind() == io::ErrorKind::UnexpectedEof => {
+            "connection closed during the TLS handshake (is this a TLS port?)".to_owned()
+        }
+        None => e.to_string(),
+    };
+    format!("TLS handshake with {host} failed: {what}")
+}
+
+pin_project_lite::pin_project! {
+    /// A TLS connection to the upstream, telling the pool whether ALPN chose h2.
+    pub struct TlsConn {
+        #[pin]
+        io: TokioIo<TlsStream<TcpStream>>,
+        h2: bool,
+    }
+}
+
+impl Connection for TlsConn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.h2 {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl hyper::rt::Read for TlsConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().io.poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for TlsConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+}
