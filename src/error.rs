@@ -40,7 +40,6 @@ impl ProxyError {
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-                UpstreamError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
                 UpstreamError::Other { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
                 UpstreamError::Connect(c) => match c.stage {
                     ConnectStage::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
@@ -53,17 +52,9 @@ impl ProxyError {
     }
 
     /// The JSON response for this error.
-    pub fn into_response(self, max_body_bytes: u64) -> Response<Body> {
+    pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
-        let message = match &self {
-            // The upstream error does not know the configured limit.
-            ProxyError::Upstream(UpstreamError::BodyTooLarge) => ProxyError::BodyTooLarge {
-                limit: max_body_bytes,
-            }
-            .to_string(),
-            other => other.to_string(),
-        };
-        json_error(status, code, &message)
+        json_error(status, code, &self.to_string())
     }
 }
 

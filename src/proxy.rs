@@ -5,11 +5,12 @@
 //! [`ProxyError`] into cbgate's JSON error response.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt as _, Limited};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::Config;
@@ -88,7 +89,7 @@ impl Proxy {
             Err(e) => {
                 let (status, code) = e.status_and_code();
                 tracing::warn!(%method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
-                e.into_response(self.max_body_bytes)
+                e.into_response()
             }
         };
         tracing::info!(
@@ -139,11 +140,19 @@ impl Proxy {
             .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
         // The pool picks HTTP/1.1 or h2 by ALPN, whatever the client spoke.
         parts.version = Version::HTTP_11;
-        let body = Limited::new(
-            body,
-            usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
-        )
-        .boxed_unsync();
+        // The limit is enforced while streaming (a chunked body has no declared length). When it
+        // trips, the client reports a generic send error, so the flag says why.
+        let too_large = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&too_large);
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let body = Limited::new(body, limit)
+            .map_err(move |e| {
+                if e.is::<LengthLimitError>() {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                e
+            })
+            .boxed_unsync();
 
         let sent = Instant::now();
         let resp = self
@@ -151,7 +160,15 @@ impl Proxy {
             .send(&upstream.host, Request::from_parts(parts, body))
             .await;
         outcome.upstream_time = Some(sent.elapsed());
-        let (mut parts, body) = resp?.into_parts();
+        let resp = match resp {
+            Err(_) if too_large.load(Ordering::Relaxed) => {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: self.max_body_bytes,
+                })
+            }
+            other => other?,
+        };
+        let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
             parts,

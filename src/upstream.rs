@@ -64,8 +64,6 @@ pub enum UpstreamError {
     Connect(ConnectError),
     #[error("no response from {host} within {after:?}")]
     Timeout { host: String, after: Duration },
-    #[error("request body is larger than max_body_bytes")]
-    BodyTooLarge,
     #[error("request to {host} failed: {detail}")]
     Other { host: String, detail: String },
 }
@@ -171,9 +169,6 @@ fn classify(host: &str, e: &hyper_util::client::legacy::Error) -> UpstreamError 
                 stage: c.stage,
                 detail: c.detail.clone(),
             });
-        }
-        if s.is::<http_body_util::LengthLimitError>() {
-            return UpstreamError::BodyTooLarge;
         }
         innermost = s.to_string();
         source = s.source();

@@ -1,0 +1,338 @@
+//! Test harness: generated keys in every accepted form, a cbgate instance in-process pointed at
+//! the mock through `upstream.resolve`, and small HTTP clients (HTTP/1.1, h2c, raw bytes).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lc_rs::encoding::AsDer as _;
+use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair as _};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use cbgate::config::Config;
+use cbgate::key::KeySource;
+use cbgate::proxy::Proxy;
+use cbgate::server::{self, Listener, ServeOptions};
+
+use super::mock::{ExpectedKey, MockCoinbase, MockOptions, Pki};
+
+/// The host names the test CA's certificate covers.
+pub const HOSTS: &[&str] = &["api.coinbase.com", "api.cdp.coinbase.com"];
+
+/// The forms a secret comes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyForm {
+    /// `-----BEGIN EC PRIVATE KEY-----` (what the CDP portal gave for ECDSA keys).
+    P256Sec1,
+    /// `-----BEGIN PRIVATE KEY-----` holding a P-256 key.
+    P256Pkcs8,
+    /// base64 of seed || public key (the portal's Ed25519 form).
+    Ed25519B64_64,
+    /// base64 of the seed alone.
+    Ed25519B64_32,
+    /// `-----BEGIN PRIVATE KEY-----` holding an Ed25519 key.
+    Ed25519Pkcs8,
+}
+
+/// A generated key: its name, its secret text as a user would paste it, and what the mock
+/// needs to verify its tokens.
+#[derive(Clone)]
+pub struct TestKey {
+    pub name: String,
+    pub secret: String,
+    pub expected: ExpectedKey,
+}
+
+pub fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// PKCS#8 v1 prefix for an Ed25519 private key (RFC 8410 §7), followed by the 32-byte seed.
+const ED25519_PKCS8_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+impl TestKey {
+    pub fn generate(form: KeyForm) -> TestKey {
+        let name = format!("organizations/{}/apiKeys/{}", uuid_like(), uuid_like());
+        match form {
+            KeyForm::P256Sec1 | KeyForm::P256Pkcs8 => {
+                let kp =
+                    EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING)
+                        .expect("generate P-256");
+                let secret = if form == KeyForm::P256Sec1 {
+                    let der = kp.private_key().as_der().expect("SEC1 DER");
+                    pem("EC PRIVATE KEY", der.as_ref())
+                } else {
+                    let der = kp.to_pkcs8v1().expect("PKCS#8");
+                    pem("PRIVATE KEY", der.as_ref())
+                };
+                TestKey {
+                    expected: ExpectedKey::Es256 {
+                        name: name.clone(),
+                        public_key: kp.public_key().as_ref().to_vec(),
+                    },
+                    name,
+                    secret,
+                }
+            }
+            KeyForm::Ed25519B64_64 | KeyForm::Ed25519B64_32 | KeyForm::Ed25519Pkcs8 => {
+                let mut seed = [0u8; 32];
+                aws_lc_rs::rand::fill(&mut seed).expect("random seed");
+                let kp = Ed25519KeyPair::from_seed_unchecked(&seed).expect("ed25519 from seed");
+                let public = kp.public_key().as_ref().to_vec();
+                let secret = match form {
+                    KeyForm::Ed25519B64_64 => STANDARD.encode([&seed[..], &public[..]].concat()),
+                    KeyForm::Ed25519B64_32 => STANDARD.encode(seed),
+                    _ => pem(
+                        "PRIVATE KEY",
+                        &[&ED25519_PKCS8_PREFIX[..], &seed[..]].concat(),
+                    ),
+                };
+                // The portal's new keys are named by a bare id.
+                let name = uuid_like();
+                TestKey {
+                    expected: ExpectedKey::EdDsa {
+                        name: name.clone(),
+                        public_key: public,
+                    },
+                    name,
+                    secret,
+                }
+            }
+        }
+    }
+
+    /// Writes the CDP key JSON (`name` + `privateKey`), mode 0600, and returns its path.
+    pub fn write_json(&self, dir: &Path) -> PathBuf {
+        let body = serde_json::json!({ "name": self.name, "privateKey": self.secret });
+        write_private(dir, "cdp_api_key.json", body.to_string().as_bytes())
+    }
+}
+
+/// Writes a file readable by its owner only, as a key file should be.
+pub fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write test file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+fn uuid_like() -> String {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).expect("random");
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// A mock Coinbase plus its PKI, the usual start of a test.
+pub struct Upstream {
+    pub pki: Pki,
+    pub mock: MockCoinbase,
+    pub dir: tempfile::TempDir,
+    pub ca_file: PathBuf,
+}
+
+impl Upstream {
+    pub async fn start(key: Option<&TestKey>) -> Upstream {
+        Upstream::start_with(MockOptions {
+            key: key.map(|k| k.expected.clone()),
+            ..MockOptions::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(opts: MockOptions) -> Upstream {
+        let pki = Pki::new(HOSTS);
+        let mock = MockCoinbase::start(&pki, opts).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = pki.write_ca(dir.path());
+        Upstream {
+            pki,
+            mock,
+            dir,
+            ca_file,
+        }
+    }
+
+    /// A configuration that trusts the test CA and resolves both API hosts to the mock.
+    pub fn config(&self) -> Config {
+        let mut cfg = Config::default();
+        cfg.upstream.ca_file = Some(self.ca_file.clone());
+        for h in HOSTS {
+            cfg.upstream.resolve.insert((*h).to_owned(), self.mock.addr);
+        }
+        cfg.upstream.connect_timeout = Duration::from_secs(2);
+        cfg.upstream.request_timeout = Duration::from_secs(5);
+        cfg
+    }
+}
+
+/// A cbgate instance serving in-process on 127.0.0.1:0.
+pub struct Gate {
+    pub addr: SocketAddr,
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Gate {
+    /// Starts cbgate with `cfg`, signing with `key` (loaded from its JSON file, as users do).
+    pub async fn start(cfg: Config, key: Option<&TestKey>) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Gate::start_on(cfg, key, vec![Listener::Tcp(listener)]).await
+    }
+
+    pub async fn start_on(cfg: Config, key: Option<&TestKey>, listeners: Vec<Listener>) -> Gate {
+        cfg.validate().expect("valid test config");
+        let api_key = key.map(|k| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = k.write_json(dir.path());
+            KeySource::File(path).load().expect("test key loads")
+        });
+        let addr = match listeners.first() {
+            Some(Listener::Tcp(l)) => l.local_addr().expect("addr"),
+            _ => SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let proxy = Arc::new(Proxy::new(&cfg, api_key).expect("proxy builds"));
+        let (tx, rx) = oneshot::channel();
+        let opts = ServeOptions {
+            header_read_timeout: cfg.header_read_timeout,
+            drain_timeout: Duration::from_secs(5),
+        };
+        let task = tokio::spawn(server::run(listeners, proxy, opts, async move {
+            let _ = rx.await;
+        }));
+        Gate {
+            addr,
+            url: format!("http://{addr}"),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops accepting, drains, and waits for the server to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// cbgate's own error code, when cbgate (not Coinbase) answered.
+    pub fn cbgate_error(&self) -> Option<&str> {
+        self.headers
+            .get("x-cbgate-error")
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP/1.1 client with keep-alive.
+pub fn h1_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Resp {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("response within 20 s")
+        .expect("request reaches cbgate");
+    let version = resp.version();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("read body").to_bytes();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        version,
+    }
+}
+
+pub async fn get(gate: &Gate, path: &str) -> Resp {
+    let req = Request::get(format!("{}{path}", gate.url))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(&h1_client(), req).await
+}
+
+/// Writes raw bytes on a new TCP connection and reads until the server closes it (or 5 s).
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

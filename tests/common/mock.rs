@@ -1,0 +1,839 @@
+//! Test-only mock of the Coinbase REST upstream.
+//!
+//! Serves TLS (ALPN `h2` and `http/1.1`) on 127.0.0.1 with a certificate from a
+//! throw-away test CA, records every request, and verifies the per-request JWT
+//! the way Coinbase does (see shared/coinbase-auth.md). Signature verification
+//! uses the `jsonwebtoken` crate so it is independent of cbgate's own signer;
+//! every other check (header fields, nonce, claims, clock) is done by hand.
+//!
+//! Every test binary that says `mod common;` compiles this file but uses only
+//! part of it, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, DATE, HOST};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+
+// ---------------------------------------------------------------------------
+// PKI
+// ---------------------------------------------------------------------------
+
+/// Test PKI made at test time: a CA and one server cert valid for all names given.
+#[derive(Clone)]
+pub struct Pki {
+    /// PEM of the CA certificate (the only thing a client should trust).
+    pub ca_pem: String,
+    /// Server certificate chain, leaf first (leaf, CA).
+    pub cert_chain_der: Vec<CertificateDer<'static>>,
+    /// Server private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// The names the server certificate is valid for; the mock accepts exactly
+    /// these as request hosts.
+    pub hosts: Vec<String>,
+}
+
+impl Pki {
+    pub fn new(hosts: &[&str]) -> Pki {
+        let mut ca_params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params (test setup)");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "cbgate test CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_key = rcgen::KeyPair::generate().expect("CA key (test setup)");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)
+            .expect("self-sign CA (test setup)");
+
+        let names: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        let mut leaf_params =
+            rcgen::CertificateParams::new(names.clone()).expect("leaf params (test setup)");
+        leaf_params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        leaf_params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf_key = rcgen::KeyPair::generate().expect("leaf key (test setup)");
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &ca)
+            .expect("sign leaf (test setup)");
+
+        Pki {
+            ca_pem: ca.pem(),
+            cert_chain_der: vec![leaf.der().clone(), ca.der().clone()],
+            key_der: leaf_key.serialize_der(),
+            hosts: names,
+        }
+    }
+
+    /// Writes `ca.pem` into `dir` and returns its path.
+    pub fn write_ca(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).expect("write ca.pem (test setup)");
+        path
+    }
+
+    /// rustls server config for the mock: aws-lc-rs provider, ALPN h2 + http/1.1.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()));
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions (test setup)")
+            .with_no_client_auth()
+            .with_single_cert(self.cert_chain_der.clone(), key)
+            .expect("server cert (test setup)");
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(cfg)
+    }
+
+    /// rustls client config that trusts only this PKI's CA, offering `alpn`.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> rustls::ClientConfig {
+        use rustls_pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .expect("parse CA pem (test setup)");
+        roots.add(ca).expect("add CA root (test setup)");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions (test setup)")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        cfg
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Public types
+// ---------------------------------------------------------------------------
+
+/// What key the mock expects tokens to be signed with.
+#[derive(Clone)]
+pub enum ExpectedKey {
+    /// `public_key`: uncompressed SEC1 point (65 bytes), as aws_lc_rs
+    /// `EcdsaKeyPair::public_key().as_ref()`.
+    Es256 { name: String, public_key: Vec<u8> },
+    /// `public_key`: raw 32-byte Ed25519 public key.
+    EdDsa { name: String, public_key: Vec<u8> },
+}
+
+impl ExpectedKey {
+    fn name(&self) -> &str {
+        match self {
+            ExpectedKey::Es256 { name, .. } | ExpectedKey::EdDsa { name, .. } => name,
+        }
+    }
+
+    fn alg_str(&self) -> &'static str {
+        match self {
+            ExpectedKey::Es256 { .. } => "ES256",
+            ExpectedKey::EdDsa { .. } => "EdDSA",
+        }
+    }
+
+    fn algorithm(&self) -> Algorithm {
+        match self {
+            ExpectedKey::Es256 { .. } => Algorithm::ES256,
+            ExpectedKey::EdDsa { .. } => Algorithm::EdDSA,
+        }
+    }
+
+    /// jsonwebtoken 11 hands the bytes of `from_ec_der` / `from_ed_der` straight
+    /// to aws-lc-rs `UnparsedPublicKey`, which takes the raw SEC1 point for
+    /// ECDSA and the raw 32 bytes for Ed25519.
+    fn decoding_key(&self) -> DecodingKey {
+        match self {
+            ExpectedKey::Es256 { public_key, .. } => DecodingKey::from_ec_der(public_key),
+            ExpectedKey::EdDsa { public_key, .. } => DecodingKey::from_ed_der(public_key),
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct MockOptions {
+    pub key: Option<ExpectedKey>,
+    /// The mock's clock = real now + offset.
+    pub clock_offset_secs: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path_and_query: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub auth: AuthOutcome,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AuthOutcome {
+    Missing,
+    Valid {
+        alg: String,
+        kid: String,
+        nonce: String,
+        claims: Value,
+    },
+    Invalid(String),
+}
+
+// ---------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------
+
+struct Inner {
+    opts: MockOptions,
+    hosts: Vec<String>,
+    connections: AtomicUsize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    requests: Vec<Recorded>,
+    nonces: HashSet<String>,
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("mock state mutex poisoned")
+    }
+
+    fn now(&self) -> i64 {
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        real + self.opts.clock_offset_secs
+    }
+}
+
+pub struct MockCoinbase {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+    task: JoinHandle<()>,
+}
+
+impl MockCoinbase {
+    /// Binds 127.0.0.1:0 and serves TLS (h2 and http/1.1) until dropped.
+    pub async fn start(pki: &Pki, opts: MockOptions) -> MockCoinbase {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock listener (test setup)");
+        let addr = listener.local_addr().expect("mock local addr (test setup)");
+        let acceptor = TlsAcceptor::from(pki.server_config());
+        let inner = Arc::new(Inner {
+            opts,
+            hosts: pki.hosts.clone(),
+            connections: AtomicUsize::new(0),
+            state: Mutex::new(State::default()),
+        });
+        let task = tokio::spawn(accept_loop(listener, acceptor, inner.clone()));
+        MockCoinbase { addr, inner, task }
+    }
+
+    /// Every request received, in order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.lock().requests.clone()
+    }
+
+    /// Number of TLS connections accepted (handshake completed).
+    pub fn connections(&self) -> usize {
+        self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// Number of distinct nonces seen on signature-valid tokens.
+    pub fn nonces_seen(&self) -> usize {
+        self.inner.lock().nonces.len()
+    }
+}
+
+impl Drop for MockCoinbase {
+    fn drop(&mut self) {
+        // Dropping the accept loop drops its JoinSet, which aborts every
+        // connection task too.
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, inner: Arc<Inner>) {
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let (tcp, _peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let inner = inner.clone();
+        conns.spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            inner.connections.fetch_add(1, Ordering::SeqCst);
+            let svc = service_fn(move |req| handle(inner.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                .await;
+        });
+    }
+}
+
+type RespBody = BoxBody<Bytes, Infallible>;
+
+fn full(body: impl Into<Bytes>) -> RespBody {
+    Full::new(body.into()).boxed()
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<RespBody> {
+    let mut resp = Response::new(full(v.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn unauthorized(reason: &str) -> Response<RespBody> {
+    json_response(
+        StatusCode::UNAUTHORIZED,
+        &json!({"error": "UNAUTHORIZED", "message": reason}),
+    )
+}
+
+fn add_rate_limit_headers(resp: &mut Response<RespBody>) {
+    let h = resp.headers_mut();
+    h.insert(
+        HeaderName::from_static("x-ratelimit-limit"),
+        HeaderValue::from_static("30"),
+    );
+    h.insert(
+        HeaderName::from_static("x-ratelimit-remaining"),
+        HeaderValue::from_static("29"),
+    );
+    h.insert(
+        HeaderName::from_static("x-ratelimit-reset"),
+        HeaderValue::from_static("1700000000"),
+    );
+}
+
+fn is_public(path: &str) -> bool {
+    path.starts_with("/api/v3/brokerage/market/") || path == "/api/v3/brokerage/time"
+}
+
+/// URI authority (h2, or h1 absolute-form), else the Host header.
+fn request_host(parts: &http::request::Parts) -> Option<String> {
+    if let Some(a) = parts.uri.authority() {
+        return Some(a.as_str().to_string());
+    }
+    parts
+        .headers
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "unknown",
+    }
+}
+
+async fn handle(
+    inner: Arc<Inner>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let mut resp = handle_inner(inner, req).await;
+    add_rate_limit_headers(&mut resp);
+    Ok(resp)
+}
+
+async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<RespBody> {
+    let (parts, body) = req.into_parts();
+    let (body, body_err) = match body.collect().await {
+        Ok(c) => (c.to_bytes(), None),
+        Err(e) => (Bytes::new(), Some(e.to_string())),
+    };
+    let method = parts.method.as_str().to_string();
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().map(str::to_string);
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
+    let host = request_host(&parts);
+
+    let auth = authenticate(&inner, &method, host.as_deref(), &path, &parts.headers);
+    inner.lock().requests.push(Recorded {
+        method: method.clone(),
+        path_and_query,
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: body.clone(),
+        auth: auth.clone(),
+    });
+
+    if let Some(e) = body_err {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "BAD_REQUEST", "message": format!("reading body: {e}")}),
+        );
+    }
+    match &auth {
+        AuthOutcome::Invalid(reason) => return unauthorized(reason),
+        AuthOutcome::Missing if !is_public(&path) => return unauthorized("missing Authorization"),
+        _ => {}
+    }
+
+    if path == "/api/v3/brokerage/time" {
+        let now = inner.now();
+        let mut resp = json_response(
+            StatusCode::OK,
+            &json!({
+                "iso": iso8601(now),
+                "epochSeconds": now.to_string(),
+                "epochMillis": (now * 1000).to_string(),
+            }),
+        );
+        if let Ok(v) = HeaderValue::from_str(&http_date(now)) {
+            resp.headers_mut().insert(DATE, v);
+        }
+        return resp;
+    }
+
+    if path.contains("/slow-stream") {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        tokio::spawn(async move {
+            for i in 0..3 {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+                if tx.send(Bytes::from(format!("chunk-{i}\n"))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return resp;
+    }
+
+    if path.contains("/hang") {
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        return json_response(StatusCode::GATEWAY_TIMEOUT, &json!({"error": "hung"}));
+    }
+
+    if let Some(code) = number_after(&path, "/status/") {
+        let Some(status) = u16::try_from(code)
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .filter(|s| !s.is_informational())
+        else {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "BAD_REQUEST", "message": "bad status code"}),
+            );
+        };
+        if matches!(status.as_u16(), 204 | 205 | 304) {
+            let mut resp = Response::new(full(Bytes::new()));
+            *resp.status_mut() = status;
+            return resp;
+        }
+        return json_response(status, &json!({ "status": status.as_u16() }));
+    }
+
+    if let Some(n) = number_after(&path, "/big/") {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        tokio::spawn(async move {
+            const CHUNK: u64 = 64 * 1024;
+            let mut i: u64 = 0;
+            while i < n {
+                let len = CHUNK.min(n - i);
+                let chunk: Vec<u8> = (i..i + len).map(|j| (j % 251) as u8).collect();
+                if tx.send(Bytes::from(chunk)).await.is_err() {
+                    return;
+                }
+                i += len;
+            }
+        });
+        let mut resp = Response::new(ChannelBody::new(rx, Some(n)).boxed());
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        return resp;
+    }
+
+    // Echo.
+    let mut headers = Map::new();
+    for name in parts.headers.keys() {
+        let values: Vec<Value> = if name == AUTHORIZATION {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|_| Value::from("<redacted>"))
+                .collect()
+        } else {
+            parts
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect()
+        };
+        headers.insert(name.as_str().to_string(), Value::Array(values));
+    }
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &body);
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "method": method,
+            "path": path,
+            "query": query,
+            "version": version_str(parts.version),
+            "host": host,
+            "headers": headers,
+            "body_len": body.len(),
+            "body_sha256": hex(digest.as_ref()),
+        }),
+    )
+}
+
+/// The decimal number right after `marker` in `path` (digits up to the next
+/// non-digit), if any.
+fn number_after(path: &str, marker: &str) -> Option<u64> {
+    let start = path.find(marker)? + marker.len();
+    let digits: String = path[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// Authentication
+// ---------------------------------------------------------------------------
+
+fn authenticate(
+    inner: &Inner,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    headers: &HeaderMap,
+) -> AuthOutcome {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return AuthOutcome::Missing;
+    };
+    if values.next().is_some() {
+        return AuthOutcome::Invalid("more than one Authorization header".into());
+    }
+    let Some(key) = inner.opts.key.as_ref() else {
+        return AuthOutcome::Invalid("unexpected token".into());
+    };
+    match verify(inner, key, method, host, path, value) {
+        Ok(outcome) => outcome,
+        Err(reason) => AuthOutcome::Invalid(reason),
+    }
+}
+
+fn verify(
+    inner: &Inner,
+    key: &ExpectedKey,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    value: &HeaderValue,
+) -> Result<AuthOutcome, String> {
+    let value = value
+        .to_str()
+        .map_err(|_| "Authorization header is not ASCII".to_string())?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| "Authorization is not 'Bearer <jwt>'".to_string())?;
+
+    // --- JOSE header, checked by hand: exactly alg, kid, typ, nonce.
+    let segments: Vec<&str> = token.split('.').collect();
+    if segments.len() != 3 {
+        return Err(format!("token has {} segments, want 3", segments.len()));
+    }
+    let header_bytes = URL_SAFE_NO_PAD
+        .decode(segments[0])
+        .map_err(|e| format!("header is not base64url: {e}"))?;
+    let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
+        .map_err(|e| format!("header is not a JSON object: {e}"))?;
+    let mut keys: Vec<&str> = header.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    if keys != ["alg", "kid", "nonce", "typ"] {
+        return Err(format!(
+            "header fields {keys:?}, want exactly alg, kid, nonce, typ"
+        ));
+    }
+    let field = |name: &str| -> Result<String, String> {
+        header
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| format!("header {name} is not a string"))
+    };
+    let alg = field("alg")?;
+    let kid = field("kid")?;
+    let typ = field("typ")?;
+    let nonce = field("nonce")?;
+    if alg != key.alg_str() {
+        return Err(format!("alg {alg:?}, want {:?}", key.alg_str()));
+    }
+    if kid != key.name() {
+        return Err(format!("kid {kid:?} is not the key name"));
+    }
+    if typ != "JWT" {
+        return Err(format!("typ {typ:?}, want \"JWT\""));
+    }
+    if nonce.len() != 64
+        || !nonce
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err("nonce is not 64 lowercase hex chars".into());
+    }
+
+    // --- Signature, by jsonwebtoken. Its own time and claim checks are off.
+    let mut validation = Validation::new(key.algorithm());
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims = HashSet::new();
+    validation.leeway = 0;
+    let data = jsonwebtoken::decode::<Value>(token, &key.decoding_key(), &validation)
+        .map_err(|e| format!("signature check failed: {e}"))?;
+    let claims = data.claims;
+
+    // --- Nonce: never seen before (only signature-valid tokens consume one).
+    if !inner.lock().nonces.insert(nonce.clone()) {
+        return Err("nonce reused".into());
+    }
+
+    // --- Claims.
+    let obj = claims
+        .as_object()
+        .ok_or_else(|| "claims are not a JSON object".to_string())?;
+    if obj.get("iss").and_then(Value::as_str) != Some("cdp") {
+        return Err("iss is not \"cdp\"".into());
+    }
+    if obj.get("sub").and_then(Value::as_str) != Some(key.name()) {
+        return Err("sub is not the key name".into());
+    }
+    let int = |name: &str| -> Result<i64, String> {
+        obj.get(name)
+            .and_then(Value::as_i64)
+            .ok_or_else(|| format!("{name} is missing or not an integer"))
+    };
+    let nbf = int("nbf")?;
+    let exp = int("exp")?;
+    if exp - nbf != 120 {
+        return Err(format!("exp - nbf = {}, want 120", exp - nbf));
+    }
+    let now = inner.now();
+    if nbf > now + 5 {
+        return Err(format!("token not yet valid: nbf {nbf} > now {now} + 5"));
+    }
+    if exp <= now {
+        return Err(format!("token expired: exp {exp} <= now {now}"));
+    }
+
+    let host = host.ok_or_else(|| "request has no host".to_string())?;
+    if !inner.hosts.iter().any(|h| h == host) {
+        return Err(format!("unexpected host {host:?}"));
+    }
+    let want = format!("{method} {host}{path}");
+    if host == "api.cdp.coinbase.com" {
+        if obj.contains_key("uri") {
+            return Err("uri present; api.cdp.coinbase.com wants uris".into());
+        }
+        match obj.get("uris").and_then(Value::as_array) {
+            Some(list) if list.len() == 1 && list[0].as_str() == Some(want.as_str()) => {}
+            _ => return Err(format!("uris is not [{want:?}]")),
+        }
+        if obj.get("iat").and_then(Value::as_i64) != Some(nbf) {
+            return Err("iat is missing or not equal to nbf".into());
+        }
+    } else {
+        if obj.contains_key("uris") {
+            return Err("uris present; this host wants uri".into());
+        }
+        if obj.get("uri").and_then(Value::as_str) != Some(want.as_str()) {
+            return Err(format!("uri is not {want:?}"));
+        }
+    }
+
+    Ok(AuthOutcome::Valid {
+        alg,
+        kid,
+        nonce,
+        claims,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Bodies and formatting helpers
+// ---------------------------------------------------------------------------
+
+/// A response body fed by an mpsc channel; `len` makes the size exact
+/// (content-length on HTTP/1.1), `None` means chunked.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+    remaining: Option<u64>,
+}
+
+impl ChannelBody {
+    fn new(rx: mpsc::Receiver<Bytes>, len: Option<u64>) -> Self {
+        ChannelBody { rx, remaining: len }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(chunk)) => {
+                if let Some(r) = this.remaining.as_mut() {
+                    *r = r.saturating_sub(chunk.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// (year, month 1-12, day 1-31) for days since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = (if mp < 10 { mp + 3 } else { mp - 9 }) as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn split_time(secs: i64) -> (i64, i64, i64, i64) {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    (days, rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+/// `2023-11-14T22:13:20Z`
+pub fn iso8601(secs: i64) -> String {
+    let (days, h, m, s) = split_time(secs);
+    let (y, mo, d) = civil_from_days(days);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// IMF-fixdate, e.g. `Tue, 14 Nov 2023 22:13:20 GMT`.
+pub fn http_date(secs: i64) -> String {
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (days, h, m, s) = split_time(secs);
+    let (y, mo, d) = civil_from_days(days);
+    let wd = WEEKDAYS[days.rem_euclid(7) as usize];
+    let mon = MONTHS[(mo - 1) as usize];
+    format!("{wd}, {d:02} {mon} {y:04} {h:02}:{m:02}:{s:02} GMT")
+}
+
+/// Parses what [`http_date`] writes back into epoch seconds (for tests that
+/// look at the `Date` header of `/api/v3/brokerage/time`).
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 || parts[5] != "GMT" {
+        return None;
+    }
+    let d: i64 = parts[1].parse().ok()?;
+    let mo = MONTHS.iter().position(|m| *m == parts[2])? as i64 + 1;
+    let y: i64 = parts[3].parse().ok()?;
+    let hms: Vec<i64> = parts[4]
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    if hms.len() != 3 {
+        return None;
+    }
+    // days_from_civil (H. Hinnant)
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+}
