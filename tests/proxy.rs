@@ -585,20 +585,8 @@ async fn unix_socket_listener_is_private_and_serves() {
     assert_eq!(mode, 0o600);
     let gate = Gate::start_on(up.config(), Some(&key), vec![listener]).await;
 
-    let stream = tokio::net::UnixStream::connect(&sock)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    let req = Request::get("/api/v3/brokerage/accounts")
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("response");
-    assert_eq!(resp.status(), StatusCode::OK);
+    let r = harness::get_unix(&sock, "/api/v3/brokerage/accounts").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     valid_claims(&up.mock.requests()[0].auth);
     gate.stop().await;
     assert!(!sock.exists(), "socket file removed on shutdown");

@@ -336,3 +336,37 @@ pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Sends one request over a Unix socket (HTTP/1.1) and reads the whole response.
+pub async fn send_unix(sock: &Path, req: Request<Full<Bytes>>) -> Resp {
+    let stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .expect("connect unix socket");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let resp = tokio::time::timeout(Duration::from_secs(20), sender.send_request(req))
+        .await
+        .expect("response within 20 s")
+        .expect("response");
+    let version = resp.version();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("read body").to_bytes();
+    Resp {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        version,
+    }
+}
+
+/// `GET path` over a Unix socket.
+pub async fn get_unix(sock: &Path, path: &str) -> Resp {
+    let req = Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send_unix(sock, req).await
+}

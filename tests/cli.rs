@@ -1,0 +1,313 @@
+//! The `cbgate` binary as users run it: `serve` as a real process (config file, env key,
+//! SIGTERM), `token`, exit codes, and logs that never carry the secret or a JWT.
+
+mod common;
+
+use std::io::Read as _;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+
+use common::harness::{self, KeyForm, TestKey, Upstream};
+
+fn cbgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cbgate"));
+    // Nothing from the developer's environment may steer these runs.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run(c: &mut Command) -> Output {
+    c.stdin(Stdio::null()).output().expect("run cbgate")
+}
+
+fn claims_of(token: &str) -> serde_json::Value {
+    let part = token.trim().split('.').nth(1).expect("three parts");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url")).expect("json")
+}
+
+/// Every window of 16 characters of the secret, and the secret's PEM body lines.
+fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
+    let chars: Vec<char> = secret.chars().collect();
+    for w in chars.windows(16) {
+        let s: String = w.iter().collect();
+        if s.contains("-----") || s.contains('\n') {
+            continue; // PEM armour is not secret
+        }
+        assert!(
+            !haystack.contains(&s),
+            "{what} contains part of the secret: {s:?}"
+        );
+    }
+}
+
+#[test]
+fn token_prints_a_jwt_bound_to_the_request_without_query() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let out = run(cbgate()
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", &key.secret)
+        .args(["token", "get", "/api/v3/brokerage/accounts?limit=5"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).expect("utf8");
+    let c = claims_of(&token);
+    assert_eq!(c["uri"], "GET api.coinbase.com/api/v3/brokerage/accounts");
+    assert_eq!(c["sub"], key.name.as_str());
+    assert_eq!(
+        c["exp"].as_u64().expect("exp") - c["nbf"].as_u64().expect("nbf"),
+        120
+    );
+
+    let out = run(cbgate()
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", &key.secret)
+        .args([
+            "token",
+            "POST",
+            "https://api.cdp.coinbase.com/platform/v1/accounts",
+        ]));
+    assert!(out.status.success());
+    let c = claims_of(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        c["uris"],
+        serde_json::json!(["POST api.cdp.coinbase.com/platform/v1/accounts"])
+    );
+
+    // The Coinbase docs' "host/path" spelling.
+    let out = run(cbgate()
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", &key.secret)
+        .args(["token", "GET", "api.coinbase.com/v2/user"]));
+    assert!(out.status.success());
+    assert_eq!(
+        claims_of(&String::from_utf8_lossy(&out.stdout))["uri"],
+        "GET api.coinbase.com/v2/user"
+    );
+
+    let out = run(cbgate()
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", &key.secret)
+        .args(["token", "--ws"]));
+    assert!(out.status.success());
+    let c = claims_of(&String::from_utf8_lossy(&out.stdout));
+    assert!(c.get("uri").is_none() && c.get("uris").is_none());
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("cbgate.toml");
+    std::fs::write(&cfg, "lisen = [\"127.0.0.1:8750\"]\n").expect("write");
+    let out = run(cbgate().args(["serve", "--config"]).arg(&cfg));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lisen"));
+
+    let out = run(cbgate().args(["check", "--config", "/nonexistent/cbgate.toml"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/cbgate.toml"));
+
+    let out = run(cbgate().args(["serve", "--listen", "not-an-address"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-address"));
+
+    let out = run(cbgate().env("COINBASE_API_KEY", "k").args(["check"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("COINBASE_API_SECRET"));
+
+    let out = run(cbgate().arg("--version"));
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+struct Served {
+    child: Child,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_socket(sock: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("cbgate exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "cbgate did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cbgate serve` as a process at the most verbose log level, drives every error path a
+/// client can reach, stops it with SIGTERM, and searches everything it printed for the secret
+/// and for every token the mock received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_process_logs_requests_but_never_secrets_and_exits_0_on_sigterm() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let sock = up.dir.path().join("gate.sock");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let cfg = up.dir.path().join("cbgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen = ["unix:{sock}"]
+max_body_bytes = 2048
+
+[upstream]
+ca_file = "{ca}"
+request_timeout = "1s"
+
+[upstream.resolve]
+"api.coinbase.com" = "{mock}"
+"api.cdp.coinbase.com" = "{closed}"
+"#,
+            sock = sock.display(),
+            ca = up.ca_file.display(),
+            mock = up.mock.addr,
+        ),
+    )
+    .expect("write config");
+
+    let child = cbgate()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", key.secret.replace('\n', "\\n"))
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cbgate");
+    let mut served = Served { child };
+    // Drain the pipes while it runs: trace logging fills a pipe buffer in no time.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut s);
+            }
+            s
+        })
+    };
+    let err_reader = drain(served.child.stderr.take().map(|p| Box::new(p) as _));
+    let out_reader = drain(served.child.stdout.take().map(|p| Box::new(p) as _));
+    wait_for_socket(&sock, &mut served.child);
+
+    let ok = harness::get_unix(&sock, "/api/v3/brokerage/accounts?limit=1").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    let post = Request::post("/api/v3/brokerage/orders")
+        .header("host", "localhost")
+        .header("authorization", "Bearer client-token-never-logged")
+        .body(Full::new(Bytes::from_static(b"{\"side\":\"BUY\"}")))
+        .expect("request");
+    assert_eq!(harness::send_unix(&sock, post).await.status, StatusCode::OK);
+    // Error paths: no route, too large, Coinbase's 401, upstream down, upstream timeout.
+    assert_eq!(
+        harness::get_unix(&sock, "/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let big = Request::post("/api/v3/brokerage/orders")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .expect("request");
+    assert_eq!(
+        harness::send_unix(&sock, big).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        harness::get_unix(&sock, "/api/v3/brokerage/status/401")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        harness::get_unix(&sock, "/platform/v1/networks")
+            .await
+            .status,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        harness::get_unix(&sock, "/api/v3/brokerage/hang")
+            .await
+            .status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+
+    // SIGTERM: drain and exit 0.
+    let pid = served.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = served.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "cbgate did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+
+    let stderr = err_reader.join().expect("stderr reader");
+    let stdout = out_reader.join().expect("stdout reader");
+    let all = format!("{stdout}{stderr}");
+
+    // One line per request, with method, route and status.
+    assert!(
+        all.lines().any(|l| l.contains("request")
+            && l.contains("GET")
+            && l.contains("/api/v3/brokerage/accounts")
+            && l.contains("200")),
+        "no request log line in:\n{all}"
+    );
+    assert!(
+        !all.contains("limit=1"),
+        "query strings stay out of the logs"
+    );
+
+    assert_no_secret(&all, &key.secret, "cbgate's output");
+    assert!(!all.contains("client-token-never-logged"));
+    let tokens: Vec<String> = up
+        .mock
+        .requests()
+        .iter()
+        .filter_map(|r| r.headers.get("authorization"))
+        .map(|v| {
+            v.to_str()
+                .expect("ascii")
+                .trim_start_matches("Bearer ")
+                .to_owned()
+        })
+        .collect();
+    assert!(tokens.len() >= 4, "tokens were issued: {}", tokens.len());
+    for t in &tokens {
+        assert!(!all.contains(t.as_str()), "a JWT appears in the logs");
+        // Nor its signature alone.
+        let sig = t.rsplit('.').next().expect("signature");
+        assert!(!all.contains(sig), "a JWT signature appears in the logs");
+    }
+}
