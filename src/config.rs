@@ -318,6 +318,46 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid_and_equals_the_defaults() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/cbgate.toml");
+        let c = Config::load(&Sources {
+            file: Some(path),
+            ..Sources::default()
+        })
+        .expect("config/cbgate.toml loads");
+        let d = Config::default();
+        assert_eq!(c.listen, d.listen);
+        assert_eq!(c.routes, d.routes);
+        assert_eq!(c.max_body_bytes, d.max_body_bytes);
+        assert_eq!(c.header_read_timeout, d.header_read_timeout);
+        assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);
+        assert_eq!(c.upstream.request_timeout, d.upstream.request_timeout);
+        assert_eq!(c.upstream.pool_idle_timeout, d.upstream.pool_idle_timeout);
+        assert_eq!(c.log.level, d.log.level);
+        assert_eq!(c.log.format, d.log.format);
+    }
+
+    #[test]
+    fn env_list_of_listeners() {
+        let env = HashMap::from([(
+            "CBGATE_LISTEN".to_string(),
+            "127.0.0.1:1,unix:/run/x.sock".to_string(),
+        )]);
+        let c = Config::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+        .expect("load");
+        assert_eq!(
+            c.listen,
+            vec![
+                ListenAddr::Tcp("127.0.0.1:1".parse().expect("addr")),
+                ListenAddr::Unix("/run/x.sock".into())
+            ]
+        );
+    }
+
+    #[test]
     fn layers_override_in_order() {
         let mut f = tempfile::NamedTempFile::new().expect("temp file");
         writeln!(

@@ -317,6 +317,14 @@ fn parse_pem(text: &[u8]) -> Result<KeyPairKind, KeyError> {
         Ok(None) if contains(text, b"PUBLIC KEY-----") => {
             return Err(KeyError::PublicKeyGiven("PUBLIC KEY"))
         }
+        Ok(None) if contains(text, b"BEGIN ENCRYPTED PRIVATE KEY") => {
+            return Err(KeyError::UnsupportedPem(
+                "ENCRYPTED PRIVATE KEY: decrypt it first, e.g. openssl pkcs8 -in enc.pem -out key.pem",
+            ))
+        }
+        Ok(None) if contains(text, b"BEGIN OPENSSH PRIVATE KEY") => {
+            return Err(KeyError::UnsupportedPem("OPENSSH PRIVATE KEY"))
+        }
         Ok(None) | Err(_) => return Err(KeyError::BadPem),
     };
     match kind {
@@ -429,6 +437,17 @@ mod tests {
             secret: Zeroizing::new(b64.clone()),
         };
         assert!(!format!("{src:?}").contains(&b64));
+    }
+
+    #[test]
+    fn unsupported_pem_kinds_are_named() {
+        let enc =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let e = ApiKey::parse("k", enc).expect_err("encrypted");
+        assert!(e.to_string().contains("ENCRYPTED PRIVATE KEY"), "{e}");
+        let ssh = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl\n-----END OPENSSH PRIVATE KEY-----\n";
+        let e = ApiKey::parse("k", ssh).expect_err("openssh");
+        assert!(e.to_string().contains("OPENSSH"), "{e}");
     }
 
     #[test]
