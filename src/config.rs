@@ -97,6 +97,46 @@ pub fn default_routes() -> Vec<RouteConfig> {
     .collect()
 }
 
+/// One WebSocket route: an upgrade request for exactly `path` goes to `upstream` (`wss://`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WsRouteConfig {
+    /// Exact path, e.g. `/ws/user`.
+    pub path: String,
+    /// Upstream WebSocket URL, `wss://host[:port]`.
+    pub upstream: String,
+}
+
+/// The built-in WebSocket routes (Advanced Trade market data and user data).
+pub fn default_ws_routes() -> Vec<WsRouteConfig> {
+    [
+        ("/ws", "wss://advanced-trade-ws.coinbase.com"),
+        ("/ws/user", "wss://advanced-trade-ws-user.coinbase.com"),
+    ]
+    .into_iter()
+    .map(|(p, u)| WsRouteConfig {
+        path: p.into(),
+        upstream: u.into(),
+    })
+    .collect()
+}
+
+/// `[ws]`: WebSocket relay limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Largest message accepted from either side (order book snapshots are several MB).
+    pub max_message_bytes: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            max_message_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 /// `[key]`: where the API key comes from.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,6 +218,9 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Routes, longest prefix wins. Replaces the built-in list when given.
     pub routes: Vec<RouteConfig>,
+    /// WebSocket routes, exact path. Replaces the built-in list when given.
+    pub ws_routes: Vec<WsRouteConfig>,
+    pub ws: WsConfig,
     pub log: LogConfig,
 }
 
@@ -190,6 +233,8 @@ impl Default for Config {
             key: KeyConfig::default(),
             upstream: UpstreamConfig::default(),
             routes: default_routes(),
+            ws_routes: default_ws_routes(),
+            ws: WsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -272,6 +317,20 @@ impl Config {
             crate::route::Upstream::parse(&r.upstream)
                 .map_err(|m| invalid(format!("{key}.upstream"), m))?;
         }
+        for (i, r) in self.ws_routes.iter().enumerate() {
+            let key = format!("ws_routes[{i}]");
+            if !r.path.starts_with('/') {
+                return Err(invalid(
+                    format!("{key}.path"),
+                    format!("{:?} must start with /", r.path),
+                ));
+            }
+            crate::route::Upstream::parse_ws(&r.upstream)
+                .map_err(|m| invalid(format!("{key}.upstream"), m))?;
+        }
+        if self.ws.max_message_bytes == 0 {
+            return Err(invalid("ws.max_message_bytes", "must be greater than 0"));
+        }
         for (name, t) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
@@ -328,6 +387,8 @@ mod tests {
         let d = Config::default();
         assert_eq!(c.listen, d.listen);
         assert_eq!(c.routes, d.routes);
+        assert_eq!(c.ws_routes, d.ws_routes);
+        assert_eq!(c.ws.max_message_bytes, d.ws.max_message_bytes);
         assert_eq!(c.max_body_bytes, d.max_body_bytes);
         assert_eq!(c.header_read_timeout, d.header_read_timeout);
         assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);

@@ -16,6 +16,7 @@
 //! | sign               | [`jwt`]      |
 //! | header hygiene     | [`headers`]  |
 //! | upstream TLS + pool| [`upstream`] |
+//! | WebSocket relay    | [`ws`]       |
 //! | cbgate's own error responses | [`error`] |
 //!
 //! The binary (`src/main.rs`) only parses flags, loads the configuration and key, binds the
@@ -31,6 +32,7 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod upstream;
+pub mod ws;
 
 /// Body type used in both directions: streamed, boxed, with a boxed error.
 pub type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, BoxError>;

@@ -20,6 +20,7 @@ use crate::jwt::{self, Binding};
 use crate::key::ApiKey;
 use crate::route::{Route, Router};
 use crate::upstream::{SetupError, UpstreamClient};
+use crate::ws::{self, WsState};
 use crate::Body;
 
 /// Everything the request path needs, built once from the configuration.
@@ -28,6 +29,7 @@ pub struct Proxy {
     router: Router,
     key: Option<ApiKey>,
     client: UpstreamClient,
+    ws: WsState,
     max_body_bytes: u64,
     /// Seconds to add to the local clock when minting tokens (measured skew; 0 by default).
     clock_offset: AtomicI64,
@@ -52,9 +54,10 @@ impl Proxy {
     /// Builds the proxy; `key` is `None` when no key is configured (requests go unsigned).
     pub fn new(cfg: &Config, key: Option<ApiKey>) -> Result<Proxy, BuildError> {
         Ok(Proxy {
-            router: Router::new(&cfg.routes).map_err(BuildError::Routes)?,
+            router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
             key,
             client: UpstreamClient::new(&cfg.upstream)?,
+            ws: WsState::new(&cfg.ws),
             max_body_bytes: cfg.max_body_bytes,
             clock_offset: AtomicI64::new(0),
         })
@@ -68,6 +71,32 @@ impl Proxy {
     /// The route table.
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// The upstream client (pooled HTTPS, and fresh HTTP/1.1 connections for WebSocket).
+    pub fn upstream(&self) -> &UpstreamClient {
+        &self.client
+    }
+
+    /// WebSocket session state.
+    pub fn ws(&self) -> &WsState {
+        &self.ws
+    }
+
+    /// A fresh WebSocket subscribe token (no request binding), or `None` without a key.
+    pub fn ws_token(&self) -> Result<Option<String>, ProxyError> {
+        let Some(key) = &self.key else {
+            return Ok(None);
+        };
+        let now = jwt::now_secs(self.clock_offset.load(Ordering::Relaxed));
+        let none = Binding {
+            method: "",
+            host: "",
+            path: "",
+        };
+        jwt::mint(key, now, jwt::ClaimStyle::None, &none)
+            .map(Some)
+            .map_err(|_| ProxyError::Sign)
     }
 
     /// Sets the clock correction applied to `nbf`/`exp`.
@@ -110,6 +139,17 @@ impl Proxy {
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
         check_request(&req, self.max_body_bytes)?;
+        if ws::is_upgrade(&req) {
+            let route =
+                self.router
+                    .find_ws(req.uri().path())
+                    .ok_or_else(|| ProxyError::NoRoute {
+                        path: req.uri().path().to_owned(),
+                        prefixes: self.router.ws_paths().join(", "),
+                    })?;
+            outcome.route = Some(&route.path);
+            return ws::proxy(self, route, req).await;
+        }
         let route = self.route(req.uri().path())?;
         outcome.route = Some(&route.prefix);
         let upstream = &route.upstream;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::config::RouteConfig;
+use crate::config::{RouteConfig, WsRouteConfig};
 use crate::jwt::ClaimStyle;
 
 /// An upstream Coinbase API host.
@@ -20,10 +20,19 @@ pub struct Upstream {
 impl Upstream {
     /// Parses `https://host[:port]` (a trailing `/` is allowed; no path, query or user info).
     pub fn parse(url: &str) -> Result<Upstream, String> {
+        Upstream::parse_scheme(url, "https")
+    }
+
+    /// Parses a WebSocket upstream, `wss://host[:port]`.
+    pub fn parse_ws(url: &str) -> Result<Upstream, String> {
+        Upstream::parse_scheme(url, "wss")
+    }
+
+    fn parse_scheme(url: &str, scheme: &str) -> Result<Upstream, String> {
         let u = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        if u.scheme() != "https" {
+        if u.scheme() != scheme {
             return Err(format!(
-                "{url:?} must use https: cbgate only talks to Coinbase over verified TLS"
+                "{url:?} must use {scheme}: cbgate only talks to Coinbase over verified TLS"
             ));
         }
         if !(u.path().is_empty() || u.path() == "/")
@@ -62,14 +71,44 @@ pub struct Route {
     pub upstream: Arc<Upstream>,
 }
 
-/// The route table, longest prefix first.
+/// A WebSocket route: exact path.
+#[derive(Debug)]
+pub struct WsRoute {
+    pub path: String,
+    pub upstream: Upstream,
+}
+
+/// The route table, longest prefix first, plus the WebSocket routes.
 #[derive(Debug)]
 pub struct Router {
     routes: Vec<Route>,
+    ws_routes: Vec<WsRoute>,
 }
 
 impl Router {
-    /// Builds the table; the configuration was validated, but errors are still reported.
+    /// Builds the REST and WebSocket tables.
+    pub fn with_ws(configs: &[RouteConfig], ws: &[WsRouteConfig]) -> Result<Router, String> {
+        let mut router = Router::new(configs)?;
+        for c in ws {
+            router.ws_routes.push(WsRoute {
+                path: c.path.clone(),
+                upstream: Upstream::parse_ws(&c.upstream)?,
+            });
+        }
+        Ok(router)
+    }
+
+    /// The WebSocket route for exactly `path`.
+    pub fn find_ws(&self, path: &str) -> Option<&WsRoute> {
+        self.ws_routes.iter().find(|r| r.path == path)
+    }
+
+    /// The configured WebSocket paths, for error messages.
+    pub fn ws_paths(&self) -> Vec<&str> {
+        self.ws_routes.iter().map(|r| r.path.as_str()).collect()
+    }
+
+    /// Builds the REST table; the configuration was validated, but errors are still reported.
     pub fn new(configs: &[RouteConfig]) -> Result<Router, String> {
         let mut routes = Vec::with_capacity(configs.len());
         for c in configs {
@@ -85,7 +124,10 @@ impl Router {
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        Ok(Router { routes })
+        Ok(Router {
+            routes,
+            ws_routes: Vec::new(),
+        })
     }
 
     /// The route whose prefix is the longest match for `path`.

@@ -161,10 +161,12 @@ pub async fn run(
         connections = graceful.count(),
         "shutting down: draining open connections"
     );
-    if tokio::time::timeout(opts.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    // Upgraded (WebSocket) connections are outside hyper's graceful shutdown: close them too.
+    let drained = tokio::join!(
+        tokio::time::timeout(opts.drain_timeout, graceful.shutdown()),
+        proxy.ws().shutdown(opts.drain_timeout),
+    );
+    if drained.0.is_err() {
         tracing::warn!(after = ?opts.drain_timeout, "drain timeout: closing remaining connections");
     }
 }

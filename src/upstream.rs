@@ -72,6 +72,8 @@ pub enum UpstreamError {
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, Body>,
+    /// Same roots, resolve map and timeouts, ALPN `http/1.1` only (for WebSocket upgrades).
+    http1_connector: Connector,
     request_timeout: Duration,
 }
 
@@ -125,9 +127,19 @@ impl UpstreamClient {
     /// Builds the client from `[upstream]`.
     pub fn new(cfg: &UpstreamConfig) -> Result<UpstreamClient, SetupError> {
         let tls = tls_config(cfg.ca_file.as_deref())?;
+        // WebSocket upgrades are HTTP/1.1 only: offering h2 there would let ALPN pick a
+        // protocol that cannot upgrade.
+        let mut tls_http1 = tls.clone();
+        tls_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let resolve = Arc::new(cfg.resolve.clone());
         let connector = Connector {
             tls: TlsConnector::from(Arc::new(tls)),
-            resolve: Arc::new(cfg.resolve.clone()),
+            resolve: Arc::clone(&resolve),
+            connect_timeout: cfg.connect_timeout,
+        };
+        let http1_connector = Connector {
+            tls: TlsConnector::from(Arc::new(tls_http1)),
+            resolve,
             connect_timeout: cfg.connect_timeout,
         };
         let client = Client::builder(TokioExecutor::new())
@@ -137,8 +149,22 @@ impl UpstreamClient {
             .build(connector);
         Ok(UpstreamClient {
             client,
+            http1_connector,
             request_timeout: cfg.request_timeout,
         })
+    }
+
+    /// Opens a new verified TLS connection to `host:port` that speaks HTTP/1.1 (for a WebSocket
+    /// upgrade), within the connect timeout. Not pooled.
+    pub async fn connect_http1(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<TlsStream<TcpStream>, ConnectError> {
+        self.http1_connector
+            .connect_within_timeout(host, port)
+            .await
+            .map(|conn| conn.io.into_inner())
     }
 
     /// Sends `req` (absolute URI) and waits for the response head, up to the request timeout.
@@ -201,22 +227,26 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_owned();
             let port = uri.port_u16().unwrap_or(443);
-            match tokio::time::timeout(this.connect_timeout, this.connect(&host, port)).await {
-                Ok(r) => r,
-                Err(_) => Err(ConnectError {
-                    detail: format!(
-                        "connecting to {host} timed out after {:?}",
-                        this.connect_timeout
-                    ),
-                    host,
-                    stage: ConnectStage::Timeout,
-                }),
-            }
+            this.connect_within_timeout(&host, port).await
         })
     }
 }
 
 impl Connector {
+    async fn connect_within_timeout(&self, host: &str, port: u16) -> Result<TlsConn, ConnectError> {
+        match tokio::time::timeout(self.connect_timeout, self.connect(host, port)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError {
+                host: host.to_owned(),
+                stage: ConnectStage::Timeout,
+                detail: format!(
+                    "connecting to {host} timed out after {:?}",
+                    self.connect_timeout
+                ),
+            }),
+        }
+    }
+
     async fn connect(&self, host: &str, port: u16) -> Result<TlsConn, ConnectError> {
         let err = |stage, detail: String| ConnectError {
             host: host.to_owned(),
