@@ -143,6 +143,50 @@ impl Default for WsConfig {
 pub struct KeyConfig {
     /// The CDP key JSON file. When unset, `COINBASE_API_KEY` + `COINBASE_API_SECRET` are used.
     pub file: Option<PathBuf>,
+    /// Accept a key file readable or writable by group or others (refused by default, as ssh
+    /// refuses such private keys).
+    pub allow_insecure_permissions: bool,
+}
+
+/// The permission ceiling cbgate enforces, whatever the key itself may do.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    /// GET and HEAD only.
+    View,
+    /// View, plus Advanced Trade orders and convert.
+    #[default]
+    Trade,
+    /// Everything, including sending and withdrawing funds.
+    Transfer,
+}
+
+/// What a policy rule does when it matches.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    Allow,
+    Deny,
+}
+
+/// One `[[policy.rules]]` entry: first match wins, before the ceiling.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub action: RuleAction,
+    /// Methods this rule applies to, e.g. `["POST", "DELETE"]`; `["*"]` or empty for all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Path pattern: `*` matches one segment, a final `**` any number of segments.
+    pub path: String,
+}
+
+/// `[policy]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub permission: Permission,
+    pub rules: Vec<RuleConfig>,
 }
 
 /// `[upstream]`: how cbgate reaches Coinbase.
@@ -222,6 +266,28 @@ pub struct Config {
     pub ws_routes: Vec<WsRouteConfig>,
     pub ws: WsConfig,
     pub log: LogConfig,
+    /// Permission ceiling and rules.
+    pub policy: PolicyConfig,
+    /// Allow listening on a non-loopback address (also needs `client_token_file`).
+    pub unsafe_listen: bool,
+    /// File holding the token clients must send as `cbgate-token`.
+    pub client_token_file: Option<PathBuf>,
+    /// `Origin` values allowed to call cbgate (browsers); any other `Origin` is refused.
+    pub allowed_origins: Vec<String>,
+    /// `Host` names accepted besides loopback names and addresses (DNS-rebinding defence).
+    pub allowed_hosts: Vec<String>,
+    /// Open client connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Request header fields at most (HTTP/1); more get 431.
+    pub max_headers: usize,
+    /// The admin listener (`/livez`, `/readyz`, `/metrics`).
+    pub admin_listen: SocketAddr,
+    /// How long in-flight requests and streams may take to finish after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// How often Coinbase's clock is measured (also once at start).
+    #[serde(with = "humantime_serde")]
+    pub clock_check_interval: Duration,
 }
 
 impl Default for Config {
@@ -236,6 +302,16 @@ impl Default for Config {
             ws_routes: default_ws_routes(),
             ws: WsConfig::default(),
             log: LogConfig::default(),
+            policy: PolicyConfig::default(),
+            unsafe_listen: false,
+            client_token_file: None,
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            max_connections: 1024,
+            max_headers: 100,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8751)),
+            shutdown_timeout: Duration::from_secs(25),
+            clock_check_interval: Duration::from_secs(300),
         }
     }
 }
@@ -295,11 +371,44 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Parses and checks a TOML document alone (no environment, no flags): the file layer, for
+    /// `cbgate check` of a document and for fuzzing the loader.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     /// Checks what serde cannot: non-empty lists, sane numbers, well-formed upstream URLs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.is_empty() {
             return Err(invalid("listen", "needs at least one address"));
         }
+        for addr in &self.listen {
+            if let ListenAddr::Tcp(a) = addr {
+                let allowed = a.ip().is_loopback()
+                    || (self.unsafe_listen && self.client_token_file.is_some());
+                if !allowed {
+                    return Err(invalid(
+                        "listen",
+                        format!(
+                            "{a} is not a loopback address: anyone who reaches it could trade with your key; \
+                             set unsafe_listen = true and client_token_file to require a client token"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be greater than 0"));
+        }
+        if self.max_headers == 0 {
+            return Err(invalid("max_headers", "must be greater than 0"));
+        }
+        crate::policy::Policy::new(&self.policy).map_err(|(key, m)| invalid(key, m))?;
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be greater than 0"));
         }
@@ -335,6 +444,7 @@ impl Config {
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("clock_check_interval", self.clock_check_interval),
         ] {
             if t.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
@@ -396,6 +506,19 @@ mod tests {
         assert_eq!(c.upstream.pool_idle_timeout, d.upstream.pool_idle_timeout);
         assert_eq!(c.log.level, d.log.level);
         assert_eq!(c.log.format, d.log.format);
+        assert_eq!(c.policy.permission, d.policy.permission);
+        assert_eq!(c.unsafe_listen, d.unsafe_listen);
+        assert_eq!(c.allowed_origins, d.allowed_origins);
+        assert_eq!(c.allowed_hosts, d.allowed_hosts);
+        assert_eq!(c.max_connections, d.max_connections);
+        assert_eq!(c.max_headers, d.max_headers);
+        assert_eq!(c.admin_listen, d.admin_listen);
+        assert_eq!(c.shutdown_timeout, d.shutdown_timeout);
+        assert_eq!(c.clock_check_interval, d.clock_check_interval);
+        assert_eq!(
+            c.key.allow_insecure_permissions,
+            d.key.allow_insecure_permissions
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 
+use crate::client::ClientError;
+use crate::policy::Denied;
 use crate::upstream::{ConnectStage, UpstreamError};
 use crate::Body;
 
@@ -27,6 +29,12 @@ pub enum ProxyError {
     #[error("could not sign the request")]
     Sign,
     #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("invalid request path: {0}; send the path in its plain canonical form")]
+    InvalidPath(&'static str),
+    #[error("{0}")]
+    PolicyDenied(#[from] Denied),
+    #[error("{0}")]
     Upstream(#[from] UpstreamError),
 }
 
@@ -38,6 +46,15 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
+            ProxyError::Client(ClientError::Token) => {
+                (StatusCode::UNAUTHORIZED, "client_unauthorized")
+            }
+            ProxyError::Client(ClientError::Origin(_)) => {
+                (StatusCode::FORBIDDEN, "origin_not_allowed")
+            }
+            ProxyError::Client(ClientError::Host(_)) => (StatusCode::FORBIDDEN, "host_not_allowed"),
+            ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            ProxyError::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy_denied"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Other { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),

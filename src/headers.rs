@@ -34,11 +34,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes what a client must not be able to send to Coinbase through cbgate: its own
-/// credentials (cbgate's token replaces them) and the `Host` (the route chooses the upstream).
+/// credentials (cbgate's token replaces them), its `cbgate-token`, and the `Host` (the route
+/// chooses the upstream).
 pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::HOST);
+    headers.remove(&crate::client::TOKEN_HEADER);
 }
 
 #[cfg(test)]

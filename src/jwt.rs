@@ -139,6 +139,58 @@ pub fn mint(
     Ok(token)
 }
 
+/// The signing state shared by every request and WebSocket session: the current key (swapped
+/// atomically on rotation; a request keeps the key it loaded) and the clock correction.
+#[derive(Debug, Default)]
+pub struct Signer {
+    key: arc_swap::ArcSwapOption<ApiKey>,
+    clock_offset: std::sync::atomic::AtomicI64,
+}
+
+impl Signer {
+    /// A signer with `key`, or an unsigned pass-through when `None`.
+    pub fn new(key: Option<ApiKey>) -> Signer {
+        Signer {
+            key: arc_swap::ArcSwapOption::from(key.map(std::sync::Arc::new)),
+            clock_offset: std::sync::atomic::AtomicI64::new(0),
+        }
+    }
+
+    /// The current key.
+    pub fn key(&self) -> Option<std::sync::Arc<ApiKey>> {
+        self.key.load_full()
+    }
+
+    /// Installs a new key; tokens minted from now on use it.
+    pub fn replace_key(&self, key: ApiKey) {
+        self.key.store(Some(std::sync::Arc::new(key)));
+    }
+
+    /// Seconds added to the local clock for `nbf`/`exp`.
+    pub fn clock_offset(&self) -> i64 {
+        self.clock_offset.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the clock correction (measured skew against Coinbase).
+    pub fn set_clock_offset(&self, secs: i64) {
+        self.clock_offset
+            .store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Mints a token with the current key, or `None` when no key is configured.
+    pub fn mint(
+        &self,
+        style: ClaimStyle,
+        binding: &Binding<'_>,
+    ) -> Result<Option<String>, SignError> {
+        let guard = self.key.load();
+        let Some(key) = guard.as_deref() else {
+            return Ok(None);
+        };
+        mint(key, now_secs(self.clock_offset()), style, binding).map(Some)
+    }
+}
+
 /// Signs a token and verifies it with `jsonwebtoken` (an independent implementation) against the
 /// key's own public key. Run at start-up and by `cbgate check`.
 pub fn self_test(key: &ApiKey) -> Result<(), String> {

@@ -44,6 +44,8 @@ impl Algorithm {
 pub enum KeyError {
     #[error("key file {0} does not exist")]
     FileMissing(PathBuf),
+    #[error("{path} has mode {mode:04o}: group or others can read or change it; run chmod 600 {path} (or set key.allow_insecure_permissions = true)")]
+    InsecurePermissions { path: PathBuf, mode: u32 },
     #[error("key file {path} cannot be read: {reason}")]
     FileUnreadable { path: PathBuf, reason: String },
     #[error("key file {path} is not valid JSON (line {line}, column {column}); expected the CDP key JSON {{\"name\": ..., \"privateKey\": ...}}")]
@@ -170,13 +172,49 @@ impl KeySource {
         )
     }
 
-    /// Reads and parses the key.
+    /// Reads and parses the key; a key file readable by group or others is refused.
     pub fn load(&self) -> Result<ApiKey, KeyError> {
+        self.load_with(false)
+    }
+
+    /// Reads and parses the key; `allow_insecure_permissions` skips the file mode check
+    /// (`key.allow_insecure_permissions`).
+    pub fn load_with(&self, allow_insecure_permissions: bool) -> Result<ApiKey, KeyError> {
         match self {
-            KeySource::File(path) => load_file(path),
+            KeySource::File(path) => {
+                if !allow_insecure_permissions {
+                    check_private_file(path)?;
+                }
+                load_file(path)
+            }
             KeySource::Inline { name, secret } => ApiKey::parse(name, secret),
         }
     }
+}
+
+/// Refuses a secret file that group or others may read or write, as ssh refuses such private
+/// keys: anyone who can read it can trade (or withdraw) with the key.
+pub fn check_private_file(path: &Path) -> Result<(), KeyError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    // metadata() follows symlinks: Kubernetes secret volumes link through `..data`.
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            KeyError::FileMissing(path.to_owned())
+        } else {
+            KeyError::FileUnreadable {
+                path: path.to_owned(),
+                reason: e.kind().to_string(),
+            }
+        }
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::InsecurePermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 fn load_file(path: &Path) -> Result<ApiKey, KeyError> {

@@ -10,9 +10,13 @@
 //! |--------------------|--------------|
 //! | configuration      | [`config`]   |
 //! | the API key        | [`key`]      |
+//! | process hardening (no core, not dumpable, mlock) | [`harden`] |
 //! | accept             | [`server`]   |
+//! | refuse request-smuggling shapes before hyper parses them | [`sniff`] |
 //! | check client, forward, stream back, log | [`proxy`] |
+//! | check client (token, Origin, Host) | [`client`] |
 //! | route              | [`route`]    |
+//! | policy (permission ceiling, path canonical form) | [`policy`] |
 //! | sign               | [`jwt`]      |
 //! | header hygiene     | [`headers`]  |
 //! | upstream TLS + pool| [`upstream`] |
@@ -23,14 +27,19 @@
 //! listeners and calls [`server::run`], which takes already-bound listeners and a shutdown
 //! future so that tests can drive it directly.
 
+pub mod client;
 pub mod config;
 pub mod error;
+pub mod harden;
 pub mod headers;
 pub mod jwt;
 pub mod key;
+pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod sniff;
 pub mod upstream;
 pub mod ws;
 

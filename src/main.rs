@@ -7,8 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use zeroize::{Zeroize as _, Zeroizing};
 
 use cbgate::config::{Config, LogFormat, Sources};
+use cbgate::harden;
 use cbgate::jwt::{self, Binding, ClaimStyle};
 use cbgate::key::{Algorithm, ApiKey, KeySource};
 use cbgate::proxy::Proxy;
@@ -83,13 +85,15 @@ struct TokenArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any secret is read: no core files, not dumpable, memory locked where allowed.
+    let hardening = harden::apply();
     let cli = Cli::parse();
     let env: HashMap<String, String> = std::env::vars().collect();
     let result = match cli.command {
-        None => serve(cli.serve, env),
-        Some(Command::Serve(args)) => serve(args, env),
+        None => serve(cli.serve, env, &hardening),
+        Some(Command::Serve(args)) => serve(args, env, &hardening),
         Some(Command::Token(args)) => token(args, env),
-        Some(Command::Check(args)) => check(args, env),
+        Some(Command::Check(args)) => check(args, env, &hardening),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,29 +117,71 @@ fn config_err(e: impl Into<anyhow::Error>) -> Failure {
     Failure::Config(e.into())
 }
 
-/// Configuration plus the loaded key (`None`: requests go unsigned).
+/// What start-up loads: configuration, key (`None`: requests go unsigned), client token.
+struct Loaded {
+    cfg: Config,
+    key: Option<ApiKey>,
+    client_token: Option<Zeroizing<String>>,
+}
+
 fn load(
     common: &Common,
     listen: &[String],
     env: HashMap<String, String>,
-) -> Result<(Config, Option<ApiKey>), Failure> {
-    let sources = Sources {
+) -> Result<Loaded, Failure> {
+    let mut sources = Sources {
         file: common.config.clone(),
         env,
         listen: listen.to_vec(),
         key_file: common.key_file.clone(),
     };
-    let cfg = Config::load(&sources).map_err(config_err)?;
+    let loaded = load_from(&sources);
+    // The environment map held a copy of the secret: wipe it before it is freed.
+    if let Some(secret) = sources.env.get_mut("COINBASE_API_SECRET") {
+        secret.zeroize();
+    }
+    loaded
+}
+
+fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
+    let cfg = Config::load(sources).map_err(config_err)?;
     let key = match KeySource::select(cfg.key.file.as_deref(), &sources.env).map_err(config_err)? {
         None => None,
         Some(src) => {
-            let key = src.load().map_err(config_err)?;
+            let key = src
+                .load_with(cfg.key.allow_insecure_permissions)
+                .map_err(config_err)?;
             jwt::self_test(&key)
                 .map_err(|e| config_err(anyhow::anyhow!("key self-test failed: {e}")))?;
             Some(key)
         }
     };
-    Ok((cfg, key))
+    let client_token = match &cfg.client_token_file {
+        None => None,
+        Some(path) => Some(load_client_token(path).map_err(config_err)?),
+    };
+    Ok(Loaded {
+        cfg,
+        key,
+        client_token,
+    })
+}
+
+/// Reads `client_token_file`: private like the key file, at least 16 characters.
+fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    cbgate::key::check_private_file(path).map_err(|e| anyhow::anyhow!("client_token_file: {e}"))?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("client_token_file {} cannot be read", path.display()))?,
+    );
+    let token = Zeroizing::new(text.trim().to_owned());
+    if token.chars().count() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
+        anyhow::bail!(
+            "client_token_file {}: the token must be at least 16 printable characters without spaces",
+            path.display()
+        );
+    }
+    Ok(token)
 }
 
 fn init_logging(cfg: &Config) {
@@ -152,9 +198,21 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-fn serve(args: ServeArgs, env: HashMap<String, String>) -> Result<(), Failure> {
-    let (cfg, key) = load(&args.common, &args.listen, env)?;
+fn serve(
+    args: ServeArgs,
+    env: HashMap<String, String>,
+    hardening: &harden::Report,
+) -> Result<(), Failure> {
+    let Loaded {
+        cfg,
+        key,
+        client_token,
+    } = load(&args.common, &args.listen, env)?;
     init_logging(&cfg);
+    log_hardening(hardening);
+    if client_token.is_some() {
+        tracing::info!("clients must send the cbgate-token header");
+    }
     match &key {
         None => tracing::warn!(
             "no API key configured: requests are forwarded unsigned (public endpoints only); \
@@ -173,7 +231,11 @@ fn serve(args: ServeArgs, env: HashMap<String, String>) -> Result<(), Failure> {
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
     runtime.block_on(async move {
-        let proxy = Arc::new(Proxy::new(&cfg, key).map_err(config_err)?);
+        let proxy = Arc::new(
+            Proxy::new(&cfg, key)
+                .map_err(config_err)?
+                .with_client_token(client_token, &cfg),
+        );
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
             let l = Listener::bind(addr)
@@ -184,6 +246,8 @@ fn serve(args: ServeArgs, env: HashMap<String, String>) -> Result<(), Failure> {
         }
         let opts = ServeOptions {
             header_read_timeout: cfg.header_read_timeout,
+            max_connections: cfg.max_connections,
+            max_headers: cfg.max_headers,
             ..ServeOptions::default()
         };
         server::run(listeners, proxy, opts, shutdown_signal()).await;
@@ -211,8 +275,20 @@ async fn shutdown_signal() {
     }
 }
 
+fn log_hardening(r: &harden::Report) {
+    if !r.core_dumps_disabled {
+        tracing::warn!("could not disable core dumps (RLIMIT_CORE)");
+    }
+    if !r.not_dumpable {
+        tracing::warn!("could not mark the process non-dumpable (PR_SET_DUMPABLE)");
+    }
+    if let Err(why) = &r.memory_locked {
+        tracing::warn!("memory not locked: the key may be written to swap: {why}");
+    }
+}
+
 fn token(args: TokenArgs, env: HashMap<String, String>) -> Result<(), Failure> {
-    let (cfg, key) = load(&args.common, &[], env)?;
+    let Loaded { cfg, key, .. } = load(&args.common, &[], env)?;
     let key = key.ok_or_else(|| {
         config_err(anyhow::anyhow!(
             "no API key configured: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"
@@ -270,8 +346,12 @@ fn token_target(cfg: &Config, target: &str) -> anyhow::Result<(Upstream, String)
     Ok((upstream, url.path().to_owned()))
 }
 
-fn check(args: Common, env: HashMap<String, String>) -> Result<(), Failure> {
-    let (cfg, key) = load(&args, &[], env)?;
+fn check(
+    args: Common,
+    env: HashMap<String, String>,
+    hardening: &harden::Report,
+) -> Result<(), Failure> {
+    let Loaded { cfg, key, .. } = load(&args, &[], env)?;
     let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     println!(
         "config: ok (listen {}; {} routes)",
@@ -289,5 +369,15 @@ fn check(args: Common, env: HashMap<String, String>) -> Result<(), Failure> {
             "key: none configured; requests will be forwarded unsigned (public endpoints only)"
         ),
     }
+    let yes_no = |b: bool| if b { "yes" } else { "NO" };
+    println!(
+        "hardening: core dumps off: {}; not dumpable: {}; memory locked: {}",
+        yes_no(hardening.core_dumps_disabled),
+        yes_no(hardening.not_dumpable),
+        match &hardening.memory_locked {
+            Ok(()) => "yes".to_owned(),
+            Err(why) => format!("NO ({why})"),
+        }
+    );
     Ok(())
 }

@@ -13,26 +13,32 @@ use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use crate::client::ClientGate;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers::{strip_client_credentials, strip_hop_by_hop};
 use crate::jwt::{self, Binding};
 use crate::key::ApiKey;
+use crate::policy::{check_path, Policy};
 use crate::route::{Route, Router};
 use crate::upstream::{SetupError, UpstreamClient};
 use crate::ws::{self, WsState};
 use crate::Body;
+use zeroize::Zeroizing;
 
 /// Everything the request path needs, built once from the configuration.
 #[derive(Debug)]
 pub struct Proxy {
     router: Router,
-    key: Option<ApiKey>,
+    /// Shared with WebSocket relay tasks, which outlive the request.
+    key: Option<Arc<ApiKey>>,
     client: UpstreamClient,
     ws: WsState,
+    policy: Policy,
+    clients: ClientGate,
     max_body_bytes: u64,
     /// Seconds to add to the local clock when minting tokens (measured skew; 0 by default).
-    clock_offset: AtomicI64,
+    clock_offset: Arc<AtomicI64>,
 }
 
 /// Building the proxy failed.
@@ -40,6 +46,8 @@ pub struct Proxy {
 pub enum BuildError {
     #[error("routes: {0}")]
     Routes(String),
+    #[error("{0}")]
+    Policy(String),
     #[error(transparent)]
     Upstream(#[from] SetupError),
 }
@@ -55,17 +63,26 @@ impl Proxy {
     pub fn new(cfg: &Config, key: Option<ApiKey>) -> Result<Proxy, BuildError> {
         Ok(Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
-            key,
+            key: key.map(Arc::new),
             client: UpstreamClient::new(&cfg.upstream)?,
             ws: WsState::new(&cfg.ws),
+            policy: Policy::new(&cfg.policy)
+                .map_err(|(k, m)| BuildError::Policy(format!("{k}: {m}")))?,
+            clients: ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts),
             max_body_bytes: cfg.max_body_bytes,
-            clock_offset: AtomicI64::new(0),
+            clock_offset: Arc::new(AtomicI64::new(0)),
         })
+    }
+
+    /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`).
+    pub fn with_client_token(mut self, token: Option<Zeroizing<String>>, cfg: &Config) -> Proxy {
+        self.clients = ClientGate::new(token, &cfg.allowed_origins, &cfg.allowed_hosts);
+        self
     }
 
     /// The loaded key, if any.
     pub fn key(&self) -> Option<&ApiKey> {
-        self.key.as_ref()
+        self.key.as_deref()
     }
 
     /// The route table.
@@ -83,20 +100,14 @@ impl Proxy {
         &self.ws
     }
 
+    /// A `'static` subscribe-token minter for WebSocket relay tasks (same key and clock offset).
+    pub fn ws_signer(&self) -> ws::WsSigner {
+        ws::WsSigner::new(self.key.clone(), Arc::clone(&self.clock_offset))
+    }
+
     /// A fresh WebSocket subscribe token (no request binding), or `None` without a key.
     pub fn ws_token(&self) -> Result<Option<String>, ProxyError> {
-        let Some(key) = &self.key else {
-            return Ok(None);
-        };
-        let now = jwt::now_secs(self.clock_offset.load(Ordering::Relaxed));
-        let none = Binding {
-            method: "",
-            host: "",
-            path: "",
-        };
-        jwt::mint(key, now, jwt::ClaimStyle::None, &none)
-            .map(Some)
-            .map_err(|_| ProxyError::Sign)
+        self.ws_signer().token()
     }
 
     /// Sets the clock correction applied to `nbf`/`exp`.
@@ -138,7 +149,12 @@ impl Proxy {
         req: Request<Incoming>,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
+        if let Some(why) = crate::sniff::rejected(req.uri().path()) {
+            return Err(ProxyError::BadRequest(why.into()));
+        }
         check_request(&req, self.max_body_bytes)?;
+        self.clients.check(req.uri(), req.headers())?;
+        check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
         if ws::is_upgrade(&req) {
             let route =
                 self.router
@@ -148,10 +164,12 @@ impl Proxy {
                         prefixes: self.router.ws_paths().join(", "),
                     })?;
             outcome.route = Some(&route.path);
+            self.policy.check(req.method(), req.uri().path())?;
             return ws::proxy(self, route, req).await;
         }
         let route = self.route(req.uri().path())?;
         outcome.route = Some(&route.prefix);
+        self.policy.check(req.method(), req.uri().path())?;
         let upstream = &route.upstream;
 
         let (mut parts, body) = req.into_parts();

@@ -14,10 +14,15 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// Largest request head accepted (HTTP/1 read buffer, HTTP/2 header list). It must not exceed
+/// what the smuggling guard inspects, or a head could hide a bad shape past the guard's view.
+const MAX_HEAD_BYTES: usize = crate::sniff::MAX_HEAD;
 
 use crate::config::ListenAddr;
 use crate::proxy::Proxy;
+use crate::sniff::SmuggleGuard;
 
 /// A bound listener. Binding is separate from serving so that callers (and tests) can bind
 /// port 0 and learn the address before [`run`] starts.
@@ -90,6 +95,10 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
+    /// Open client connections at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Request header fields at most (HTTP/1); more get 431.
+    pub max_headers: usize,
 }
 
 impl Default for ServeOptions {
@@ -97,6 +106,8 @@ impl Default for ServeOptions {
         ServeOptions {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(25),
+            max_connections: 1024,
+            max_headers: 100,
         }
     }
 }
@@ -119,9 +130,16 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(opts.header_read_timeout)
+        .max_headers(opts.max_headers)
+        // Caps the request head at 64 KiB (hyper's default is ~400 KiB): larger gets 431.
+        .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
     let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
 
     let (tx, mut rx) = mpsc::channel::<Accepted>(64);
     let mut unix_paths = Vec::new();
@@ -143,9 +161,13 @@ pub async fn run(
             accepted = rx.recv() => match accepted {
                 Some(Accepted::Tcp(s)) => {
                     let _ = s.set_nodelay(true);
-                    serve(s, &builder, &proxy, &graceful);
+                    let s = SmuggleGuard::new(s).first_head_timeout(opts.header_read_timeout);
+                    admit(s, &slots, &builder, &proxy, &graceful);
                 }
-                Some(Accepted::Unix(s)) => serve(s, &builder, &proxy, &graceful),
+                Some(Accepted::Unix(s)) => {
+                    let s = SmuggleGuard::new(s).first_head_timeout(opts.header_read_timeout);
+                    admit(s, &slots, &builder, &proxy, &graceful);
+                }
                 None => break,
             },
             () = &mut shutdown => break,
@@ -194,8 +216,45 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<Accepted>) {
     }
 }
 
+/// Serves the connection if a slot is free; otherwise answers 503 and closes it, so a flood of
+/// idle connections cannot exhaust file descriptors or memory.
+fn admit<I>(
+    io: I,
+    slots: &Arc<Semaphore>,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    proxy: &Arc<Proxy>,
+    graceful: &GracefulShutdown,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match Arc::clone(slots).try_acquire_owned() {
+        Ok(permit) => serve(io, permit, builder, proxy, graceful),
+        Err(_) => {
+            tracing::warn!("max_connections reached: refusing a client connection");
+            tokio::spawn(refuse(io));
+        }
+    }
+}
+
+async fn refuse<I: AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::AsyncWriteExt as _;
+    let body = r#"{"error":"too_many_connections","message":"cbgate has max_connections open client connections; retry later"}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         x-cbgate-error: too_many_connections\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = io.write_all(head.as_bytes()).await;
+        let _ = io.write_all(body.as_bytes()).await;
+        let _ = io.shutdown().await;
+    })
+    .await;
+}
+
 fn serve<I>(
     io: I,
+    permit: OwnedSemaphorePermit,
     builder: &Arc<auto::Builder<TokioExecutor>>,
     proxy: &Arc<Proxy>,
     graceful: &GracefulShutdown,
@@ -214,5 +273,6 @@ fn serve<I>(
         if let Err(e) = watcher.watch(conn).await {
             tracing::debug!(error = %e, "client connection ended with an error");
         }
+        drop(permit);
     });
 }

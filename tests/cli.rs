@@ -255,8 +255,35 @@ request_timeout = "1s"
         StatusCode::GATEWAY_TIMEOUT
     );
 
-    // SIGTERM: drain and exit 0.
+    // Hardening took effect in the serving process: no core files, memory locked (this test
+    // runs as root, or with CAP_IPC_LOCK, in CI; elsewhere cbgate warns instead).
     let pid = served.child.id().to_string();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .expect("core line");
+    assert!(
+        core.split_whitespace().filter(|w| *w == "0").count() == 2,
+        "{core}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let can_lock = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|c| c & (1 << 14) != 0);
+    if can_lock {
+        let locked_kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmLck:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmLck");
+        assert!(locked_kb > 0, "memory not locked: {status}");
+    }
+
+    // SIGTERM: drain and exit 0.
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
         .status()

@@ -30,7 +30,12 @@ use cbgate::server::{self, Listener, ServeOptions};
 use super::mock::{ExpectedKey, MockCoinbase, MockOptions, Pki};
 
 /// The host names the test CA's certificate covers.
-pub const HOSTS: &[&str] = &["api.coinbase.com", "api.cdp.coinbase.com"];
+pub const HOSTS: &[&str] = &[
+    "api.coinbase.com",
+    "api.cdp.coinbase.com",
+    "advanced-trade-ws.coinbase.com",
+    "advanced-trade-ws-user.coinbase.com",
+];
 
 /// The forms a secret comes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,6 +219,27 @@ impl Gate {
     }
 
     pub async fn start_on(cfg: Config, key: Option<&TestKey>, listeners: Vec<Listener>) -> Gate {
+        Gate::start_full(cfg, key, None, listeners).await
+    }
+
+    /// Starts cbgate requiring `token` as `cbgate-token`.
+    pub async fn start_with_token(cfg: Config, key: Option<&TestKey>, token: &str) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Gate::start_full(
+            cfg,
+            key,
+            Some(zeroize::Zeroizing::new(token.to_owned())),
+            vec![Listener::Tcp(listener)],
+        )
+        .await
+    }
+
+    pub async fn start_full(
+        cfg: Config,
+        key: Option<&TestKey>,
+        token: Option<zeroize::Zeroizing<String>>,
+        listeners: Vec<Listener>,
+    ) -> Gate {
         cfg.validate().expect("valid test config");
         let api_key = key.map(|k| {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -224,11 +250,17 @@ impl Gate {
             Some(Listener::Tcp(l)) => l.local_addr().expect("addr"),
             _ => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let proxy = Arc::new(Proxy::new(&cfg, api_key).expect("proxy builds"));
+        let proxy = Arc::new(
+            Proxy::new(&cfg, api_key)
+                .expect("proxy builds")
+                .with_client_token(token, &cfg),
+        );
         let (tx, rx) = oneshot::channel();
         let opts = ServeOptions {
             header_read_timeout: cfg.header_read_timeout,
             drain_timeout: Duration::from_secs(5),
+            max_connections: cfg.max_connections,
+            max_headers: cfg.max_headers,
         };
         let task = tokio::spawn(server::run(listeners, proxy, opts, async move {
             let _ = rx.await;

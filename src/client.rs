@@ -1,0 +1,229 @@
+//! The check-client phase: only the right local clients get in.
+//!
+//! - A client token (`client_token_file`), when configured, must arrive as `cbgate-token`;
+//!   it is compared in constant time and never forwarded.
+//! - Browsers are hostile clients of a localhost service: a web page can make the browser send
+//!   simple cross-site requests (no preflight), and DNS rebinding can let it read the answers.
+//!   Any request with an `Origin` not listed in `allowed_origins` is refused, and so is any
+//!   request whose `Host` is not a loopback name or address (or listed in `allowed_hosts`):
+//!   a rebinding attack always carries the attacker's own host name.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use http::{header, HeaderMap, HeaderName, Uri};
+use zeroize::Zeroizing;
+
+/// The header carrying the client token.
+pub static TOKEN_HEADER: HeaderName = HeaderName::from_static("cbgate-token");
+
+/// A client refused by the check-client phase.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("missing or wrong cbgate-token header: this cbgate requires a client token")]
+    Token,
+    #[error("Origin {0:?} is not allowed: browsers' cross-site requests are refused (add it to allowed_origins to allow it)")]
+    Origin(String),
+    #[error("Host {0:?} is not a loopback name: requests through DNS rebinding are refused (add it to allowed_hosts if clients reach cbgate by that name)")]
+    Host(String),
+}
+
+/// Who may use cbgate.
+pub struct ClientGate {
+    token: Option<Zeroizing<String>>,
+    allowed_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
+}
+
+impl fmt::Debug for ClientGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientGate")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("allowed_origins", &self.allowed_origins)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .finish()
+    }
+}
+
+impl ClientGate {
+    /// `token`: the client token, when one is configured.
+    pub fn new(
+        token: Option<Zeroizing<String>>,
+        allowed_origins: &[String],
+        allowed_hosts: &[String],
+    ) -> ClientGate {
+        ClientGate {
+            token,
+            allowed_origins: allowed_origins
+                .iter()
+                .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+            allowed_hosts: allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// Whether a client token is required.
+    pub fn requires_token(&self) -> bool {
+        self.token.is_some()
+    }
+
+    /// Checks one request's token, Origin and Host.
+    pub fn check(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), ClientError> {
+        if let Some(expected) = &self.token {
+            let ok = headers
+                .get(&TOKEN_HEADER)
+                .map(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()))
+                .unwrap_or(false);
+            if !ok {
+                return Err(ClientError::Token);
+            }
+        }
+        for origin in headers.get_all(header::ORIGIN) {
+            let o = String::from_utf8_lossy(origin.as_bytes()).into_owned();
+            let normalized = o.trim_end_matches('/').to_ascii_lowercase();
+            if !self.allowed_origins.contains(&normalized) {
+                return Err(ClientError::Origin(o));
+            }
+        }
+        // HTTP/2 carries the host as :authority (in the URI); HTTP/1 as Host.
+        let host = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
+            headers
+                .get(header::HOST)
+                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        });
+        if let Some(host) = host {
+            if !self.host_allowed(&host) {
+                return Err(ClientError::Host(host));
+            }
+        }
+        Ok(())
+    }
+
+    fn host_allowed(&self, authority: &str) -> bool {
+        let authority = authority.trim().to_ascii_lowercase();
+        let name = host_of(&authority);
+        if name == "localhost" || name.ends_with(".localhost") {
+            return true;
+        }
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            if ip.is_loopback() {
+                return true;
+            }
+        }
+        self.allowed_hosts
+            .iter()
+            .any(|h| *h == authority || h == name)
+    }
+}
+
+/// The host part of `host[:port]` or `[v6][:port]`, without brackets.
+fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(a, b).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        h
+    }
+
+    fn origin_uri() -> Uri {
+        "/api/v3/brokerage/accounts".parse().expect("uri")
+    }
+
+    #[test]
+    fn loopback_hosts_pass_others_do_not() {
+        let g = ClientGate::new(None, &[], &["cbgate:8750".into()]);
+        for ok in [
+            "localhost",
+            "localhost:8750",
+            "127.0.0.1:8750",
+            "127.1.2.3",
+            "[::1]:8750",
+            "api.localhost",
+            "LOCALHOST",
+            "cbgate:8750",
+        ] {
+            assert!(
+                g.check(&origin_uri(), &headers(&[("host", ok)])).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8750",
+            "localhost.evil.example",
+            "0.0.0.0:8750",
+            "10.0.0.1",
+            "cbgate:9999",
+            "[::2]",
+        ] {
+            assert!(
+                matches!(
+                    g.check(&origin_uri(), &headers(&[("host", bad)])),
+                    Err(ClientError::Host(_))
+                ),
+                "{bad}"
+            );
+        }
+        // h2: the authority comes in the URI.
+        let uri: Uri = "http://evil.example/api/v3/x".parse().expect("uri");
+        assert!(g.check(&uri, &HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn origins_must_be_listed() {
+        let g = ClientGate::new(None, &["http://localhost:3000/".into()], &[]);
+        let h = |o: &str| headers(&[("host", "127.0.0.1:8750"), ("origin", o)]);
+        assert!(g.check(&origin_uri(), &h("http://localhost:3000")).is_ok());
+        assert!(g.check(&origin_uri(), &h("https://evil.example")).is_err());
+        assert!(g.check(&origin_uri(), &h("null")).is_err());
+        assert!(g
+            .check(&origin_uri(), &headers(&[("host", "localhost")]))
+            .is_ok());
+    }
+
+    #[test]
+    fn token_is_required_when_configured() {
+        let g = ClientGate::new(
+            Some(Zeroizing::new("s3cret-token-0123456789".into())),
+            &[],
+            &[],
+        );
+        let with = |t: &str| headers(&[("host", "localhost"), ("cbgate-token", t)]);
+        assert!(g
+            .check(&origin_uri(), &with("s3cret-token-0123456789"))
+            .is_ok());
+        assert!(matches!(
+            g.check(&origin_uri(), &with("s3cret-token-012345678")),
+            Err(ClientError::Token)
+        ));
+        assert!(g
+            .check(&origin_uri(), &headers(&[("host", "localhost")]))
+            .is_err());
+        assert!(!format!("{g:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,367 @@
+//! Prometheus metrics, served by the admin listener at `/metrics`.
+//!
+//! Labels are bounded and carry nothing secret: the route *prefix* (never a path with ids in
+//! it, never a query), the method (unknown methods become `OTHER`), the status class.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Counters the WebSocket relay keeps; read at scrape time.
+#[derive(Debug, Default)]
+pub struct WsCounters {
+    pub open_sessions: AtomicU64,
+    pub messages_to_upstream: AtomicU64,
+    pub messages_to_client: AtomicU64,
+    pub subscribes_signed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct WsCollector(Arc<WsCounters>);
+
+impl Collector for WsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let gauge = ConstGauge::new(c.open_sessions.load(Ordering::Relaxed) as i64);
+        gauge.encode(encoder.encode_descriptor(
+            "ws_sessions",
+            "Open WebSocket sessions",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        for (name, help, v) in [
+            (
+                "ws_messages_to_upstream",
+                "WebSocket messages relayed from clients to Coinbase",
+                &c.messages_to_upstream,
+            ),
+            (
+                "ws_messages_to_client",
+                "WebSocket messages relayed from Coinbase to clients",
+                &c.messages_to_client,
+            ),
+            (
+                "ws_subscribes_signed",
+                "Subscribe/unsubscribe messages given a fresh JWT",
+                &c.subscribes_signed,
+            ),
+        ] {
+            let counter = ConstCounter::new(v.load(Ordering::Relaxed));
+            counter.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// All of cbgate's metrics. Cheap to update from the request path (atomics).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<RouteLabels, Histogram>,
+    upstream_duration: Family<RouteLabels, Histogram>,
+    jwt_sign_duration: Histogram,
+    upstream_errors: Family<KindLabels, Counter>,
+    policy_denials: Counter,
+    in_flight: Gauge,
+    client_connections: Gauge,
+    key_reloads: Family<ResultLabels, Counter>,
+    clock_offset: Gauge<f64, AtomicU64>,
+    ws: Arc<WsCounters>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~52 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `cbgate_` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("cbgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let request_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let upstream_duration =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        let jwt_sign_duration = Histogram::new(exponential_buckets(0.000_005, 2.0, 14));
+        let upstream_errors = Family::<KindLabels, Counter>::default();
+        let policy_denials = Counter::default();
+        let in_flight = Gauge::default();
+        let client_connections = Gauge::default();
+        let key_reloads = Family::<ResultLabels, Counter>::default();
+        let clock_offset = Gauge::<f64, AtomicU64>::default();
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            })
+            .set(1);
+        registry.register(
+            "requests",
+            "Requests handled, by route prefix, method and status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response headers sent",
+            request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time from request sent upstream to response headers received",
+            upstream_duration.clone(),
+        );
+        registry.register(
+            "jwt_sign_duration_seconds",
+            "Time to mint one JWT",
+            jwt_sign_duration.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Failures reaching Coinbase, by kind (dns, connect, tls, timeout, other)",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "policy_denials",
+            "Requests denied by the permission ceiling or a policy rule",
+            policy_denials.clone(),
+        );
+        registry.register(
+            "in_flight_requests",
+            "Requests in progress",
+            in_flight.clone(),
+        );
+        registry.register(
+            "client_connections",
+            "Open client connections",
+            client_connections.clone(),
+        );
+        registry.register(
+            "key_reloads",
+            "Key reloads, by result (ok, failed)",
+            key_reloads.clone(),
+        );
+        registry.register(
+            "clock_offset_seconds",
+            "Measured offset of Coinbase's clock from the local clock (applied when over 1 s)",
+            clock_offset.clone(),
+        );
+        registry.register("build_info", "cbgate version", build);
+        let ws = Arc::new(WsCounters::default());
+        registry.register_collector(Box::new(WsCollector(Arc::clone(&ws))));
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            jwt_sign_duration,
+            upstream_errors,
+            policy_denials,
+            in_flight,
+            client_connections,
+            key_reloads,
+            clock_offset,
+            ws,
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The content type of [`Metrics::render`].
+    pub fn content_type() -> &'static str {
+        prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, route: &str, method: &http::Method, status: u16, total: Duration) {
+        let method = match *method {
+            http::Method::GET
+            | http::Method::HEAD
+            | http::Method::POST
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::PATCH
+            | http::Method::OPTIONS => method.as_str().to_owned(),
+            _ => "OTHER".to_owned(),
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                method,
+                status: format!("{}xx", status / 100),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(total.as_secs_f64());
+    }
+
+    /// Records the upstream part of a request.
+    pub fn upstream(&self, route: &str, took: Duration) {
+        self.upstream_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one JWT minted.
+    pub fn jwt_signed(&self, took: Duration) {
+        self.jwt_sign_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a failure reaching Coinbase.
+    pub fn upstream_error(&self, kind: &str) {
+        self.upstream_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a policy denial.
+    pub fn policy_denied(&self) {
+        self.policy_denials.inc();
+    }
+
+    /// Tracks requests in progress; the guard decrements on drop.
+    pub fn in_flight(&self) -> GaugeGuard {
+        self.in_flight.inc();
+        GaugeGuard(self.in_flight.clone())
+    }
+
+    /// Tracks open client connections; the guard decrements on drop.
+    pub fn client_connection(&self) -> GaugeGuard {
+        self.client_connections.inc();
+        GaugeGuard(self.client_connections.clone())
+    }
+
+    /// Records a key reload attempt.
+    pub fn key_reload(&self, ok: bool) {
+        self.key_reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "failed" }.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records the measured clock offset.
+    pub fn clock_offset(&self, secs: f64) {
+        self.clock_offset.set(secs);
+    }
+
+    /// The WebSocket relay's counters.
+    pub fn ws(&self) -> &Arc<WsCounters> {
+        &self.ws
+    }
+}
+
+/// Decrements a gauge when dropped.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_with_bounded_labels() {
+        let m = Metrics::new();
+        m.request(
+            "/api/v3/",
+            &http::Method::GET,
+            200,
+            Duration::from_millis(3),
+        );
+        m.request(
+            "/api/v3/",
+            &http::Method::from_bytes(b"BREW").expect("m"),
+            404,
+            Duration::ZERO,
+        );
+        m.upstream("/api/v3/", Duration::from_millis(2));
+        m.jwt_signed(Duration::from_micros(40));
+        m.upstream_error("tls");
+        m.policy_denied();
+        let _g = m.in_flight();
+        m.key_reload(false);
+        m.clock_offset(-30.0);
+        m.ws().subscribes_signed.fetch_add(2, Ordering::Relaxed);
+        let text = m.render();
+        for needle in [
+            "cbgate_requests_total{route=\"/api/v3/\",method=\"GET\",status=\"2xx\"} 1",
+            "method=\"OTHER\",status=\"4xx\"",
+            "cbgate_request_duration_seconds_bucket",
+            "cbgate_upstream_duration_seconds_count{route=\"/api/v3/\"} 1",
+            "cbgate_jwt_sign_duration_seconds_count 1",
+            "cbgate_upstream_errors_total{kind=\"tls\"} 1",
+            "cbgate_policy_denials_total 1",
+            "cbgate_in_flight_requests 1",
+            "cbgate_client_connections 0",
+            "cbgate_key_reloads_total{result=\"failed\"} 1",
+            "cbgate_clock_offset_seconds -30",
+            "cbgate_build_info{version=",
+            "cbgate_ws_sessions 0",
+            "cbgate_ws_subscribes_signed_total 2",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+    }
+}

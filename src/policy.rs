@@ -1,0 +1,398 @@
+//! The policy phase: a permission ceiling of cbgate's own, whatever the key may do.
+//!
+//! `[[policy.rules]]` are tried first, in order; the first that matches decides. Otherwise the
+//! ceiling decides: `view` lets GET and HEAD through; `trade` adds the Advanced Trade order and
+//! convert endpoints; `transfer` allows everything. A denied request never reaches Coinbase.
+//!
+//! Paths reach this phase already canonical (see [`check_path`]): no dot segments, no `//`, no
+//! percent-encoded `/`, `\`, `.` or NUL. So matching the raw path here is matching what
+//! Coinbase will route, and no spelling of a denied path can slip past.
+
+use http::Method;
+use percent_encoding::percent_decode_str;
+
+use crate::config::{Permission, PolicyConfig, RuleAction};
+
+/// Why a request was denied: a sentence naming the rule or ceiling and how to allow it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
+#[derive(Debug)]
+enum Segment {
+    Literal(String),
+    /// `*`: exactly one non-empty segment.
+    One,
+    /// A final `**`: zero or more segments (so `/a/**` covers `/a` and everything below).
+    Rest,
+}
+
+#[derive(Debug)]
+struct Rule {
+    action: RuleAction,
+    /// Upper-case method names; empty means every method.
+    methods: Vec<String>,
+    pattern: Vec<Segment>,
+    /// The rule as written, for messages.
+    text: String,
+}
+
+/// A compiled policy.
+#[derive(Debug)]
+pub struct Policy {
+    permission: Permission,
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// Compiles `[policy]`; errors name the configuration key at fault.
+    pub fn new(cfg: &PolicyConfig) -> Result<Policy, (String, String)> {
+        let mut rules = Vec::with_capacity(cfg.rules.len());
+        for (i, r) in cfg.rules.iter().enumerate() {
+            let key = format!("policy.rules[{i}]");
+            let pattern = parse_pattern(&r.path).map_err(|m| (format!("{key}.path"), m))?;
+            let mut methods = Vec::new();
+            for m in &r.methods {
+                if m == "*" {
+                    methods.clear();
+                    break;
+                }
+                let upper = m.to_ascii_uppercase();
+                if Method::from_bytes(upper.as_bytes()).is_err() || upper.is_empty() {
+                    return Err((
+                        format!("{key}.methods"),
+                        format!("{m:?} is not an HTTP method"),
+                    ));
+                }
+                methods.push(upper);
+            }
+            let verb = match r.action {
+                RuleAction::Allow => "allow",
+                RuleAction::Deny => "deny",
+            };
+            let shown = if methods.is_empty() {
+                "*".to_owned()
+            } else {
+                methods.join(",")
+            };
+            rules.push(Rule {
+                action: r.action,
+                text: format!("#{} ({verb} {shown} {})", i + 1, r.path),
+                methods,
+                pattern,
+            });
+        }
+        Ok(Policy {
+            permission: cfg.permission,
+            rules,
+        })
+    }
+
+    /// Decides one request. `path` is the request path without the query, already accepted
+    /// by [`check_path`]. Matching is on the percent-decoded path, since that is what Coinbase
+    /// routes: `/orders/%65dit` is `/orders/edit`.
+    pub fn check(&self, method: &Method, path: &str) -> Result<(), Denied> {
+        let decoded = percent_decode_str(path).decode_utf8_lossy();
+        let decoded = decoded.as_ref();
+        for rule in &self.rules {
+            let method_matches =
+                rule.methods.is_empty() || rule.methods.iter().any(|m| m == method.as_str());
+            if method_matches && matches(&rule.pattern, decoded) {
+                return match rule.action {
+                    RuleAction::Allow => Ok(()),
+                    RuleAction::Deny => Err(Denied(format!(
+                        "{method} {path} is denied by policy rule {}; change [[policy.rules]] to allow it",
+                        rule.text
+                    ))),
+                };
+            }
+        }
+        if ceiling_allows(self.permission, method, decoded) {
+            return Ok(());
+        }
+        let (name, scope, next) = match self.permission {
+            Permission::View => (
+                "view",
+                "GET and HEAD only",
+                "policy.permission = \"trade\" (orders and convert) or \"transfer\"",
+            ),
+            Permission::Trade => (
+                "trade",
+                "reads plus Advanced Trade orders and convert; nothing that moves funds",
+                "policy.permission = \"transfer\"",
+            ),
+            // Transfer allows everything; this arm is never reached.
+            Permission::Transfer => ("transfer", "everything", "nothing"),
+        };
+        Err(Denied(format!(
+            "{method} {path} is above cbgate's permission ceiling \"{name}\" ({scope}); \
+             to allow it set {next}, or add a [[policy.rules]] allow rule for this path"
+        )))
+    }
+}
+
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
+}
+
+fn ceiling_allows(permission: Permission, method: &Method, path: &str) -> bool {
+    match permission {
+        Permission::Transfer => true,
+        Permission::View => is_read(method),
+        Permission::Trade => {
+            is_read(method)
+                || path == "/api/v3/brokerage/orders"
+                || path.starts_with("/api/v3/brokerage/orders/")
+                || path.starts_with("/api/v3/brokerage/convert/")
+        }
+    }
+}
+
+fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
+    let Some(rest) = p.strip_prefix('/') else {
+        return Err(format!("{p:?} must start with /"));
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let mut out = Vec::with_capacity(parts.len());
+    for (i, s) in parts.iter().enumerate() {
+        out.push(match *s {
+            "*" => Segment::One,
+            "**" if i + 1 == parts.len() => Segment::Rest,
+            "**" => return Err(format!("{p:?}: ** is only allowed as the last segment")),
+            lit if lit.contains('*') => {
+                return Err(format!("{p:?}: * must be a whole segment"));
+            }
+            lit => Segment::Literal(percent_decode_str(lit).decode_utf8_lossy().into_owned()),
+        });
+    }
+    Ok(out)
+}
+
+fn matches(pattern: &[Segment], path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let mut segs = rest.split('/');
+    for p in pattern {
+        match p {
+            Segment::Rest => return true,
+            Segment::One => match segs.next() {
+                Some(s) if !s.is_empty() => {}
+                _ => return false,
+            },
+            Segment::Literal(l) => match segs.next() {
+                Some(s) if s == l => {}
+                _ => return false,
+            },
+        }
+    }
+    segs.next().is_none()
+}
+
+/// Refuses request paths that have more than one spelling, before routing and policy.
+///
+/// Dot segments, `//`, backslashes, percent-encoded `/`, `\`, `.` or NUL, malformed percent
+/// escapes, and control or non-ASCII bytes are all normalised differently by different servers;
+/// a policy that matched one spelling could be bypassed by another. Returns the reason.
+pub fn check_path(path: &str) -> Result<(), &'static str> {
+    let bytes = path.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return Err("the path must start with /");
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\\' => return Err("the path contains a backslash"),
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err("the path has a malformed percent escape");
+                };
+                match h * 16 + l {
+                    0x2f => return Err("the path contains an encoded / (%2F)"),
+                    0x5c => return Err("the path contains an encoded backslash (%5C)"),
+                    0x2e => return Err("the path contains an encoded dot (%2E)"),
+                    0x00 => return Err("the path contains an encoded NUL (%00)"),
+                    c if c < 0x20 || c == 0x7f => {
+                        return Err("the path contains an encoded control character")
+                    }
+                    _ => {}
+                }
+                i += 3;
+                continue;
+            }
+            0x00..=0x20 | 0x7f..=0xff => {
+                return Err("the path contains a control, space or non-ASCII byte")
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    if path.contains("//") {
+        return Err("the path contains an empty segment (//)");
+    }
+    if path[1..].split('/').any(|s| s == "." || s == "..") {
+        return Err("the path contains a dot segment (. or ..)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RuleConfig;
+
+    fn policy(permission: Permission, rules: &[(RuleAction, &[&str], &str)]) -> Policy {
+        Policy::new(&PolicyConfig {
+            permission,
+            rules: rules
+                .iter()
+                .map(|(a, m, p)| RuleConfig {
+                    action: *a,
+                    methods: m.iter().map(|s| s.to_string()).collect(),
+                    path: p.to_string(),
+                })
+                .collect(),
+        })
+        .expect("valid policy")
+    }
+
+    #[test]
+    fn trade_ceiling_allows_orders_and_convert_only() {
+        let p = policy(Permission::Trade, &[]);
+        let ok = |m: Method, path: &str| p.check(&m, path).is_ok();
+        assert!(ok(Method::GET, "/v2/accounts/a/transactions"));
+        assert!(ok(Method::HEAD, "/api/v3/brokerage/accounts"));
+        assert!(ok(Method::POST, "/api/v3/brokerage/orders"));
+        assert!(ok(Method::POST, "/api/v3/brokerage/orders/batch_cancel"));
+        assert!(ok(Method::POST, "/api/v3/brokerage/orders/edit"));
+        assert!(ok(Method::POST, "/api/v3/brokerage/orders/close_position"));
+        assert!(ok(Method::POST, "/api/v3/brokerage/convert/quote"));
+        assert!(ok(Method::POST, "/api/v3/brokerage/convert/trade/t1"));
+        assert!(!ok(Method::POST, "/v2/accounts/a/transactions"));
+        assert!(!ok(Method::POST, "/v2/accounts/a/withdrawals"));
+        assert!(!ok(Method::POST, "/api/v3/brokerage/portfolios/move_funds"));
+        assert!(!ok(Method::POST, "/platform/v1/accounts"));
+        assert!(!ok(Method::POST, "/api/v3/brokerage/ordersx"));
+        assert!(!ok(Method::DELETE, "/api/v3/brokerage/portfolios/p1"));
+        let e = p
+            .check(&Method::POST, "/v2/accounts/a/transactions")
+            .expect_err("denied");
+        assert!(e.0.contains("\"trade\"") && e.0.contains("policy.permission = \"transfer\""));
+    }
+
+    #[test]
+    fn view_and_transfer_ceilings() {
+        let v = policy(Permission::View, &[]);
+        assert!(v.check(&Method::GET, "/api/v3/brokerage/orders").is_ok());
+        assert!(v.check(&Method::POST, "/api/v3/brokerage/orders").is_err());
+        assert!(v
+            .check(&Method::OPTIONS, "/api/v3/brokerage/orders")
+            .is_err());
+        let t = policy(Permission::Transfer, &[]);
+        assert!(t.check(&Method::POST, "/v2/accounts/a/withdrawals").is_ok());
+    }
+
+    #[test]
+    fn rules_match_first_and_before_the_ceiling() {
+        let p = policy(
+            Permission::Trade,
+            &[
+                (RuleAction::Deny, &["POST"], "/api/v3/brokerage/orders/edit"),
+                (RuleAction::Allow, &["post"], "/v2/accounts/*/transactions"),
+                (RuleAction::Deny, &["*"], "/api/v3/brokerage/orders/**"),
+            ],
+        );
+        let e = p
+            .check(&Method::POST, "/api/v3/brokerage/orders/edit")
+            .expect_err("rule 1");
+        assert!(e.0.contains("rule #1"), "{e}");
+        assert!(p
+            .check(&Method::POST, "/v2/accounts/abc/transactions")
+            .is_ok());
+        // `*` is exactly one segment.
+        assert!(p
+            .check(&Method::POST, "/v2/accounts/a/b/transactions")
+            .is_err());
+        assert!(p
+            .check(&Method::POST, "/v2/accounts//transactions")
+            .is_err());
+        // A final `**` covers the prefix itself and any depth below it, for every method.
+        assert!(p
+            .check(&Method::GET, "/api/v3/brokerage/orders/historical/x")
+            .is_err());
+        let e = p
+            .check(&Method::POST, "/api/v3/brokerage/orders")
+            .expect_err("rule 3");
+        assert!(e.0.contains("rule #3"), "{e}");
+        assert!(p.check(&Method::POST, "/api/v3/brokerage/ordersx").is_err());
+        assert!(p.check(&Method::GET, "/api/v3/brokerage/ordersx").is_ok());
+        // Percent-encoded spellings of a denied path are the same path.
+        let e = p
+            .check(&Method::POST, "/api/v3/brokerage/orders/%65dit")
+            .expect_err("encoded e");
+        assert!(e.0.contains("rule #1"), "{e}");
+        assert!(p
+            .check(&Method::POST, "/v2/accounts/abc/tr%61nsactions")
+            .is_ok());
+    }
+
+    #[test]
+    fn bad_rules_name_the_key() {
+        let bad = |path: &str, methods: &[&str]| {
+            Policy::new(&PolicyConfig {
+                permission: Permission::Trade,
+                rules: vec![RuleConfig {
+                    action: RuleAction::Allow,
+                    methods: methods.iter().map(|s| s.to_string()).collect(),
+                    path: path.into(),
+                }],
+            })
+            .expect_err("invalid")
+            .0
+        };
+        assert_eq!(bad("v2/x", &[]), "policy.rules[0].path");
+        assert_eq!(bad("/v2/x*", &[]), "policy.rules[0].path");
+        assert_eq!(bad("/**/x", &[]), "policy.rules[0].path");
+        assert_eq!(bad("/v2", &["GE T"]), "policy.rules[0].methods");
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for p in [
+            "/api/v3/brokerage/../../v2/accounts/a/withdrawals",
+            "/api/v3/./brokerage/orders",
+            "/api/v3/brokerage/orders/..",
+            "/v2/accounts/a/.",
+            "/v2//accounts",
+            "/v2/accounts%2Fa",
+            "/v2/accounts%2fa",
+            "/v2/%2e%2e/x",
+            "/v2/%2E/x",
+            "/v2/a%5cb",
+            "/v2/a\\b",
+            "/v2/a%00b",
+            "/v2/a%0ab",
+            "/v2/a%",
+            "/v2/a%zz",
+            "/v2/a\u{e9}",
+            "/v2/a\tb",
+            "v2/a",
+        ] {
+            assert!(check_path(p).is_err(), "{p:?} must be refused");
+        }
+        for p in [
+            "/",
+            "/api/v3/brokerage/orders",
+            "/api/v3/brokerage/orders/historical/batch%3Aa%20b",
+            "/v2/accounts/BTC-USD/transactions",
+            "/a.b/c..d/.e/f.",
+        ] {
+            assert_eq!(check_path(p), Ok(()), "{p:?}");
+        }
+    }
+}
