@@ -149,7 +149,7 @@ pub enum ExpectedKey {
 }
 
 impl ExpectedKey {
-    fn name(&self) -> &str {
+    pub fn name(&self) -> &str {
         match self {
             ExpectedKey::Es256 { name, .. } | ExpectedKey::EdDsa { name, .. } => name,
         }
@@ -232,11 +232,7 @@ impl Inner {
     }
 
     fn now(&self) -> i64 {
-        let real = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        real + self.opts.clock_offset_secs
+        now_with_offset(self.opts.clock_offset_secs)
     }
 }
 
@@ -580,22 +576,19 @@ fn authenticate(
     }
 }
 
-fn verify(
-    inner: &Inner,
-    key: &ExpectedKey,
-    method: &str,
-    host: Option<&str>,
-    path: &str,
-    value: &HeaderValue,
-) -> Result<AuthOutcome, String> {
-    let value = value
-        .to_str()
-        .map_err(|_| "Authorization header is not ASCII".to_string())?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| "Authorization is not 'Bearer <jwt>'".to_string())?;
+/// A token whose JOSE header and signature checked out.
+#[derive(Clone, Debug)]
+pub struct SignedToken {
+    pub alg: String,
+    pub kid: String,
+    pub nonce: String,
+    pub claims: Value,
+}
 
-    // --- JOSE header, checked by hand: exactly alg, kid, typ, nonce.
+/// Checks a token's JOSE header by hand (exactly alg, kid, nonce, typ; the nonce 64 lowercase
+/// hex) and its signature with `jsonwebtoken`. Claims are left to [`check_common_claims`] and the
+/// caller; nonce freshness too, since each mock keeps its own set.
+pub fn verify_signature(key: &ExpectedKey, token: &str) -> Result<SignedToken, String> {
     let segments: Vec<&str> = token.split('.').collect();
     if segments.len() != 3 {
         return Err(format!("token has {} segments, want 3", segments.len()));
@@ -649,14 +642,21 @@ fn verify(
     validation.leeway = 0;
     let data = jsonwebtoken::decode::<Value>(token, &key.decoding_key(), &validation)
         .map_err(|e| format!("signature check failed: {e}"))?;
-    let claims = data.claims;
+    Ok(SignedToken {
+        alg,
+        kid,
+        nonce,
+        claims: data.claims,
+    })
+}
 
-    // --- Nonce: never seen before (only signature-valid tokens consume one).
-    if !inner.lock().nonces.insert(nonce.clone()) {
-        return Err("nonce reused".into());
-    }
-
-    // --- Claims.
+/// The claims every Coinbase token carries: iss "cdp", sub the key name, integer nbf/exp two
+/// minutes apart, valid at `now` (5 s of leeway for nbf). Returns the claims object.
+pub fn check_common_claims<'a>(
+    key: &ExpectedKey,
+    claims: &'a Value,
+    now: i64,
+) -> Result<&'a Map<String, Value>, String> {
     let obj = claims
         .as_object()
         .ok_or_else(|| "claims are not a JSON object".to_string())?;
@@ -676,13 +676,54 @@ fn verify(
     if exp - nbf != 120 {
         return Err(format!("exp - nbf = {}, want 120", exp - nbf));
     }
-    let now = inner.now();
     if nbf > now + 5 {
         return Err(format!("token not yet valid: nbf {nbf} > now {now} + 5"));
     }
     if exp <= now {
         return Err(format!("token expired: exp {exp} <= now {now}"));
     }
+    Ok(obj)
+}
+
+/// Real now (Unix seconds) plus `offset`.
+pub fn now_with_offset(offset: i64) -> i64 {
+    let real = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    real + offset
+}
+
+fn verify(
+    inner: &Inner,
+    key: &ExpectedKey,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    value: &HeaderValue,
+) -> Result<AuthOutcome, String> {
+    let value = value
+        .to_str()
+        .map_err(|_| "Authorization header is not ASCII".to_string())?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| "Authorization is not 'Bearer <jwt>'".to_string())?;
+
+    let SignedToken {
+        alg,
+        kid,
+        nonce,
+        claims,
+    } = verify_signature(key, token)?;
+
+    // --- Nonce: never seen before (only signature-valid tokens consume one).
+    if !inner.lock().nonces.insert(nonce.clone()) {
+        return Err("nonce reused".into());
+    }
+
+    // --- Claims.
+    let obj = check_common_claims(key, &claims, inner.now())?;
+    let nbf = obj.get("nbf").and_then(Value::as_i64).unwrap_or_default();
 
     let host = host.ok_or_else(|| "request has no host".to_string())?;
     if !inner.hosts.iter().any(|h| h == host) {

@@ -1,0 +1,844 @@
+//! The WebSocket relay end to end: a tokio-tungstenite client over plain TCP to cbgate
+//! in-process, and a mock Coinbase WebSocket over real TLS (tests/common/ws_mock.rs) that
+//! verifies every subscribe's JWT as Coinbase would.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use http::StatusCode;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use cbgate::config::Config;
+use cbgate::key::KeySource;
+use cbgate::proxy::Proxy;
+use cbgate::server::{self, Listener, ServeOptions};
+
+use common::harness::{raw, Gate, KeyForm, TestKey};
+use common::ws_mock::{Rec, SubAuth, WsMockOptions, WsUpstream};
+
+type Client = WebSocketStream<TcpStream>;
+
+/// A client handshake's outcome: the socket and cbgate's 101, or the error (an HTTP refusal
+/// carries cbgate's JSON answer).
+type Handshake = Result<(Client, http::Response<Option<Vec<u8>>>), WsError>;
+
+const USER_HOST: &str = "advanced-trade-ws-user.coinbase.com";
+
+fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None)
+}
+
+/// Opens a WebSocket to cbgate at `path`, letting `edit` change the upgrade request.
+async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    edit: impl FnOnce(&mut http::Request<()>),
+) -> Handshake {
+    let tcp = TcpStream::connect(addr).await.expect("connect to cbgate");
+    let mut req = format!("ws://{addr}{path}")
+        .into_client_request()
+        .expect("request");
+    edit(&mut req);
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio_tungstenite::client_async_with_config(req, tcp, Some(client_config())),
+    )
+    .await
+    .expect("handshake within 20 s")
+}
+
+async fn connect(gate: &Gate, path: &str) -> Client {
+    try_connect(gate.addr, path, |_| {})
+        .await
+        .expect("cbgate accepts the upgrade")
+        .0
+}
+
+/// The next message, whatever it is (pings and pongs included).
+async fn recv(ws: &mut Client) -> Message {
+    tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .expect("a message within 20 s")
+        .expect("connection still open")
+        .expect("a valid frame")
+}
+
+/// The next text, binary or close message (pings and pongs skipped).
+async fn recv_data(ws: &mut Client) -> Message {
+    loop {
+        match recv(ws).await {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+async fn recv_text(ws: &mut Client) -> String {
+    match recv_data(ws).await {
+        Message::Text(t) => t.as_str().to_owned(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// The close frame the client receives next (data messages before it are skipped).
+async fn recv_close(ws: &mut Client) -> Option<(u16, String)> {
+    loop {
+        match recv(ws).await {
+            Message::Close(f) => {
+                return f.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
+            }
+            _ => continue,
+        }
+    }
+}
+
+fn json(text: &str) -> serde_json::Map<String, serde_json::Value> {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not a JSON object ({e}): {text}"))
+}
+
+fn keys(obj: &serde_json::Map<String, serde_json::Value>) -> Vec<&str> {
+    obj.keys().map(String::as_str).collect()
+}
+
+fn valid(auth: &SubAuth) -> &serde_json::Value {
+    match auth {
+        SubAuth::Valid(t) => &t.claims,
+        other => panic!("the mock did not accept the subscribe token: {other:?}"),
+    }
+}
+
+async fn signed_setup(form: KeyForm, on_subscribe: usize) -> (TestKey, WsUpstream, Gate) {
+    let key = TestKey::generate(form);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        on_subscribe,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let gate = Gate::start(up.config(), Some(&key)).await;
+    (key, up, gate)
+}
+
+#[tokio::test]
+async fn user_channel_subscribe_is_signed_fields_kept_and_stream_flows_back() {
+    let (key, up, gate) = signed_setup(KeyForm::P256Sec1, 3).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+
+    let sent = r#"{"type":"subscribe","product_ids":["BTC-USD","ETH-USD"],"channel":"user","jwt":"client-own-token","extra":{"b":1,"a":[true,null]}}"#;
+    ws.send(Message::text(sent)).await.expect("send");
+
+    let ack = json(&recv_text(&mut ws).await);
+    assert_eq!(ack["channel"], "subscriptions");
+    for i in 0..3 {
+        let m = json(&recv_text(&mut ws).await);
+        assert_eq!(m["channel"], "user");
+        assert_eq!(m["sequence_num"], i);
+    }
+
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs.len(), 1);
+    let claims = valid(&subs[0].auth);
+    assert_eq!(claims["sub"], key.name.as_str());
+    assert_eq!(claims["iss"], "cdp");
+    let got = json(&subs[0].text);
+    let want = json(sent);
+    // Same fields in the same order; the client's jwt replaced in place by cbgate's.
+    assert_eq!(keys(&got), keys(&want));
+    assert_ne!(got["jwt"], "client-own-token");
+    for k in ["type", "product_ids", "channel", "extra"] {
+        assert_eq!(got[k], want[k], "{k}");
+    }
+    assert_eq!(keys(got["extra"].as_object().expect("object")), ["b", "a"]);
+
+    let upgrade = &up.mock.upgrades()[0];
+    assert_eq!(upgrade.path_and_query, "/");
+    assert_eq!(upgrade.headers["host"], USER_HOST);
+}
+
+#[tokio::test]
+async fn jwt_is_appended_when_absent_and_unsubscribe_is_signed_with_a_fresh_token() {
+    let (key, up, gate) = signed_setup(KeyForm::Ed25519B64_64, 0).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+    let sub = r#"{"type":"subscribe","channel":"user","product_ids":["BTC-USD"]}"#;
+    let unsub = r#"{"type":"unsubscribe","channel":"user","product_ids":["BTC-USD"]}"#;
+    ws.send(Message::text(sub)).await.expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+    ws.send(Message::text(unsub)).await.expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs.len(), 2);
+    let mut nonces = Vec::new();
+    for (s, sent) in subs.iter().zip([sub, unsub]) {
+        let claims = valid(&s.auth);
+        assert_eq!(claims["sub"], key.name.as_str());
+        let got = json(&s.text);
+        assert_eq!(keys(&got), ["type", "channel", "product_ids", "jwt"]);
+        assert_eq!(got["type"], json(sent)["type"]);
+        if let SubAuth::Valid(t) = &s.auth {
+            assert_eq!(t.alg, "EdDSA");
+            nonces.push(t.nonce.clone());
+        }
+    }
+    assert_ne!(nonces[0], nonces[1], "each subscribe gets its own token");
+}
+
+#[tokio::test]
+async fn other_frames_pass_byte_for_byte_both_ways() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Pkcs8, 0).await;
+    let mut ws = connect(&gate, "/ws").await;
+
+    let texts = [
+        "hello é 🚀 {not json",
+        r#"{"type":"heartbeat","jwt":"stays"}"#,
+        r#"{ "type" : "Subscribe" , "x": 1.50 }"#,
+        r#"["subscribe"]"#,
+        "",
+    ];
+    let binary: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    for t in texts {
+        ws.send(Message::text(t)).await.expect("send text");
+    }
+    ws.send(Message::binary(binary.clone()))
+        .await
+        .expect("send binary");
+    ws.send(Message::Ping(b"client-ping".to_vec().into()))
+        .await
+        .expect("send ping");
+    ws.send(Message::Pong(b"client-heartbeat".to_vec().into()))
+        .await
+        .expect("send pong");
+    // The mock pings and pongs the client too.
+    ws.send(Message::text("ping:server-ping"))
+        .await
+        .expect("send");
+    ws.send(Message::text("pong:server-heartbeat"))
+        .await
+        .expect("send");
+
+    // The echoes came back unchanged, plus the mock's ping and pong.
+    let mut got = Vec::new();
+    let mut client_ping_pongs = 0;
+    while got.len() < texts.len() + 3 || client_ping_pongs < 2 {
+        match recv(&mut ws).await {
+            Message::Pong(p) if p.as_ref() == b"client-ping" => client_ping_pongs += 1,
+            m => got.push(m),
+        }
+    }
+    let mut want: Vec<Message> = texts.iter().map(|t| Message::text(*t)).collect();
+    want.push(Message::binary(binary.clone()));
+    want.push(Message::Ping(b"server-ping".to_vec().into()));
+    want.push(Message::Pong(b"server-heartbeat".to_vec().into()));
+    assert_eq!(got, want);
+    // The client's ping got two pongs: cbgate's own and the mock's, relayed.
+    assert_eq!(client_ping_pongs, 2);
+    // Sends the client's automatic answer to the mock's ping.
+    ws.flush().await.expect("flush");
+
+    // Everything the client sent reached the mock unchanged and in order.
+    let frames = up
+        .mock
+        .wait_frames(|f| f.iter().filter(|r| matches!(r, Rec::Pong(_))).count() >= 3)
+        .await;
+    let mut want: Vec<Rec> = texts.iter().map(|t| Rec::Text((*t).to_owned())).collect();
+    want.push(Rec::Binary(binary.clone()));
+    want.push(Rec::Ping(b"client-ping".to_vec()));
+    want.push(Rec::Pong(b"client-heartbeat".to_vec()));
+    want.push(Rec::Text("ping:server-ping".into()));
+    want.push(Rec::Text("pong:server-heartbeat".into()));
+    let data: Vec<Rec> = frames
+        .iter()
+        .filter(|r| !(matches!(r, Rec::Pong(p) if p == b"server-ping")))
+        .cloned()
+        .collect();
+    assert_eq!(data, want);
+    // The mock's ping was answered twice: by cbgate at once, then by the client (relayed).
+    let answers = frames
+        .iter()
+        .filter(|r| matches!(r, Rec::Pong(p) if p == b"server-ping"))
+        .count();
+    assert_eq!(answers, 2, "{frames:?}");
+}
+
+#[tokio::test]
+async fn five_megabyte_messages_pass_both_ways() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws").await;
+    let big: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    ws.send(Message::binary(big.clone()))
+        .await
+        .expect("send 5 MB");
+    match recv_data(&mut ws).await {
+        Message::Binary(b) => assert!(b.as_ref() == big.as_slice(), "echo differs"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+    ws.send(Message::text(format!("big:{}", 5 * 1024 * 1024)))
+        .await
+        .expect("send");
+    match recv_data(&mut ws).await {
+        Message::Binary(b) => assert_eq!(b.len(), 5 * 1024 * 1024),
+        other => panic!("expected 5 MB, got {other:?}"),
+    }
+    assert!(up.mock.frames().contains(&Rec::Binary(big)));
+}
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_a_fragmented_subscribe_is_signed() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+    let sub = r#"{"type":"subscribe","channel":"user","product_ids":["BTC-USD"]}"#;
+    let (a, rest) = sub.split_at(10);
+    let (b, c) = rest.split_at(20);
+    let frames = [
+        Frame::message(a.as_bytes().to_vec(), OpCode::Data(Data::Text), false),
+        Frame::message(b.as_bytes().to_vec(), OpCode::Data(Data::Continue), false),
+        Frame::message(c.as_bytes().to_vec(), OpCode::Data(Data::Continue), true),
+        Frame::message(vec![1u8, 2], OpCode::Data(Data::Binary), false),
+        // A control frame may come between fragments (RFC 6455 §5.4).
+        Frame::ping(b"mid".to_vec()),
+        Frame::message(vec![3u8], OpCode::Data(Data::Continue), true),
+    ];
+    for f in frames {
+        ws.send(Message::Frame(f)).await.expect("send fragment");
+    }
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+    match recv_data(&mut ws).await {
+        Message::Binary(b) => assert_eq!(b.as_ref(), [1, 2, 3]),
+        other => panic!("expected the binary echo, got {other:?}"),
+    }
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs.len(), 1);
+    valid(&subs[0].auth);
+    // One whole binary message; the ping that came between its fragments arrives first.
+    let frames = up.mock.frames();
+    let at = |r: &Rec| frames.iter().position(|f| f == r);
+    let binary = at(&Rec::Binary(vec![1, 2, 3])).expect("reassembled binary message");
+    let ping = at(&Rec::Ping(b"mid".to_vec())).expect("the ping");
+    assert!(ping < binary, "{frames:?}");
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| matches!(f, Rec::Binary(_)))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_stalls_the_upstream_then_gets_everything_in_order() {
+    const N: u64 = 200;
+    const SIZE: usize = 1024 * 1024;
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws").await;
+    ws.send(Message::text(format!("flood:{N}:{SIZE}")))
+        .await
+        .expect("send");
+
+    // Read nothing for a while: cbgate must stop reading the upstream, whose sends then stall.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let early = up.mock.flood_bytes_sent();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stalled = up.mock.flood_bytes_sent();
+    assert!(
+        stalled < 64 * 1024 * 1024,
+        "the mock sent {stalled} bytes to a client that reads nothing: cbgate buffers"
+    );
+    assert!(
+        stalled - early <= 2 * SIZE as u64,
+        "sending still progressing ({early} -> {stalled}): not stalled"
+    );
+
+    for i in 0..N {
+        match recv_data(&mut ws).await {
+            Message::Binary(b) => {
+                assert_eq!(b.len(), SIZE);
+                assert_eq!(b[..8], i.to_be_bytes(), "message {i} out of order");
+                assert!(b[8..].iter().all(|x| u64::from(*x) == i % 251));
+            }
+            other => panic!("expected flood message {i}, got {other:?}"),
+        }
+    }
+    assert_eq!(up.mock.flood_bytes_sent(), N * SIZE as u64);
+}
+
+#[tokio::test]
+async fn close_codes_and_reasons_pass_both_ways() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+
+    // Client closes: the mock sees the client's code and reason.
+    let mut ws = connect(&gate, "/ws").await;
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await
+    .expect("close");
+    assert_eq!(recv_close(&mut ws).await, Some((1000, "done".into())));
+    up.mock
+        .wait_frames(|f| f.contains(&Rec::Close(Some((1000, "done".into())))))
+        .await;
+
+    // Upstream closes: the client sees the mock's code and reason.
+    let mut ws = connect(&gate, "/ws").await;
+    ws.send(Message::text("close-me")).await.expect("send");
+    assert_eq!(recv_close(&mut ws).await, Some((4001, "bye".into())));
+    // The mock got its close echoed back.
+    up.mock
+        .wait_frames(|f| f.contains(&Rec::Close(Some((4001, "bye".into())))))
+        .await;
+
+    // A close frame without a code stays without a code.
+    let mut ws = connect(&gate, "/ws").await;
+    ws.close(None).await.expect("close");
+    assert_eq!(recv_close(&mut ws).await, None);
+    up.mock.wait_frames(|f| f.contains(&Rec::Close(None))).await;
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_closes_the_upstream_with_1001() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws").await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(recv_text(&mut ws).await, "hi");
+    drop(ws); // TCP closed, no close frame
+    let frames = up
+        .mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(_))))
+        .await;
+    match frames.last() {
+        Some(Rec::Close(Some((1001, _)))) => {}
+        other => panic!("expected close 1001 at the mock, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_that_vanishes_closes_the_client_with_1011_naming_it() {
+    let (_key, _up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+    ws.send(Message::text("drop-me")).await.expect("send");
+    let (code, reason) = recv_close(&mut ws).await.expect("a close code");
+    assert_eq!(code, 1011, "{reason}");
+    assert!(reason.contains(USER_HOST), "{reason}");
+}
+
+/// The upgrade failed with an HTTP answer: its status, cbgate error code and JSON message.
+fn refused(r: Handshake) -> (StatusCode, String, String) {
+    match r {
+        Err(WsError::Http(resp)) => {
+            let code = resp
+                .headers()
+                .get("x-cbgate-error")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = resp.body().clone().unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error body");
+            (
+                resp.status(),
+                code,
+                v["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+        Err(e) => panic!("expected an HTTP error answer, got {e}"),
+        Ok(_) => panic!("expected the upgrade to be refused"),
+    }
+}
+
+#[tokio::test]
+async fn unreachable_or_untrusted_upstream_is_a_json_502_before_any_101() {
+    // Nothing listens on the resolved port.
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let up = WsUpstream::start(WsMockOptions::default()).await;
+    let mut cfg = up.config();
+    cfg.upstream.resolve.insert(USER_HOST.into(), dead);
+    let gate = Gate::start(cfg, None).await;
+    let (status, code, message) = refused(try_connect(gate.addr, "/ws/user", |_| {}).await);
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(code, "upstream_connect");
+    assert!(message.contains(USER_HOST), "{message}");
+
+    // A certificate cbgate does not trust.
+    let mut cfg = up.config();
+    cfg.upstream.ca_file = None;
+    let gate = Gate::start(cfg, None).await;
+    let (status, code, message) = refused(try_connect(gate.addr, "/ws/user", |_| {}).await);
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(code, "upstream_tls");
+    assert!(message.contains("certificate not trusted"), "{message}");
+    assert_eq!(up.mock.connections(), 0);
+}
+
+#[tokio::test]
+async fn an_upgrade_refused_upstream_is_a_502_naming_the_status() {
+    let up = WsUpstream::start(WsMockOptions {
+        reject_status: Some(401),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let gate = Gate::start(up.config(), None).await;
+    let (status, code, message) = refused(try_connect(gate.addr, "/ws/user", |_| {}).await);
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(code, "upstream_error");
+    assert!(message.contains("401"), "{message}");
+    assert!(message.contains(USER_HOST), "{message}");
+    assert_eq!(up.mock.upgrades().len(), 1);
+}
+
+#[tokio::test]
+async fn messages_over_max_message_bytes_close_with_1009() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    cfg.ws.max_message_bytes = 1024 * 1024;
+    let gate = Gate::start(cfg, Some(&key)).await;
+
+    // From the client: the client gets 1009, the upstream is told the client went away.
+    let mut ws = connect(&gate, "/ws").await;
+    ws.send(Message::binary(vec![0u8; 1024 * 1024]))
+        .await
+        .expect("at the limit");
+    assert!(matches!(recv_data(&mut ws).await, Message::Binary(b) if b.len() == 1024 * 1024));
+    let _ = ws.send(Message::binary(vec![0u8; 1024 * 1024 + 1])).await;
+    let (code, reason) = recv_close(&mut ws).await.expect("close code");
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("max_message_bytes"), "{reason}");
+    let frames = up
+        .mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(_))))
+        .await;
+    assert!(
+        matches!(frames.last(), Some(Rec::Close(Some((1001, _))))),
+        "{frames:?}"
+    );
+    assert!(!frames
+        .iter()
+        .any(|r| matches!(r, Rec::Binary(b) if b.len() > 1024 * 1024)));
+
+    // From the upstream: both sides get 1009.
+    let mut ws = connect(&gate, "/ws").await;
+    ws.send(Message::text(format!("big:{}", 1024 * 1024 + 1)))
+        .await
+        .expect("send");
+    let (code, reason) = recv_close(&mut ws).await.expect("close code");
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("upstream"), "{reason}");
+    up.mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(Some((1009, _))))))
+        .await;
+}
+
+#[tokio::test]
+async fn without_a_key_subscribe_passes_unsigned_and_unchanged() {
+    let up = WsUpstream::start(WsMockOptions {
+        on_subscribe: 2,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let gate = Gate::start(up.config(), None).await;
+    let mut ws = connect(&gate, "/ws").await;
+    let sub = r#"{ "type": "subscribe", "channel": "ticker", "product_ids": ["BTC-USD"] }"#;
+    ws.send(Message::text(sub)).await.expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+    for i in 0..2 {
+        assert_eq!(json(&recv_text(&mut ws).await)["sequence_num"], i);
+    }
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs[0].text, sub, "byte for byte");
+    assert!(matches!(subs[0].auth, SubAuth::Missing));
+}
+
+#[tokio::test]
+async fn graceful_shutdown_sends_1001_to_client_and_upstream() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+    ws.send(Message::text("hi")).await.expect("send");
+    assert_eq!(recv_text(&mut ws).await, "hi");
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(gate.stop());
+    assert_eq!(
+        recv_close(&mut ws).await,
+        Some((1001, "cbgate shutting down".into()))
+    );
+    // Reading on sends the client's close reply, which completes the closing handshake.
+    assert!(ws.next().await.is_none());
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("stop returns")
+        .expect("stop task");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "shutdown waited {:?}",
+        started.elapsed()
+    );
+    up.mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(Some((1001, _))))))
+        .await;
+}
+
+#[tokio::test]
+async fn bad_handshakes_are_400_json_errors() {
+    let up = WsUpstream::start(WsMockOptions::default()).await;
+    let gate = Gate::start(up.config(), None).await;
+    let head = |extra: &str| {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n{extra}\r\n"
+        )
+    };
+    for (extra, words) in [
+        (
+            "Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "version 13",
+        ),
+        (
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "Sec-WebSocket-Version",
+        ),
+        ("Sec-WebSocket-Version: 13\r\n", "Sec-WebSocket-Key"),
+        (
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: c2hvcnQ=\r\n",
+            "16 bytes",
+        ),
+    ] {
+        let out = raw(gate.addr, head(extra).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        assert!(out.contains("x-cbgate-error: bad_request"), "{out}");
+        assert!(out.contains(words), "{words}: {out}");
+    }
+    assert_eq!(up.mock.connections(), 0);
+    assert!(up.mock.upgrades().is_empty());
+}
+
+#[tokio::test]
+async fn subprotocol_user_agent_and_query_go_upstream_but_credentials_do_not() {
+    let up = WsUpstream::start(WsMockOptions::default()).await;
+    let gate = Gate::start(up.config(), None).await;
+    let (mut ws, resp) = try_connect(gate.addr, "/ws?lang=en", |r| {
+        let h = r.headers_mut();
+        h.insert(
+            "sec-websocket-protocol",
+            "proto-a, proto-b".parse().expect("v"),
+        );
+        h.insert("user-agent", "ws-test/1.0".parse().expect("v"));
+        h.insert("cookie", "session=secret".parse().expect("v"));
+        h.insert("authorization", "Bearer client-secret".parse().expect("v"));
+    })
+    .await
+    .expect("upgrade");
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "proto-a");
+    ws.send(Message::text("x")).await.expect("send");
+    assert_eq!(recv_text(&mut ws).await, "x");
+
+    let u = &up.mock.upgrades()[0];
+    assert_eq!(u.path_and_query, "/?lang=en");
+    assert_eq!(u.headers["host"], "advanced-trade-ws.coinbase.com");
+    assert_eq!(u.headers["user-agent"], "ws-test/1.0");
+    assert_eq!(u.headers["sec-websocket-protocol"], "proto-a, proto-b");
+    assert!(u.headers.get("cookie").is_none());
+    assert!(u.headers.get("authorization").is_none());
+}
+
+#[tokio::test]
+async fn session_count_and_message_counters() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        on_subscribe: 2,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let cfg: Config = up.config();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api_key = KeySource::File(key.write_json(dir.path()))
+        .load()
+        .expect("key loads");
+    let proxy = Arc::new(Proxy::new(&cfg, Some(api_key)).expect("proxy"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(
+        vec![Listener::Tcp(listener)],
+        Arc::clone(&proxy),
+        ServeOptions::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let (mut ws, _) = try_connect(addr, "/ws/user", |_| {})
+        .await
+        .expect("upgrade");
+    assert_eq!(proxy.ws().open_sessions(), 1);
+    ws.send(Message::text(r#"{"type":"subscribe","channel":"user"}"#))
+        .await
+        .expect("send");
+    ws.send(Message::text("plain")).await.expect("send");
+    for _ in 0..4 {
+        recv_data(&mut ws).await; // ack, 2 updates, echo
+    }
+    assert_eq!(proxy.ws().messages_to_upstream(), 2);
+    assert_eq!(proxy.ws().messages_to_client(), 4);
+    assert_eq!(proxy.ws().subscribes_signed(), 1);
+    ws.close(None).await.expect("close");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.ws().open_sessions() != 0 {
+        assert!(Instant::now() < deadline, "session still counted as open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    let _ = server.await;
+}
+
+#[tokio::test]
+async fn python_example_streams_the_user_channel() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import websockets"])
+        .output();
+    match check {
+        Ok(o) if o.status.success() => {}
+        _ => panic!(
+            "examples/ws_user.py needs Python 3 with the websockets package: \
+             run `python3 -m pip install websockets`"
+        ),
+    }
+    let (_key, up, gate) = signed_setup(KeyForm::Ed25519B64_64, 5).await;
+    let url = format!("ws://{}/ws/user", gate.addr);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ws_user.py");
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .env("CBGATE_WS_URL", url)
+            .env("CBGATE_WS_MAX_MESSAGES", "4")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start python3");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("output")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ws_user.py failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(json(lines[0])["channel"], "subscriptions");
+    assert!(
+        lines[1..].iter().any(|l| json(l)["channel"] == "user"),
+        "{stdout}"
+    );
+
+    // The script sent both subscribes before reading; the mock may still be recording them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.mock.subscriptions().len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let subs = up.mock.subscriptions();
+    for s in &subs {
+        valid(&s.auth);
+    }
+    let channels: Vec<String> = subs
+        .iter()
+        .map(|s| {
+            json(&s.text)["channel"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(channels, ["user", "heartbeats"]);
+}
+
+/// The mock must refuse what Coinbase refuses, or the signing tests above prove nothing.
+#[tokio::test]
+async fn ws_mock_rejects_tokens_coinbase_would_reject() {
+    use cbgate::jwt::{self, Binding, ClaimStyle};
+    use cbgate::key::ApiKey;
+
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let other = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let signer = ApiKey::parse(&key.name, &key.secret).expect("key");
+    let stranger = ApiKey::parse(&other.name, &other.secret).expect("key");
+    let now = jwt::now_secs(0);
+    let bind = Binding {
+        method: "GET",
+        host: USER_HOST,
+        path: "/",
+    };
+    let mint = |k: &ApiKey, at: u64, style| jwt::mint(k, at, style, &bind).expect("mint");
+    let good = mint(&signer, now, ClaimStyle::None);
+    let cases = [
+        (good.clone(), None),
+        (good, Some("nonce reused")),
+        (mint(&signer, now, ClaimStyle::Uri), Some("uri present")),
+        (mint(&signer, now, ClaimStyle::Uris), Some("uris present")),
+        (mint(&stranger, now, ClaimStyle::None), Some("kid")),
+        (mint(&signer, now - 200, ClaimStyle::None), Some("expired")),
+        (
+            mint(&signer, now + 60, ClaimStyle::None),
+            Some("not yet valid"),
+        ),
+    ];
+
+    let tcp = TcpStream::connect(up.mock.addr)
+        .await
+        .expect("connect mock");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(up.pki.client_config(&[b"http/1.1"])))
+        .connect(
+            rustls_pki_types::ServerName::try_from(USER_HOST).expect("name"),
+            tcp,
+        )
+        .await
+        .expect("TLS to the mock");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{USER_HOST}/"), tls)
+        .await
+        .expect("upgrade at the mock");
+    for (token, _) in &cases {
+        let msg = serde_json::json!({"type": "subscribe", "channel": "user", "jwt": token});
+        ws.send(Message::text(msg.to_string())).await.expect("send");
+        ws.next().await.expect("answer").expect("frame");
+    }
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs.len(), cases.len());
+    for (s, (_, want)) in subs.iter().zip(&cases) {
+        match (&s.auth, want) {
+            (SubAuth::Valid(_), None) => {}
+            (SubAuth::Invalid(why), Some(w)) if why.contains(w) => {}
+            (got, want) => panic!("expected {want:?}, the mock said {got:?}"),
+        }
+    }
+}
