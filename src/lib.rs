@@ -27,7 +27,10 @@
 //! listeners and calls [`server::run`], which takes already-bound listeners and a shutdown
 //! future so that tests can drive it directly.
 
+pub mod admin;
+pub mod check;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod harden;
@@ -37,6 +40,7 @@ pub mod key;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod sniff;

@@ -10,12 +10,13 @@ use clap::{Args, Parser, Subcommand};
 use zeroize::{Zeroize as _, Zeroizing};
 
 use cbgate::config::{Config, LogFormat, Sources};
-use cbgate::harden;
 use cbgate::jwt::{self, Binding, ClaimStyle};
 use cbgate::key::{Algorithm, ApiKey, KeySource};
 use cbgate::proxy::Proxy;
+use cbgate::reload::{self, KeyReloader};
 use cbgate::route::{Router, Upstream};
 use cbgate::server::{self, Listener, ServeOptions};
+use cbgate::{admin, clock, harden};
 
 /// Exit code for bad configuration (flags, file, environment or key).
 const EXIT_CONFIG: u8 = 2;
@@ -41,7 +42,29 @@ enum Command {
     /// Print a fresh JWT for one request, as the Coinbase docs' script does.
     Token(TokenArgs),
     /// Validate the configuration and key; print the key name, algorithm and fingerprint.
-    Check(Common),
+    Check(CheckArgs),
+    /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
+    /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
+    Health(HealthArgs),
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Also call GET /api/v3/brokerage/key_permissions through the signing path and print the
+    /// key's permissions, or the exact reason it failed.
+    #[arg(long)]
+    online: bool,
+}
+
+#[derive(Args, Debug)]
+struct HealthArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Probe /livez (the process answers) instead of /readyz.
+    #[arg(long)]
+    live: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -94,6 +117,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args, env, &hardening),
         Some(Command::Token(args)) => token(args, env),
         Some(Command::Check(args)) => check(args, env, &hardening),
+        Some(Command::Health(args)) => health(args, env),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +145,8 @@ fn config_err(e: impl Into<anyhow::Error>) -> Failure {
 struct Loaded {
     cfg: Config,
     key: Option<ApiKey>,
+    /// The key file, when the key came from one (watched for rotation).
+    key_file: Option<PathBuf>,
     client_token: Option<Zeroizing<String>>,
 }
 
@@ -145,7 +171,12 @@ fn load(
 
 fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     let cfg = Config::load(sources).map_err(config_err)?;
-    let key = match KeySource::select(cfg.key.file.as_deref(), &sources.env).map_err(config_err)? {
+    let source = KeySource::select(cfg.key.file.as_deref(), &sources.env).map_err(config_err)?;
+    let key_file = match &source {
+        Some(KeySource::File(p)) => Some(p.clone()),
+        _ => None,
+    };
+    let key = match source {
         None => None,
         Some(src) => {
             let key = src
@@ -163,6 +194,7 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     Ok(Loaded {
         cfg,
         key,
+        key_file,
         client_token,
     })
 }
@@ -206,6 +238,7 @@ fn serve(
     let Loaded {
         cfg,
         key,
+        key_file,
         client_token,
     } = load(&args.common, &args.listen, env)?;
     init_logging(&cfg);
@@ -244,11 +277,24 @@ fn serve(
             tracing::info!(listen = %l.describe(), "listening");
             listeners.push(l);
         }
+        let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on admin_listen {}", cfg.admin_listen))
+            .map_err(Failure::Runtime)?;
+        tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics");
+        // The admin listener outlives the drain, so /readyz reports 503 while it lasts.
+        tokio::spawn(admin::run(admin, Arc::clone(&proxy), std::future::pending()));
+        tokio::spawn(clock::run(Arc::clone(&proxy), cfg.clock_check_interval));
+        let reloader = Arc::new(KeyReloader::new(
+            key_file,
+            cfg.key.allow_insecure_permissions,
+        ));
+        tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
         let opts = ServeOptions {
             header_read_timeout: cfg.header_read_timeout,
+            drain_timeout: cfg.shutdown_timeout,
             max_connections: cfg.max_connections,
             max_headers: cfg.max_headers,
-            ..ServeOptions::default()
         };
         server::run(listeners, proxy, opts, shutdown_signal()).await;
         tracing::info!("stopped");
@@ -347,18 +393,18 @@ fn token_target(cfg: &Config, target: &str) -> anyhow::Result<(Upstream, String)
 }
 
 fn check(
-    args: Common,
+    args: CheckArgs,
     env: HashMap<String, String>,
     hardening: &harden::Report,
 ) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args, &[], env)?;
+    let Loaded { cfg, key, .. } = load(&args.common, &[], env)?;
     let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     println!(
         "config: ok (listen {}; {} routes)",
         listen.join(", "),
         cfg.routes.len()
     );
-    match key {
+    match &key {
         Some(k) => {
             println!("key: {}", k.name());
             println!("algorithm: {}", k.algorithm().as_str());
@@ -379,5 +425,67 @@ fn check(
             Err(why) => format!("NO ({why})"),
         }
     );
+    if args.online {
+        return check_online(&cfg, key);
+    }
     Ok(())
+}
+
+fn check_online(cfg: &Config, key: Option<ApiKey>) -> Result<(), Failure> {
+    if key.is_none() {
+        return Err(config_err(anyhow::anyhow!(
+            "--online needs a key: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"
+        )));
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .map_err(Failure::Runtime)?;
+    let report = runtime.block_on(async {
+        let proxy = Proxy::new(cfg, key).map_err(config_err)?;
+        Ok::<_, Failure>(cbgate::check::online(&proxy).await)
+    })?;
+    match &report.clock_offset {
+        Ok(o) => println!("clock offset: {o:+.2} s (Coinbase minus local)"),
+        Err(e) => println!("clock offset: not measured ({e})"),
+    }
+    match report.permissions {
+        Ok(p) => {
+            println!("online: ok");
+            for field in [
+                "can_view",
+                "can_trade",
+                "can_transfer",
+                "portfolio_uuid",
+                "portfolio_type",
+            ] {
+                println!(
+                    "{field}: {}",
+                    p.get(field).unwrap_or(&serde_json::Value::Null)
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
+            "online check failed: {e}"
+        ))),
+    }
+}
+
+fn health(args: HealthArgs, env: HashMap<String, String>) -> Result<(), Failure> {
+    // Only the configuration is needed: a probe must not depend on reading the key.
+    let sources = Sources {
+        file: args.common.config.clone(),
+        env,
+        listen: Vec::new(),
+        key_file: None,
+    };
+    let cfg = Config::load(&sources).map_err(config_err)?;
+    let path = if args.live { "/livez" } else { "/readyz" };
+    match admin::probe(cfg.admin_listen, path, std::time::Duration::from_secs(3)) {
+        Ok(body) => {
+            println!("{body}");
+            Ok(())
+        }
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!("{e}"))),
+    }
 }

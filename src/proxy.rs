@@ -5,7 +5,7 @@
 //! [`ProxyError`] into cbgate's JSON error response.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,12 +13,14 @@ use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
+use crate::admin::Readiness;
 use crate::client::ClientGate;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers::{strip_client_credentials, strip_hop_by_hop};
-use crate::jwt::{self, Binding};
+use crate::jwt::{Binding, Signer};
 use crate::key::ApiKey;
+use crate::metrics::Metrics;
 use crate::policy::{check_path, Policy};
 use crate::route::{Route, Router};
 use crate::upstream::{SetupError, UpstreamClient};
@@ -30,15 +32,15 @@ use zeroize::Zeroizing;
 #[derive(Debug)]
 pub struct Proxy {
     router: Router,
-    /// Shared with WebSocket relay tasks, which outlive the request.
-    key: Option<Arc<ApiKey>>,
+    /// The key and clock correction; shared with WebSocket relay tasks, which outlive requests.
+    signer: Arc<Signer>,
     client: UpstreamClient,
     ws: WsState,
     policy: Policy,
     clients: ClientGate,
     max_body_bytes: u64,
-    /// Seconds to add to the local clock when minting tokens (measured skew; 0 by default).
-    clock_offset: Arc<AtomicI64>,
+    metrics: Metrics,
+    readiness: Readiness,
 }
 
 /// Building the proxy failed.
@@ -61,16 +63,18 @@ struct Outcome<'a> {
 impl Proxy {
     /// Builds the proxy; `key` is `None` when no key is configured (requests go unsigned).
     pub fn new(cfg: &Config, key: Option<ApiKey>) -> Result<Proxy, BuildError> {
+        let metrics = Metrics::new();
         Ok(Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
-            key: key.map(Arc::new),
+            signer: Arc::new(Signer::new(key)),
             client: UpstreamClient::new(&cfg.upstream)?,
-            ws: WsState::new(&cfg.ws),
+            ws: WsState::new(&cfg.ws, Arc::clone(metrics.ws())),
             policy: Policy::new(&cfg.policy)
                 .map_err(|(k, m)| BuildError::Policy(format!("{k}: {m}")))?,
             clients: ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts),
             max_body_bytes: cfg.max_body_bytes,
-            clock_offset: Arc::new(AtomicI64::new(0)),
+            metrics,
+            readiness: Readiness::default(),
         })
     }
 
@@ -80,9 +84,9 @@ impl Proxy {
         self
     }
 
-    /// The loaded key, if any.
-    pub fn key(&self) -> Option<&ApiKey> {
-        self.key.as_deref()
+    /// The signing state: current key (rotatable) and clock correction.
+    pub fn signer(&self) -> &Arc<Signer> {
+        &self.signer
     }
 
     /// The route table.
@@ -100,9 +104,19 @@ impl Proxy {
         &self.ws
     }
 
+    /// The metrics `/metrics` serves.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// What `/readyz` reports besides the key.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
     /// A `'static` subscribe-token minter for WebSocket relay tasks (same key and clock offset).
     pub fn ws_signer(&self) -> ws::WsSigner {
-        ws::WsSigner::new(self.key.clone(), Arc::clone(&self.clock_offset))
+        ws::WsSigner::new(Arc::clone(&self.signer))
     }
 
     /// A fresh WebSocket subscribe token (no request binding), or `None` without a key.
@@ -110,38 +124,60 @@ impl Proxy {
         self.ws_signer().token()
     }
 
-    /// Sets the clock correction applied to `nbf`/`exp`.
-    pub fn set_clock_offset(&self, secs: i64) {
-        self.clock_offset.store(secs, Ordering::Relaxed);
-    }
-
     /// Handles one client request; never fails (errors become JSON responses).
-    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    pub async fn handle(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
+        let _in_flight = self.metrics.in_flight();
+        let request_id = request_id(req.headers());
+        // Forwarded to Coinbase and returned to the client, so one id follows the request.
+        req.headers_mut().insert(&REQUEST_ID, request_id.clone());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        let rid = request_id.to_str().unwrap_or("-").to_owned();
         let mut outcome = Outcome {
             route: None,
             upstream_time: None,
         };
-        let resp = match self.forward(req, &mut outcome).await {
+        let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
             Err(e) => {
                 let (status, code) = e.status_and_code();
-                tracing::warn!(%method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
+                self.count_error(code);
+                tracing::warn!(request_id = rid, %method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
                 e.into_response()
             }
         };
+        resp.headers_mut().insert(&REQUEST_ID, request_id);
+        let route = outcome.route.unwrap_or("-");
+        let total = started.elapsed();
+        self.metrics
+            .request(route, &method, resp.status().as_u16(), total);
+        if let Some(t) = outcome.upstream_time {
+            self.metrics.upstream(route, t);
+        }
         tracing::info!(
+            request_id = rid,
             %method,
-            route = outcome.route.unwrap_or("-"),
+            route,
             path,
             status = resp.status().as_u16(),
             upstream_ms = outcome.upstream_time.map(|d| d.as_secs_f64() * 1e3),
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            total_ms = total.as_secs_f64() * 1e3,
             "request"
         );
         Ok(resp)
+    }
+
+    fn count_error(&self, code: &str) {
+        match code {
+            "policy_denied" => self.metrics.policy_denied(),
+            "upstream_dns" => self.metrics.upstream_error("dns"),
+            "upstream_connect" => self.metrics.upstream_error("connect"),
+            "upstream_tls" => self.metrics.upstream_error("tls"),
+            "upstream_timeout" => self.metrics.upstream_error("timeout"),
+            "upstream_error" => self.metrics.upstream_error("other"),
+            _ => {}
+        }
     }
 
     async fn forward<'a>(
@@ -249,19 +285,43 @@ impl Proxy {
         path: &str,
         route: &Route,
     ) -> Result<Option<String>, ProxyError> {
-        let Some(key) = &self.key else {
-            return Ok(None);
-        };
-        let now = jwt::now_secs(self.clock_offset.load(Ordering::Relaxed));
         let binding = Binding {
             method: method.as_str(),
             host: authority,
             path,
         };
-        jwt::mint(key, now, route.upstream.claims, &binding)
-            .map(Some)
-            .map_err(|_| ProxyError::Sign)
+        let started = Instant::now();
+        let token = self
+            .signer
+            .mint(route.upstream.claims, &binding)
+            .map_err(|_| ProxyError::Sign)?;
+        if token.is_some() {
+            self.metrics.jwt_signed(started.elapsed());
+        }
+        Ok(token)
     }
+}
+
+/// The request id header.
+static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+/// The client's `x-request-id` when it is a sane token (1..=128 of `[A-Za-z0-9._:-]`, so it
+/// cannot inject into logs), otherwise a new random one.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&REQUEST_ID) {
+        let b = v.as_bytes();
+        if (1..=128).contains(&b.len())
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+        {
+            return v.clone();
+        }
+    }
+    let mut raw = [0u8; 16];
+    // A failed RNG leaves zeros: an id is for correlation, not security.
+    let _ = aws_lc_rs::rand::fill(&mut raw);
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Refuses requests cbgate must not forward, before any other work.

@@ -155,6 +155,7 @@ pub async fn run(
     drop(tx);
 
     let graceful = GracefulShutdown::new();
+    proxy.readiness().set_listening();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -173,6 +174,8 @@ pub async fn run(
             () = &mut shutdown => break,
         }
     }
+    // Not ready from here on, so the orchestrator stops sending traffic while we drain.
+    proxy.readiness().set_shutting_down();
     for t in &accept_tasks {
         t.abort();
     }
@@ -264,6 +267,7 @@ fn serve<I>(
     let builder = Arc::clone(builder);
     let proxy = Arc::clone(proxy);
     let watcher = graceful.watcher();
+    let open = proxy.metrics().client_connection();
     tokio::spawn(async move {
         let svc = service_fn(move |req| {
             let proxy = Arc::clone(&proxy);
@@ -274,5 +278,6 @@ fn serve<I>(
             tracing::debug!(error = %e, "client connection ended with an error");
         }
         drop(permit);
+        drop(open);
     });
 }

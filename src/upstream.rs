@@ -167,6 +167,11 @@ impl UpstreamClient {
             .map(|conn| conn.io.into_inner())
     }
 
+    /// The time allowed from sending a request to its response head (`upstream.request_timeout`).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Sends `req` (absolute URI) and waits for the response head, up to the request timeout.
     pub async fn send(
         &self,

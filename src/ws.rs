@@ -27,7 +27,7 @@
 //!   replaces it (tungstenite keeps one pending pong), and that side gets one pong.
 //! - Per-message compression is not negotiated with either side.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,16 +49,12 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::config::WsConfig;
 use crate::error::ProxyError;
-use crate::jwt::{self, Binding};
-use crate::key::ApiKey;
+use crate::jwt::{self, Binding, Signer};
+use crate::metrics::WsCounters;
 use crate::proxy::Proxy;
 use crate::route::WsRoute;
 use crate::upstream::UpstreamError;
 use crate::Body;
-
-/// How long Coinbase has to answer the upgrade request once TLS is up (the connect itself is
-/// bounded by `upstream.connect_timeout`). Same as the default `upstream.request_timeout`.
-const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a closing handshake may take on each side before cbgate drops the connection.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -85,23 +81,20 @@ struct Shared {
     open: AtomicUsize,
     /// Notified whenever a session ends, so that shutdown can wait without polling.
     ended: Notify,
-    to_upstream: AtomicU64,
-    to_client: AtomicU64,
-    signed: AtomicU64,
+    /// The counters `/metrics` reports (sessions, messages each way, subscribes signed).
+    counters: Arc<WsCounters>,
 }
 
 impl WsState {
     /// Builds the state from `[ws]`.
-    pub fn new(cfg: &WsConfig) -> WsState {
+    pub fn new(cfg: &WsConfig, counters: Arc<WsCounters>) -> WsState {
         WsState {
             max_message_bytes: cfg.max_message_bytes,
             shared: Arc::new(Shared {
                 shutdown: watch::Sender::new(false),
                 open: AtomicUsize::new(0),
                 ended: Notify::new(),
-                to_upstream: AtomicU64::new(0),
-                to_client: AtomicU64::new(0),
-                signed: AtomicU64::new(0),
+                counters,
             }),
         }
     }
@@ -118,17 +111,26 @@ impl WsState {
 
     /// Messages relayed client → Coinbase since start (text, binary, ping, pong; not close).
     pub fn messages_to_upstream(&self) -> u64 {
-        self.shared.to_upstream.load(Ordering::Relaxed)
+        self.shared
+            .counters
+            .messages_to_upstream
+            .load(Ordering::Relaxed)
     }
 
     /// Messages relayed Coinbase → client since start (text, binary, ping, pong; not close).
     pub fn messages_to_client(&self) -> u64 {
-        self.shared.to_client.load(Ordering::Relaxed)
+        self.shared
+            .counters
+            .messages_to_client
+            .load(Ordering::Relaxed)
     }
 
     /// Subscribe and unsubscribe messages that cbgate signed since start.
     pub fn subscribes_signed(&self) -> u64 {
-        self.shared.signed.load(Ordering::Relaxed)
+        self.shared
+            .counters
+            .subscribes_signed
+            .load(Ordering::Relaxed)
     }
 
     /// Closes every open session with a close frame (1001 "cbgate shutting down" to the client,
@@ -164,6 +166,10 @@ struct SessionGuard(Arc<Shared>);
 impl SessionGuard {
     fn new(shared: &Arc<Shared>) -> SessionGuard {
         shared.open.fetch_add(1, Ordering::SeqCst);
+        shared
+            .counters
+            .open_sessions
+            .fetch_add(1, Ordering::Relaxed);
         SessionGuard(Arc::clone(shared))
     }
 }
@@ -171,45 +177,35 @@ impl SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::SeqCst);
+        self.0
+            .counters
+            .open_sessions
+            .fetch_sub(1, Ordering::Relaxed);
         self.0.ended.notify_waiters();
     }
 }
 
 /// Mints WebSocket subscribe tokens for relay tasks, which outlive the request that started
-/// them and so cannot borrow the [`Proxy`]. Cheap to clone; Debug never shows the key.
-#[derive(Clone)]
-pub struct WsSigner {
-    key: Option<Arc<ApiKey>>,
-    clock_offset: Arc<AtomicI64>,
-}
-
-impl std::fmt::Debug for WsSigner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsSigner")
-            .field("key", &self.key.as_ref().map(|k| k.name().to_owned()))
-            .finish_non_exhaustive()
-    }
-}
+/// them and so cannot borrow the [`Proxy`]. It shares the proxy's [`Signer`], so a session
+/// signs with the key in use at each subscribe, rotated keys included. Debug never shows a key.
+#[derive(Clone, Debug)]
+pub struct WsSigner(Arc<Signer>);
 
 impl WsSigner {
-    /// A signer using `key` (none: messages stay unsigned) and the proxy's live clock offset.
-    pub fn new(key: Option<Arc<ApiKey>>, clock_offset: Arc<AtomicI64>) -> WsSigner {
-        WsSigner { key, clock_offset }
+    /// A subscribe-token minter over the shared signer.
+    pub fn new(signer: Arc<Signer>) -> WsSigner {
+        WsSigner(signer)
     }
 
     /// A fresh token without request binding (no `uri`), or `None` without a key.
     pub fn token(&self) -> Result<Option<String>, ProxyError> {
-        let Some(key) = &self.key else {
-            return Ok(None);
-        };
-        let now = jwt::now_secs(self.clock_offset.load(Ordering::Relaxed));
         let none = Binding {
             method: "",
             host: "",
             path: "",
         };
-        jwt::mint(key, now, jwt::ClaimStyle::None, &none)
-            .map(Some)
+        self.0
+            .mint(jwt::ClaimStyle::None, &none)
             .map_err(|_| ProxyError::Sign)
     }
 }
@@ -324,7 +320,7 @@ pub async fn proxy(
 
     let config = ws_config(proxy.ws().max_message_bytes());
     let (upstream_ws, up_resp) = match tokio::time::timeout(
-        UPGRADE_TIMEOUT,
+        proxy.upstream().request_timeout(),
         tokio_tungstenite::client_async_with_config(up_req, tls, Some(config)),
     )
     .await
@@ -332,7 +328,7 @@ pub async fn proxy(
         Err(_) => {
             return Err(ProxyError::Upstream(UpstreamError::Timeout {
                 host: upstream.host.clone(),
-                after: UPGRADE_TIMEOUT,
+                after: proxy.upstream().request_timeout(),
             }))
         }
         Ok(Err(WsError::Http(resp))) => {
@@ -626,8 +622,8 @@ impl Session {
             Side::Upstream => Side::Client,
         };
         let total = match from {
-            Side::Client => &self.shared.to_upstream,
-            Side::Upstream => &self.shared.to_client,
+            Side::Client => &self.shared.counters.messages_to_upstream,
+            Side::Upstream => &self.shared.counters.messages_to_client,
         };
         loop {
             let msg = match rx.next().await {
@@ -642,7 +638,10 @@ impl Session {
                 {
                     Ok(Some(rewritten)) => {
                         signed.fetch_add(1, Ordering::Relaxed);
-                        self.shared.signed.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .subscribes_signed
+                            .fetch_add(1, Ordering::Relaxed);
                         Message::text(rewritten)
                     }
                     Ok(None) => Message::Text(text),
@@ -713,9 +712,10 @@ fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, Pr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::ApiKey;
 
     fn unsigned() -> WsSigner {
-        WsSigner::new(None, Arc::new(AtomicI64::new(0)))
+        WsSigner::new(Arc::new(Signer::new(None)))
     }
 
     fn signed_with_test_key() -> WsSigner {
@@ -731,7 +731,7 @@ mod tests {
             STANDARD.encode(pkcs8.as_ref())
         );
         let key = ApiKey::parse("organizations/o/apiKeys/k", &pem).expect("key parses");
-        WsSigner::new(Some(Arc::new(key)), Arc::new(AtomicI64::new(0)))
+        WsSigner::new(Arc::new(Signer::new(Some(key))))
     }
 
     #[test]

@@ -382,6 +382,7 @@ async fn time_and_helper_endpoints() {
     let opts = MockOptions {
         key: None,
         clock_offset_secs: 3600,
+        ..Default::default()
     };
     let mock = MockCoinbase::start(&pki, opts).await;
     let host = "api.coinbase.com";

@@ -402,3 +402,163 @@ pub async fn get_unix(sock: &Path, path: &str) -> Resp {
         .expect("request");
     send_unix(sock, req).await
 }
+
+/// The `cbgate` binary with nothing from the developer's environment steering it.
+pub fn cbgate_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cbgate"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+/// A free loopback port (bound, then released: fine for tests on a quiet machine).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `cbgate serve` process whose stdout and stderr are collected as it runs.
+pub struct Process {
+    pub child: std::process::Child,
+    output: Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Process {
+    /// Spawns `command` (stdout and stderr piped and drained continuously: trace logging
+    /// would otherwise fill a pipe and block the server).
+    pub fn spawn(mut command: std::process::Command) -> Process {
+        use std::io::Read as _;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cbgate");
+        let output = Arc::new(std::sync::Mutex::new(String::new()));
+        let mut readers = Vec::new();
+        let pipes: Vec<Box<dyn std::io::Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for mut pipe in pipes {
+            let out = Arc::clone(&output);
+            readers.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut o) = out.lock() {
+                        o.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            }));
+        }
+        Process {
+            child,
+            output,
+            readers,
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.output.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits until `probe` returns true, the process exits (panic), or 20 s pass (panic).
+    pub async fn wait_until(&mut self, what: &str, mut probe: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if probe() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("cbgate exited ({status}) before {what}:\n{}", self.output());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for the process to exit (20 s at most) and returns its status and all output.
+    pub async fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cbgate did not exit:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        (status, self.output())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Plain HTTP GET to `addr` (the admin listener): status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let r = send(&h1_client(), req).await;
+    (r.status, r.text())
+}
+
+/// Every window of 16 characters of `secret` (PEM armour lines aside) must be absent.
+pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
+    let chars: Vec<char> = secret.chars().collect();
+    for w in chars.windows(16) {
+        let s: String = w.iter().collect();
+        if s.contains("-----") || s.contains('\n') {
+            continue;
+        }
+        assert!(
+            !haystack.contains(&s),
+            "{what} contains part of the secret: {s:?}"
+        );
+    }
+}

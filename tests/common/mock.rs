@@ -183,6 +183,9 @@ impl ExpectedKey {
 #[derive(Clone, Default)]
 pub struct MockOptions {
     pub key: Option<ExpectedKey>,
+    /// Further keys accepted (chosen by the token's `kid`), as Coinbase accepts any live key of
+    /// the account: lets key-rotation tests see which key signed.
+    pub also_accept: Vec<ExpectedKey>,
     /// The mock's clock = real now + offset.
     pub clock_offset_secs: i64,
 }
@@ -438,6 +441,19 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         return resp;
     }
 
+    if path == "/api/v3/brokerage/key_permissions" {
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "can_view": true,
+                "can_trade": true,
+                "can_transfer": false,
+                "portfolio_uuid": "8b5a5a1c-0000-4000-8000-000000000001",
+                "portfolio_type": "DEFAULT",
+            }),
+        );
+    }
+
     if path.contains("/slow-stream") {
         let (tx, rx) = mpsc::channel::<Bytes>(4);
         tokio::spawn(async move {
@@ -567,13 +583,27 @@ fn authenticate(
     if values.next().is_some() {
         return AuthOutcome::Invalid("more than one Authorization header".into());
     }
-    let Some(key) = inner.opts.key.as_ref() else {
+    let Some(primary) = inner.opts.key.as_ref() else {
         return AuthOutcome::Invalid("unexpected token".into());
     };
+    let kid = kid_of(value.to_str().unwrap_or("").trim_start_matches("Bearer "));
+    let key = inner
+        .opts
+        .also_accept
+        .iter()
+        .find(|k| Some(k.name()) == kid.as_deref())
+        .unwrap_or(primary);
     match verify(inner, key, method, host, path, value) {
         Ok(outcome) => outcome,
         Err(reason) => AuthOutcome::Invalid(reason),
     }
+}
+
+/// The `kid` of a token's JOSE header, unverified (only to pick which key to verify with).
+fn kid_of(token: &str) -> Option<String> {
+    let header = URL_SAFE_NO_PAD.decode(token.split('.').next()?).ok()?;
+    let v: Value = serde_json::from_slice(&header).ok()?;
+    v.get("kid")?.as_str().map(str::to_owned)
 }
 
 /// A token whose JOSE header and signature checked out.

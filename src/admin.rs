@@ -1,0 +1,182 @@
+//! The admin listener (default `127.0.0.1:8751`), separate from the proxy port so that no
+//! Coinbase path is shadowed: `GET /livez`, `GET /readyz`, `GET /metrics`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::proxy::Proxy;
+use crate::Body;
+
+/// What `/readyz` needs to know besides the key.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    listening: AtomicBool,
+    shutting_down: AtomicBool,
+}
+
+impl Readiness {
+    /// The proxy listeners are accepting.
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown has begun: report not ready so the orchestrator stops sending traffic.
+    pub fn set_shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// Why cbgate is not ready, or `None` when it is.
+pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
+    let r = proxy.readiness();
+    if r.is_shutting_down() {
+        return Some("shutting down".into());
+    }
+    if !r.listening.load(Ordering::SeqCst) {
+        return Some("the proxy listener is not accepting yet".into());
+    }
+    let Some(key) = proxy.signer().key() else {
+        return Some(
+            "no API key configured: requests are forwarded unsigned; set key.file or COINBASE_API_KEY + COINBASE_API_SECRET"
+                .into(),
+        );
+    };
+    if let Err(e) = crate::jwt::self_test(&key) {
+        return Some(format!("the key failed its signing self-test: {e}"));
+    }
+    None
+}
+
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Answers one admin request.
+pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
+    const JSON: &str = "application/json";
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            JSON,
+            r#"{"error":"method_not_allowed"}"#.into(),
+        );
+    }
+    match req.uri().path() {
+        "/livez" => response(StatusCode::OK, JSON, r#"{"status":"alive"}"#.into()),
+        "/readyz" => match not_ready_reason(proxy) {
+            None => {
+                let key = proxy.signer().key();
+                let body = serde_json::json!({
+                    "ready": true,
+                    "key": key.as_ref().map(|k| k.name()),
+                    "algorithm": key.as_ref().map(|k| k.algorithm().as_str()),
+                    "clock_offset_seconds": proxy.signer().clock_offset(),
+                });
+                response(StatusCode::OK, JSON, body.to_string())
+            }
+            Some(reason) => response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                JSON,
+                serde_json::json!({ "ready": false, "reason": reason }).to_string(),
+            ),
+        },
+        "/metrics" => response(
+            StatusCode::OK,
+            crate::metrics::Metrics::content_type(),
+            proxy.metrics().render(),
+        ),
+        _ => response(
+            StatusCode::NOT_FOUND,
+            JSON,
+            r#"{"error":"not_found","message":"admin endpoints: /livez, /readyz, /metrics"}"#
+                .into(),
+        ),
+    }
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = &mut shutdown => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let resp = handle(&proxy, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// `cbgate health`: a blocking HTTP/1.0 GET of `path` on the admin listener. `Ok(body)` on 200;
+/// otherwise the status and body, or why the connection failed.
+pub fn probe(
+    admin: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    // A wildcard listener is reached through loopback.
+    let mut addr = admin;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .map_err(|e| format!("admin listener at {addr}: {e}"))?;
+    let mut out = Vec::new();
+    s.take(1024 * 1024)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("admin listener at {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(body.trim().to_owned())
+    } else {
+        Err(format!("{path}: {status}: {}", body.trim()))
+    }
+}

@@ -1,0 +1,121 @@
+//! Clock skew against Coinbase. A token whose `nbf` comes from a clock running ahead is refused
+//! (intermittent 401s), so cbgate measures Coinbase's clock at start and every few minutes and,
+//! when the offset exceeds 1 s, signs with the corrected time.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Request, Uri};
+use http_body_util::{BodyExt as _, Empty, Limited};
+
+use crate::proxy::Proxy;
+use crate::route::Upstream;
+
+/// The public endpoint that reports Coinbase's time.
+pub const TIME_PATH: &str = "/api/v3/brokerage/time";
+
+/// Offsets at or below this are left alone: `nbf` has one-second resolution anyway.
+const THRESHOLD_SECS: f64 = 1.0;
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Measures `Coinbase time - local time` in seconds: `epochMillis`/`epochSeconds` from
+/// `GET /api/v3/brokerage/time`, taken at the midpoint of the round trip, or the response's
+/// `Date` header when the body cannot be read.
+pub async fn measure(proxy: &Proxy, upstream: &Upstream) -> Result<f64, String> {
+    let uri: Uri = format!("https://{}{TIME_PATH}", upstream.authority)
+        .parse()
+        .map_err(|e| format!("bad time URI: {e}"))?;
+    let req = Request::get(uri)
+        .body(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        )
+        .map_err(|e| e.to_string())?;
+    let sent = unix_now();
+    let resp = proxy
+        .upstream()
+        .send(&upstream.host, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let received = unix_now();
+    let midpoint = (sent + received) / 2.0;
+    let date = resp
+        .headers()
+        .get(header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let from_body = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let millis = v["epochMillis"]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .map(|m| m / 1000.0);
+            millis.or_else(|| v["epochSeconds"].as_str().and_then(|s| s.parse().ok()))
+        });
+    match (status.is_success(), from_body, date) {
+        (true, Some(server), _) => Ok(server - midpoint),
+        // The Date header has one-second resolution: good enough to catch a large skew.
+        (_, _, Some(server)) => Ok(server + 0.5 - midpoint),
+        _ => Err(format!(
+            "{} answered {status} without a usable time",
+            upstream.host
+        )),
+    }
+}
+
+/// Applies a measured offset: records it, and corrects the signing clock when it exceeds 1 s.
+pub fn apply(proxy: &Proxy, offset: f64) {
+    proxy.metrics().clock_offset(offset);
+    let correction = if offset.abs() > THRESHOLD_SECS {
+        offset.round() as i64
+    } else {
+        0
+    };
+    let previous = proxy.signer().clock_offset();
+    if correction != previous {
+        proxy.signer().set_clock_offset(correction);
+        if correction == 0 {
+            tracing::info!(
+                offset_secs = offset,
+                "clock skew gone: signing with the local clock"
+            );
+        } else {
+            tracing::warn!(
+                offset_secs = offset,
+                correction_secs = correction,
+                "the local clock differs from Coinbase's: signing with the corrected time (fix NTP on this host)"
+            );
+        }
+    }
+}
+
+/// Measures now and then every `every`, for as long as the task runs.
+pub async fn run(proxy: std::sync::Arc<Proxy>, every: Duration) {
+    let Some(upstream) = proxy.router().find(TIME_PATH).map(|r| r.upstream.clone()) else {
+        tracing::debug!("no route for {TIME_PATH}: clock skew is not measured");
+        return;
+    };
+    loop {
+        match measure(&proxy, &upstream).await {
+            Ok(offset) => apply(&proxy, offset),
+            Err(e) => tracing::debug!(error = %e, "clock skew measurement failed"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
