@@ -12,7 +12,10 @@ RUN cargo build --release --locked --bin cbgate
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/cbgate /usr/local/bin/cbgate
 USER nonroot:nonroot
-EXPOSE 8750
+EXPOSE 8750 8751
 STOPSIGNAL SIGTERM
+# Probes the admin /readyz without curl (there is no shell or curl in this image).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/cbgate", "health"]
 ENTRYPOINT ["/usr/local/bin/cbgate"]
 CMD ["serve"]

@@ -46,6 +46,11 @@ enum Command {
     /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
     /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
     Health(HealthArgs),
+    /// Print a shell completion script, e.g. `cbgate completions bash > /etc/bash_completion.d/cbgate`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +123,15 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => token(args, env),
         Some(Command::Check(args)) => check(args, env, &hardening),
         Some(Command::Health(args)) => health(args, env),
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory as _;
+            use std::io::Write as _;
+            // Into a buffer first: clap_complete panics when its writer fails (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "cbgate", &mut script);
+            let _ = std::io::stdout().write_all(&script);
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -338,3 +338,24 @@ request_timeout = "1s"
         assert!(!all.contains(sig), "a JWT signature appears in the logs");
     }
 }
+
+#[test]
+fn completions_are_generated_for_common_shells() {
+    for (shell, marker) in [
+        ("bash", "_cbgate()"),
+        ("zsh", "#compdef cbgate"),
+        ("fish", "complete -c cbgate"),
+    ] {
+        let out = run(cbgate().args(["completions", shell]));
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: {text}");
+        assert!(text.contains("serve") && text.contains("check"), "{shell}");
+    }
+    let out = run(cbgate().args(["completions", "tcsh"]));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+}
