@@ -14,6 +14,9 @@ use crate::route::Upstream;
 /// The public endpoint that reports Coinbase's time.
 pub const TIME_PATH: &str = "/api/v3/brokerage/time";
 
+/// Shortest pause before a measurement asked for by [`DateWatch`].
+const MIN_NUDGED_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Offsets at or below this are left alone: `nbf` has one-second resolution anyway.
 const THRESHOLD_SECS: f64 = 1.0;
 
@@ -105,7 +108,34 @@ pub fn apply(proxy: &Proxy, offset: f64) {
     }
 }
 
-/// Measures now and then every `every`, for as long as the task runs.
+/// Passive check between measurements: the `Date` header of every upstream response. When it
+/// disagrees with the corrected clock by more than its one-second resolution allows, the clock
+/// task is woken to measure at once (an NTP step, a suspended VM) rather than at the next tick.
+#[derive(Debug, Default)]
+pub struct DateWatch {
+    wake: tokio::sync::Notify,
+}
+
+impl DateWatch {
+    /// Looks at one response's `Date`; cheap enough for every response.
+    pub fn observe(&self, headers: &http::HeaderMap, correction_secs: i64) {
+        let Some(date) = headers
+            .get(header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        else {
+            return;
+        };
+        let corrected_now = unix_now() + correction_secs as f64;
+        // Date is truncated to whole seconds: allow that, the threshold and some latency.
+        if (date.as_secs_f64() + 0.5 - corrected_now).abs() > THRESHOLD_SECS + 1.5 {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Measures now, then every `every` or sooner when [`DateWatch`] sees a jump.
 pub async fn run(proxy: std::sync::Arc<Proxy>, every: Duration) {
     let Some(upstream) = proxy.router().find(TIME_PATH).map(|r| r.upstream.clone()) else {
         tracing::debug!("no route for {TIME_PATH}: clock skew is not measured");
@@ -116,6 +146,14 @@ pub async fn run(proxy: std::sync::Arc<Proxy>, every: Duration) {
             Ok(offset) => apply(&proxy, offset),
             Err(e) => tracing::debug!(error = %e, "clock skew measurement failed"),
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = proxy.clock_watch().wake.notified() => {
+                tracing::debug!("an upstream Date header disagrees with the clock: measuring now");
+                // Several responses may have noticed; one measurement answers them all, and a
+                // bogus Date on every response cannot make us measure more than every few seconds.
+                tokio::time::sleep(MIN_NUDGED_INTERVAL).await;
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use crate::admin::Readiness;
 use crate::client::ClientGate;
+use crate::clock;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::headers::{strip_client_credentials, strip_hop_by_hop};
@@ -41,6 +42,8 @@ pub struct Proxy {
     max_body_bytes: u64,
     metrics: Metrics,
     readiness: Readiness,
+    /// Watches the `Date` of every upstream response for a clock jump between measurements.
+    clock_watch: clock::DateWatch,
 }
 
 /// Building the proxy failed.
@@ -75,6 +78,7 @@ impl Proxy {
             max_body_bytes: cfg.max_body_bytes,
             metrics,
             readiness: Readiness::default(),
+            clock_watch: clock::DateWatch::default(),
         })
     }
 
@@ -107,6 +111,11 @@ impl Proxy {
     /// The metrics `/metrics` serves.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The `Date` watcher that asks the clock task for an early measurement.
+    pub fn clock_watch(&self) -> &clock::DateWatch {
+        &self.clock_watch
     }
 
     /// What `/readyz` reports besides the key.
@@ -263,6 +272,8 @@ impl Proxy {
             other => other?,
         };
         let (mut parts, body) = resp.into_parts();
+        self.clock_watch
+            .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
