@@ -18,11 +18,18 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    // Not marked as the source: the message already includes it, and `{:#}` would repeat it.
+    Load(config::ConfigError),
     #[error("configuration file {0} does not exist")]
     FileMissing(PathBuf),
     #[error("configuration key {key}: {message}")]
     Invalid { key: String, message: String },
+}
+
+impl From<config::ConfigError> for ConfigError {
+    fn from(e: config::ConfigError) -> Self {
+        ConfigError::Load(e)
+    }
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -329,7 +336,15 @@ pub struct Sources {
 }
 
 /// Environment variables that steer cbgate but are not configuration keys.
-const NOT_KEYS: &[&str] = &["CBGATE_CONFIG"];
+/// `CBGATE_CONFIG` names the file; the others are read by the example clients (examples/), so
+/// a shell that exports them for a client can still start cbgate.
+const NOT_KEYS: &[&str] = &[
+    "CBGATE_CONFIG",
+    "CBGATE_URL",
+    "CBGATE_WS_URL",
+    "CBGATE_TOKEN_FILE",
+    "CBGATE_WS_MAX_MESSAGES",
+];
 
 impl Config {
     /// Builds the configuration from its layers and checks it.
@@ -553,6 +568,10 @@ mod tests {
             ("CBGATE_MAX_BODY_BYTES".to_string(), "20".to_string()),
             ("CBGATE_KEY__FILE".to_string(), "/b".to_string()),
             ("CBGATE_CONFIG".to_string(), "/ignored".to_string()),
+            (
+                "CBGATE_URL".to_string(),
+                "http://127.0.0.1:8750".to_string(),
+            ),
             ("OTHER".to_string(), "x".to_string()),
         ]);
         let c = Config::load(&Sources {

@@ -22,6 +22,8 @@ pub const ERROR_HEADER: &str = "x-cbgate-error";
 pub enum ProxyError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("method {0:?} is not forwarded: cbgate passes GET, HEAD, POST, PUT, DELETE, PATCH and OPTIONS")]
+    MethodNotAllowed(String),
     #[error("no route for {path}; routes: {prefixes}")]
     NoRoute { path: String, prefixes: String },
     #[error("request body is larger than max_body_bytes ({limit} bytes)")]
@@ -43,6 +45,9 @@ impl ProxyError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+            }
             ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),

@@ -161,6 +161,8 @@ struct Loaded {
     key: Option<ApiKey>,
     /// The key file, when the key came from one (watched for rotation).
     key_file: Option<PathBuf>,
+    /// The key file's mode is not checked (configured, or a systemd credential).
+    allow_insecure: bool,
     client_token: Option<Zeroizing<String>>,
 }
 
@@ -190,12 +192,11 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         Some(KeySource::File(p)) => Some(p.clone()),
         _ => None,
     };
+    let allow_insecure = allow_insecure_key_mode(&cfg, key_file.as_deref(), &sources.env);
     let key = match source {
         None => None,
         Some(src) => {
-            let key = src
-                .load_with(cfg.key.allow_insecure_permissions)
-                .map_err(config_err)?;
+            let key = src.load_with(allow_insecure).map_err(config_err)?;
             jwt::self_test(&key)
                 .map_err(|e| config_err(anyhow::anyhow!("key self-test failed: {e}")))?;
             Some(key)
@@ -209,8 +210,24 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         cfg,
         key,
         key_file,
+        allow_insecure,
         client_token,
     })
+}
+
+/// Whether the key file's mode may be ignored: when configured so, or when the file is a
+/// systemd credential (`LoadCredential=`): systemd grants the service user access through an
+/// ACL, which makes the group bits show as readable although nobody else can read the file.
+fn allow_insecure_key_mode(
+    cfg: &Config,
+    key_file: Option<&std::path::Path>,
+    env: &HashMap<String, String>,
+) -> bool {
+    let in_credentials = match (key_file, env.get("CREDENTIALS_DIRECTORY")) {
+        (Some(f), Some(dir)) if !dir.is_empty() => f.starts_with(dir),
+        _ => false,
+    };
+    cfg.key.allow_insecure_permissions || in_credentials
 }
 
 /// Reads `client_token_file`: private like the key file, at least 16 characters.
@@ -253,6 +270,7 @@ fn serve(
         cfg,
         key,
         key_file,
+        allow_insecure,
         client_token,
     } = load(&args.common, &args.listen, env)?;
     init_logging(&cfg);
@@ -301,7 +319,7 @@ fn serve(
         tokio::spawn(clock::run(Arc::clone(&proxy), cfg.clock_check_interval));
         let reloader = Arc::new(KeyReloader::new(
             key_file,
-            cfg.key.allow_insecure_permissions,
+            allow_insecure,
         ));
         tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
         let opts = ServeOptions {

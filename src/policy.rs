@@ -89,11 +89,13 @@ impl Policy {
     }
 
     /// Decides one request. `path` is the request path without the query, already accepted
-    /// by [`check_path`]. Matching is on the percent-decoded path, since that is what Coinbase
-    /// routes: `/orders/%65dit` is `/orders/edit`.
+    /// by [`check_path`]. Matching is on the path as a lenient server would route it: percent-
+    /// decoded (`/orders/%65dit` is `/orders/edit`), ASCII case folded, and without a trailing
+    /// `/`. A deny rule then covers every spelling some server might treat as the same path; an
+    /// allow rule's extra spellings at worst reach a path Coinbase does not know.
     pub fn check(&self, method: &Method, path: &str) -> Result<(), Denied> {
-        let decoded = percent_decode_str(path).decode_utf8_lossy();
-        let decoded = decoded.as_ref();
+        let decoded = match_form(path);
+        let decoded = decoded.as_str();
         for rule in &self.rules {
             let method_matches =
                 rule.methods.is_empty() || rule.methods.iter().any(|m| m == method.as_str());
@@ -148,10 +150,24 @@ fn ceiling_allows(permission: Permission, method: &Method, path: &str) -> bool {
     }
 }
 
+/// The form paths are matched in: percent-decoded, ASCII-lowercased, no trailing `/` (except
+/// for the root itself).
+fn match_form(path: &str) -> String {
+    let mut p = percent_decode_str(path)
+        .decode_utf8_lossy()
+        .to_ascii_lowercase();
+    if p.len() > 1 && p.ends_with('/') {
+        p.pop();
+    }
+    p
+}
+
 fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
     let Some(rest) = p.strip_prefix('/') else {
         return Err(format!("{p:?} must start with /"));
     };
+    // Paths are matched without a trailing `/`; so are patterns.
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
     let parts: Vec<&str> = rest.split('/').collect();
     let mut out = Vec::with_capacity(parts.len());
     for (i, s) in parts.iter().enumerate() {
@@ -162,7 +178,11 @@ fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
             lit if lit.contains('*') => {
                 return Err(format!("{p:?}: * must be a whole segment"));
             }
-            lit => Segment::Literal(percent_decode_str(lit).decode_utf8_lossy().into_owned()),
+            lit => Segment::Literal(
+                percent_decode_str(lit)
+                    .decode_utf8_lossy()
+                    .to_ascii_lowercase(),
+            ),
         });
     }
     Ok(out)
@@ -339,6 +359,15 @@ mod tests {
         assert!(p
             .check(&Method::POST, "/v2/accounts/abc/tr%61nsactions")
             .is_ok());
+        // So are other cases and a trailing slash.
+        for spelling in [
+            "/api/v3/brokerage/orders/edit/",
+            "/API/v3/Brokerage/ORDERS/Edit",
+            "/api/v3/brokerage/orders/%45DIT",
+        ] {
+            let e = p.check(&Method::POST, spelling).expect_err(spelling);
+            assert!(e.0.contains("rule #1"), "{spelling}: {e}");
+        }
     }
 
     #[test]

@@ -337,6 +337,22 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
 
 /// Refuses requests cbgate must not forward, before any other work.
 fn check_request(req: &Request<Incoming>, max_body_bytes: u64) -> Result<(), ProxyError> {
+    // Methods are case-sensitive tokens: `post` is not POST to a policy rule, but some server
+    // along the way might fold it. Only the methods the Coinbase APIs use pass.
+    if ![
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::PATCH,
+        Method::OPTIONS,
+        Method::CONNECT,
+    ]
+    .contains(req.method())
+    {
+        return Err(ProxyError::MethodNotAllowed(req.method().to_string()));
+    }
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest(
             "CONNECT is not supported: cbgate is a reverse proxy, send plain requests such as GET /api/v3/brokerage/accounts".into(),

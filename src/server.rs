@@ -37,20 +37,19 @@ pub enum Listener {
 
 /// Binding a listener failed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
+#[error("cannot listen on {addr}: {cause}")]
 pub struct BindError {
     pub addr: String,
-    #[source]
-    pub source: io::Error,
+    pub cause: io::Error,
 }
 
 impl Listener {
     /// Binds `addr`. A Unix socket is created with mode 0600; a stale socket file left by an
     /// earlier run is replaced, any other file at that path is an error.
     pub async fn bind(addr: &ListenAddr) -> Result<Listener, BindError> {
-        let err = |source| BindError {
+        let err = |cause| BindError {
             addr: addr.to_string(),
-            source,
+            cause,
         };
         match addr {
             ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Listener::Tcp).map_err(err),

@@ -384,6 +384,35 @@ fn key_file_readable_by_others_is_refused_unless_allowed() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A systemd credential (inside $CREDENTIALS_DIRECTORY) shows its ACL mask as group bits:
+    // trusted there, and only there.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).expect("chmod");
+    let out = cbgate()
+        .arg("check")
+        .arg("--key-file")
+        .arg(&path)
+        .env("CREDENTIALS_DIRECTORY", dir.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let out = cbgate()
+        .arg("check")
+        .arg("--key-file")
+        .arg(&path)
+        .env("CREDENTIALS_DIRECTORY", elsewhere.path())
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "outside the credentials directory"
+    );
+
     // The client token file is held to the same rule.
     let tok = dir.path().join("token");
     std::fs::write(&tok, "0123456789abcdef0123").expect("write");
@@ -408,4 +437,35 @@ fn check_reports_process_hardening() {
         text.contains("core dumps off: yes") && text.contains("not dumpable: yes"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn unusual_methods_are_refused_before_policy() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let mut cfg = up.config();
+    cfg.policy.permission = cbgate::config::Permission::Transfer;
+    cfg.policy.rules = vec![cbgate::config::RuleConfig {
+        action: cbgate::config::RuleAction::Deny,
+        methods: vec!["POST".into()],
+        path: "/v2/accounts/*/withdrawals".into(),
+    }];
+    let gate = Gate::start(cfg, Some(&key)).await;
+    for method in ["post", "Post", "PROPFIND", "TRACE"] {
+        let raw = format!(
+            "{method} /v2/accounts/a/withdrawals HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        let out = harness::raw(gate.addr, raw.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 405"), "{method}: {out}");
+        assert!(out.contains("method_not_allowed"), "{method}: {out}");
+    }
+    // The same path in other spellings is still caught by the deny rule.
+    for path in ["/v2/accounts/a/withdrawals/", "/v2/Accounts/a/WITHDRAWALS"] {
+        let raw = format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        let out = harness::raw(gate.addr, raw.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{path}: {out}");
+    }
+    assert!(up.mock.requests().is_empty());
 }
