@@ -715,13 +715,13 @@ async fn python_example_streams_the_user_channel() {
     match check {
         Ok(o) if o.status.success() => {}
         _ => panic!(
-            "examples/ws_user.py needs Python 3 with the websockets package: \
-             run `python3 -m pip install websockets`"
+            "examples/python/ws_user.py needs Python 3 with the websockets package: \
+             run `python3 -m pip install -r examples/python/requirements.txt`"
         ),
     }
     let (_key, up, gate) = signed_setup(KeyForm::Ed25519B64_64, 5).await;
     let url = format!("ws://{}/ws/user", gate.addr);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/ws_user.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/ws_user.py");
     let out = tokio::task::spawn_blocking(move || {
         let mut child = std::process::Command::new("python3")
             .arg(script)

@@ -1,5 +1,5 @@
 # Streams your Coinbase Advanced Trade user channel (orders, fills) through cbgate, which adds a
-# fresh JWT to each subscribe: this script holds no key. Needs `pip install websockets`.
+# fresh JWT to each subscribe: this script holds no key. Needs `pip install -r requirements.txt`.
 # CBGATE_WS_URL overrides the URL; CBGATE_WS_MAX_MESSAGES stops after that many messages.
 import asyncio, json, os
 import websockets

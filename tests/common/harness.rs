@@ -407,7 +407,11 @@ pub async fn get_unix(sock: &Path, path: &str) -> Resp {
 pub fn cbgate_command() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cbgate"));
     for (k, _) in std::env::vars() {
-        if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" {
+        if k.starts_with("CBGATE_")
+            || k.starts_with("COINBASE_")
+            || k == "RUST_LOG"
+            || k == "CREDENTIALS_DIRECTORY"
+        {
             c.env_remove(k);
         }
     }

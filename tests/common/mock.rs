@@ -188,6 +188,10 @@ pub struct MockOptions {
     pub also_accept: Vec<ExpectedKey>,
     /// The mock's clock = real now + offset.
     pub clock_offset_secs: i64,
+    /// Answer the trading endpoints the example clients call as Coinbase does (accounts list,
+    /// order placement, batch cancel) instead of echoing; every other path still echoes.
+    /// Off by default: other tests read the echo of `GET /api/v3/brokerage/accounts`.
+    pub realistic: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -198,6 +202,15 @@ pub struct Recorded {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub auth: AuthOutcome,
+}
+
+/// An order the realistic mock accepted: the id it issued and the request body it parsed.
+#[derive(Clone, Debug)]
+pub struct PlacedOrder {
+    pub order_id: String,
+    pub request: Value,
+    /// Set once a batch cancel named this order.
+    pub cancelled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -218,6 +231,8 @@ pub enum AuthOutcome {
 
 struct Inner {
     opts: MockOptions,
+    /// Starts at `opts.clock_offset_secs`; tests may move the clock while the mock runs.
+    clock_offset: std::sync::atomic::AtomicI64,
     hosts: Vec<String>,
     connections: AtomicUsize,
     state: Mutex<State>,
@@ -227,6 +242,8 @@ struct Inner {
 struct State {
     requests: Vec<Recorded>,
     nonces: HashSet<String>,
+    /// Orders placed through the realistic `POST /api/v3/brokerage/orders`, in order.
+    orders: Vec<PlacedOrder>,
 }
 
 impl Inner {
@@ -235,7 +252,7 @@ impl Inner {
     }
 
     fn now(&self) -> i64 {
-        now_with_offset(self.opts.clock_offset_secs)
+        now_with_offset(self.clock_offset.load(Ordering::SeqCst))
     }
 }
 
@@ -254,6 +271,7 @@ impl MockCoinbase {
         let addr = listener.local_addr().expect("mock local addr (test setup)");
         let acceptor = TlsAcceptor::from(pki.server_config());
         let inner = Arc::new(Inner {
+            clock_offset: std::sync::atomic::AtomicI64::new(opts.clock_offset_secs),
             opts,
             hosts: pki.hosts.clone(),
             connections: AtomicUsize::new(0),
@@ -261,6 +279,11 @@ impl MockCoinbase {
         });
         let task = tokio::spawn(accept_loop(listener, acceptor, inner.clone()));
         MockCoinbase { addr, inner, task }
+    }
+
+    /// Moves the mock's clock: its time becomes real now + `secs`.
+    pub fn set_clock_offset(&self, secs: i64) {
+        self.inner.clock_offset.store(secs, Ordering::SeqCst);
     }
 
     /// Every request received, in order.
@@ -276,6 +299,11 @@ impl MockCoinbase {
     /// Number of distinct nonces seen on signature-valid tokens.
     pub fn nonces_seen(&self) -> usize {
         self.inner.lock().nonces.len()
+    }
+
+    /// Orders placed (realistic mode only), in order.
+    pub fn orders(&self) -> Vec<PlacedOrder> {
+        self.inner.lock().orders.clone()
     }
 }
 
@@ -382,8 +410,13 @@ async fn handle(
     inner: Arc<Inner>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
+    let now = inner.now();
     let mut resp = handle_inner(inner, req).await;
     add_rate_limit_headers(&mut resp);
+    // Every answer is dated by the mock's clock, as Coinbase's are by its own.
+    if let Ok(v) = HeaderValue::from_str(&http_date(now)) {
+        resp.headers_mut().insert(DATE, v);
+    }
     Ok(resp)
 }
 
@@ -452,6 +485,12 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
                 "portfolio_type": "DEFAULT",
             }),
         );
+    }
+
+    if inner.opts.realistic {
+        if let Some(resp) = trading(&inner, &method, &path, &body) {
+            return resp;
+        }
     }
 
     if path.contains("/slow-stream") {
@@ -551,6 +590,166 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
             "body_len": body.len(),
             "body_sha256": hex(digest.as_ref()),
         }),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Realistic trading endpoints (MockOptions::realistic)
+// ---------------------------------------------------------------------------
+
+/// Coinbase's 400 for a malformed request body.
+fn invalid_argument(details: &str) -> Response<RespBody> {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": "INVALID_ARGUMENT", "error_details": details, "message": details}),
+    )
+}
+
+/// The answers of `GET /accounts`, `POST /orders` and `POST /orders/batch_cancel`, shaped like
+/// Coinbase's (Advanced Trade API reference); `None` for any other request.
+fn trading(inner: &Inner, method: &str, path: &str, body: &[u8]) -> Option<Response<RespBody>> {
+    match (method, path) {
+        ("GET", "/api/v3/brokerage/accounts") => Some(accounts()),
+        ("POST", "/api/v3/brokerage/orders") => Some(place_order(inner, body)),
+        ("POST", "/api/v3/brokerage/orders/batch_cancel") => Some(batch_cancel(inner, body)),
+        _ => None,
+    }
+}
+
+fn accounts() -> Response<RespBody> {
+    let account = |uuid: &str, currency: &str, name: &str, value: &str, kind: &str| {
+        json!({
+            "uuid": uuid,
+            "name": name,
+            "currency": currency,
+            "available_balance": {"value": value, "currency": currency},
+            "default": false,
+            "active": true,
+            "created_at": "2024-01-31T20:50:41.823Z",
+            "updated_at": "2024-06-12T08:02:11.394Z",
+            "deleted_at": null,
+            "type": kind,
+            "ready": true,
+            "hold": {"value": "0", "currency": currency},
+            "retail_portfolio_id": "8b5a5a1c-0000-4000-8000-000000000001",
+            "platform": "ACCOUNT_PLATFORM_CONSUMER",
+        })
+    };
+    let list = vec![
+        account(
+            "0b9c2a84-8b1d-5b5f-9c0e-6a1f3c2d4e01",
+            "BTC",
+            "BTC Wallet",
+            "0.01250000",
+            "ACCOUNT_TYPE_CRYPTO",
+        ),
+        account(
+            "5d3a1f0e-2c4b-5e6f-8a9b-0c1d2e3f4a02",
+            "USD",
+            "Cash (USD)",
+            "1523.47",
+            "ACCOUNT_TYPE_FIAT",
+        ),
+    ];
+    let size = list.len();
+    json_response(
+        StatusCode::OK,
+        &json!({"accounts": list, "has_next": false, "cursor": "", "size": size}),
+    )
+}
+
+fn place_order(inner: &Inner, body: &[u8]) -> Response<RespBody> {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return invalid_argument("request body is not JSON");
+    };
+    let text = |name: &str| {
+        request
+            .get(name)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    let (client_order_id, product_id, side) =
+        (text("client_order_id"), text("product_id"), text("side"));
+    if client_order_id.is_empty() || product_id.is_empty() {
+        return invalid_argument("client_order_id and product_id are required");
+    }
+    if side != "BUY" && side != "SELL" {
+        return invalid_argument("side must be BUY or SELL");
+    }
+    let Some(configuration) = request
+        .get("order_configuration")
+        .and_then(Value::as_object)
+        .filter(|c| c.len() == 1)
+    else {
+        return invalid_argument("order_configuration must hold exactly one order type");
+    };
+    let order_id = random_uuid();
+    let response = json!({
+        "success": true,
+        "success_response": {
+            "order_id": order_id,
+            "product_id": product_id,
+            "side": side,
+            "client_order_id": client_order_id,
+        },
+        "order_configuration": configuration,
+    });
+    inner.lock().orders.push(PlacedOrder {
+        order_id,
+        request,
+        cancelled: false,
+    });
+    json_response(StatusCode::OK, &response)
+}
+
+fn batch_cancel(inner: &Inner, body: &[u8]) -> Response<RespBody> {
+    let ids: Option<Vec<String>> = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        v.get("order_ids")?
+            .as_array()?
+            .iter()
+            .map(|id| id.as_str().map(str::to_owned))
+            .collect()
+    });
+    let Some(ids) = ids.filter(|ids| !ids.is_empty()) else {
+        return invalid_argument("order_ids must be a non-empty list of strings");
+    };
+    let mut state = inner.lock();
+    let results: Vec<Value> = ids
+        .iter()
+        .map(|id| {
+            let order = state
+                .orders
+                .iter_mut()
+                .find(|o| &o.order_id == id && !o.cancelled);
+            match order {
+                Some(o) => {
+                    o.cancelled = true;
+                    json!({"success": true, "failure_reason": "UNKNOWN_CANCEL_FAILURE_REASON", "order_id": id})
+                }
+                None => {
+                    json!({"success": false, "failure_reason": "UNKNOWN_CANCEL_ORDER", "order_id": id})
+                }
+            }
+        })
+        .collect();
+    drop(state);
+    json_response(StatusCode::OK, &json!({ "results": results }))
+}
+
+/// A random version-4 UUID, as Coinbase's order ids are.
+fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).expect("random (test setup)");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
     )
 }
 
