@@ -552,7 +552,9 @@ fn model_decide(permission: Permission, rules: &[ModelRule], method: &Method, pa
     for r in rules {
         let method_ok = match &r.methods {
             None => true,
-            Some(v) => v.iter().any(|m| m == method.as_str()),
+            Some(v) => v
+                .iter()
+                .any(|m| m == method.as_str() || (method == Method::HEAD && m == "GET")),
         };
         if method_ok && model_matches(&r.pattern, &decoded) {
             return r.allow;

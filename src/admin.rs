@@ -96,7 +96,9 @@ pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
                     "ready": true,
                     "key": key.as_ref().map(|k| k.name()),
                     "algorithm": key.as_ref().map(|k| k.algorithm().as_str()),
-                    "clock_offset_seconds": proxy.signer().clock_offset(),
+                    // The whole seconds applied when signing; the metric
+                    // cbgate_clock_offset_seconds is the measured offset.
+                    "clock_correction_seconds": proxy.signer().clock_offset(),
                 });
                 response(StatusCode::OK, JSON, body.to_string())
             }

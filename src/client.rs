@@ -26,6 +26,9 @@ pub enum ClientError {
     Origin(String),
     #[error("Host {0:?} is not a loopback name: requests through DNS rebinding are refused (add it to allowed_hosts if clients reach cbgate by that name)")]
     Host(String),
+    /// RFC 9112 §3.2: a request without exactly one Host gets 400.
+    #[error("the request must carry exactly one Host header (RFC 9112 §3.2)")]
+    HostCount,
 }
 
 /// Who may use cbgate.
@@ -88,13 +91,22 @@ impl ClientGate {
                 return Err(ClientError::Origin(o));
             }
         }
-        // HTTP/2 carries the host as :authority (in the URI); HTTP/1 as Host.
-        let host = uri.authority().map(|a| a.as_str().to_owned()).or_else(|| {
-            headers
-                .get(header::HOST)
-                .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
-        });
-        if let Some(host) = host {
+        // HTTP/2 carries the host as :authority (in the URI); HTTP/1 as Host. Every Host given
+        // is checked, and HTTP/1 needs exactly one.
+        let hosts: Vec<String> = headers
+            .get_all(header::HOST)
+            .iter()
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .collect();
+        if hosts.len() > 1 || (hosts.is_empty() && uri.authority().is_none()) {
+            return Err(ClientError::HostCount);
+        }
+        for host in uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .into_iter()
+            .chain(hosts)
+        {
             if !self.host_allowed(&host) {
                 return Err(ClientError::Host(host));
             }
@@ -192,6 +204,18 @@ mod tests {
         // h2: the authority comes in the URI.
         let uri: Uri = "http://evil.example/api/v3/x".parse().expect("uri");
         assert!(g.check(&uri, &HeaderMap::new()).is_err());
+        let ok: Uri = "http://localhost:8750/api/v3/x".parse().expect("uri");
+        assert!(g.check(&ok, &HeaderMap::new()).is_ok());
+        // No Host at all, or two: refused.
+        assert!(matches!(
+            g.check(&origin_uri(), &HeaderMap::new()),
+            Err(ClientError::HostCount)
+        ));
+        let two = headers(&[("host", "localhost"), ("host", "evil.example")]);
+        assert!(matches!(
+            g.check(&origin_uri(), &two),
+            Err(ClientError::HostCount)
+        ));
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::route::Upstream;
 /// The public endpoint that reports Coinbase's time.
 pub const TIME_PATH: &str = "/api/v3/brokerage/time";
 
+/// Offsets beyond this are treated as bad measurements, not applied.
+const MAX_OFFSET_SECS: f64 = 86_400.0;
+
 /// Shortest pause before a measurement asked for by [`DateWatch`].
 const MIN_NUDGED_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -71,15 +74,26 @@ pub async fn measure(proxy: &Proxy, upstream: &Upstream) -> Result<f64, String> 
                 .map(|m| m / 1000.0);
             millis.or_else(|| v["epochSeconds"].as_str().and_then(|s| s.parse().ok()))
         });
-    match (status.is_success(), from_body, date) {
-        (true, Some(server), _) => Ok(server - midpoint),
+    let offset = match (status.is_success(), from_body, date) {
+        (true, Some(server), _) => server - midpoint,
         // The Date header has one-second resolution: good enough to catch a large skew.
-        (_, _, Some(server)) => Ok(server + 0.5 - midpoint),
-        _ => Err(format!(
-            "{} answered {status} without a usable time",
+        (true, None, Some(server)) => server + 0.5 - midpoint,
+        _ => {
+            return Err(format!(
+                "{} answered {status} without a usable time",
+                upstream.host
+            ))
+        }
+    };
+    // One odd answer must not make every token unusable: an offset beyond a day is not a
+    // clock that drifted, it is a bad measurement.
+    if !offset.is_finite() || offset.abs() > MAX_OFFSET_SECS {
+        return Err(format!(
+            "{} reported a time {offset:.0} s away from ours: ignored",
             upstream.host
-        )),
+        ));
     }
+    Ok(offset)
 }
 
 /// Applies a measured offset: records it, and corrects the signing clock when it exceeds 1 s.

@@ -134,12 +134,16 @@ pub fn default_ws_routes() -> Vec<WsRouteConfig> {
 pub struct WsConfig {
     /// Largest message accepted from either side (order book snapshots are several MB).
     pub max_message_bytes: usize,
+    /// Open WebSocket sessions at most. An upgraded connection no longer counts against
+    /// `max_connections`, so sessions have their own limit; more get 503.
+    pub max_sessions: usize,
 }
 
 impl Default for WsConfig {
     fn default() -> Self {
         WsConfig {
             max_message_bytes: 64 * 1024 * 1024,
+            max_sessions: 256,
         }
     }
 }
@@ -324,7 +328,7 @@ impl Default for Config {
 }
 
 /// Everything that feeds the layers, gathered by the binary.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Sources {
     /// `--config FILE`, else `CBGATE_CONFIG`.
     pub file: Option<PathBuf>,
@@ -333,6 +337,20 @@ pub struct Sources {
     /// Command-line flags.
     pub listen: Vec<String>,
     pub key_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for Sources {
+    // The environment holds COINBASE_API_SECRET: show only the variable names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<&String> = self.env.keys().collect();
+        names.sort();
+        f.debug_struct("Sources")
+            .field("file", &self.file)
+            .field("env", &names)
+            .field("listen", &self.listen)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
 }
 
 /// Environment variables that steer cbgate but are not configuration keys.
@@ -455,6 +473,9 @@ impl Config {
         if self.ws.max_message_bytes == 0 {
             return Err(invalid("ws.max_message_bytes", "must be greater than 0"));
         }
+        if self.ws.max_sessions == 0 {
+            return Err(invalid("ws.max_sessions", "must be greater than 0"));
+        }
         for (name, t) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
@@ -514,6 +535,7 @@ mod tests {
         assert_eq!(c.routes, d.routes);
         assert_eq!(c.ws_routes, d.ws_routes);
         assert_eq!(c.ws.max_message_bytes, d.ws.max_message_bytes);
+        assert_eq!(c.ws.max_sessions, d.ws.max_sessions);
         assert_eq!(c.max_body_bytes, d.max_body_bytes);
         assert_eq!(c.header_read_timeout, d.header_read_timeout);
         assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);

@@ -30,6 +30,8 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("could not sign the request")]
     Sign,
+    #[error("cbgate has ws.max_sessions ({0}) WebSocket sessions open; retry later")]
+    TooManySessions(usize),
     #[error("{0}")]
     Client(#[from] ClientError),
     #[error("invalid request path: {0}; send the path in its plain canonical form")]
@@ -51,6 +53,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
+            ProxyError::TooManySessions(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
+            }
             ProxyError::Client(ClientError::Token) => {
                 (StatusCode::UNAUTHORIZED, "client_unauthorized")
             }
@@ -58,6 +63,7 @@ impl ProxyError {
                 (StatusCode::FORBIDDEN, "origin_not_allowed")
             }
             ProxyError::Client(ClientError::Host(_)) => (StatusCode::FORBIDDEN, "host_not_allowed"),
+            ProxyError::Client(ClientError::HostCount) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy_denied"),
             ProxyError::Upstream(e) => match e {

@@ -1,4 +1,5 @@
-//! Minting the per-request JWT, exactly as the official SDKs do (see `shared/coinbase-auth.md`).
+//! Minting the per-request JWT, exactly as the official SDKs do (coinbase-advanced-py's
+//! `jwt_generator`, the CDP SDKs' `auth/utils/jwt`).
 //!
 //! Header `{"alg","kid","nonce","typ"}`; claims `{"sub","iss":"cdp","nbf","exp"}` plus either
 //! `uri` (`api.coinbase.com`), or `uris` and `iat` (`api.cdp.coinbase.com`), or nothing (WebSocket

@@ -275,12 +275,28 @@ fn normalize(secret: &str) -> Zeroizing<String> {
             None => break,
         }
     }
-    Zeroizing::new(
-        s.replace("\\r\\n", "\n")
-            .replace("\\n", "\n")
-            .replace("\r\n", "\n")
-            .replace('\r', "\n"),
-    )
+    // One pass into one zeroizing buffer (the output is never longer than the input, so it never
+    // reallocates): chained `replace` calls would leave unwiped copies of the whole secret.
+    let mut out = Zeroizing::new(String::with_capacity(s.len()));
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        let (emit_newline, skip) = if rest.starts_with("\\r\\n") {
+            (true, 4)
+        } else if rest.starts_with("\\n") || rest.starts_with("\r\n") {
+            (true, 2)
+        } else if c == '\r' {
+            (true, 1)
+        } else {
+            (false, c.len_utf8())
+        };
+        if emit_newline {
+            out.push('\n');
+        } else {
+            out.push(c);
+        }
+        rest = &rest[skip..];
+    }
+    out
 }
 
 impl ApiKey {
@@ -460,6 +476,12 @@ mod tests {
             "-----BEGIN X-----\nabc\n-----END X-----\n"
         );
         assert_eq!(normalize("'a\r\nb'\n").as_str(), "a\nb");
+        assert_eq!(
+            normalize("a\\r\\nb\rc\u{e9}\\nd").as_str(),
+            "a\nb\nc\u{e9}\nd"
+        );
+        let n = normalize("x\\ny\\r\\nz");
+        assert_eq!(n.as_str(), "x\ny\nz");
     }
 
     #[test]

@@ -6,22 +6,27 @@
 //!
 //! A request goes through named phases, one module each:
 //!
-//! | phase / concern    | module       |
-//! |--------------------|--------------|
-//! | configuration      | [`config`]   |
-//! | the API key        | [`key`]      |
-//! | process hardening (no core, not dumpable, mlock) | [`harden`] |
-//! | accept             | [`server`]   |
-//! | refuse request-smuggling shapes before hyper parses them | [`sniff`] |
-//! | check client, forward, stream back, log | [`proxy`] |
-//! | check client (token, Origin, Host) | [`client`] |
-//! | route              | [`route`]    |
-//! | policy (permission ceiling, path canonical form) | [`policy`] |
-//! | sign               | [`jwt`]      |
-//! | header hygiene     | [`headers`]  |
-//! | upstream TLS + pool| [`upstream`] |
-//! | WebSocket relay    | [`ws`]       |
-//! | cbgate's own error responses | [`error`] |
+//! | phase / concern                                        | module       |
+//! |--------------------------------------------------------|--------------|
+//! | configuration, parsed once into typed structs          | [`config`]   |
+//! | the API key (the one place that sees the secret)       | [`key`]      |
+//! | process hardening (no core, not dumpable, mlock)       | [`harden`]   |
+//! | accept: listeners, connection limits, graceful drain   | [`server`]   |
+//! | refuse request-smuggling shapes before hyper parses    | [`sniff`]    |
+//! | the request path: runs the phases below, logs, metrics | [`proxy`]    |
+//! | check client (token, Origin, Host)                     | [`client`]   |
+//! | route                                                  | [`route`]    |
+//! | policy (permission ceiling, canonical paths)           | [`policy`]   |
+//! | sign                                                   | [`jwt`]      |
+//! | forward: header hygiene                                | [`headers`]  |
+//! | forward: upstream TLS and connection pool              | [`upstream`] |
+//! | WebSocket relay (signs subscribe messages)             | [`ws`]       |
+//! | cbgate's own error responses                           | [`error`]    |
+//! | admin listener: /livez, /readyz, /metrics              | [`admin`]    |
+//! | metrics registry                                       | [`metrics`]  |
+//! | key rotation (SIGHUP, file watch)                      | [`reload`]   |
+//! | clock skew against Coinbase                            | [`clock`]    |
+//! | `cbgate check --online`                                | [`check`]    |
 //!
 //! The binary (`src/main.rs`) only parses flags, loads the configuration and key, binds the
 //! listeners and calls [`server::run`], which takes already-bound listeners and a shutdown

@@ -116,7 +116,13 @@ fn main() -> ExitCode {
     // Before any secret is read: no core files, not dumpable, memory locked where allowed.
     let hardening = harden::apply();
     let cli = Cli::parse();
-    let env: HashMap<String, String> = std::env::vars().collect();
+    let env = match environment() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("cbgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let result = match cli.command {
         None => serve(cli.serve, env, &hardening),
         Some(Command::Serve(args)) => serve(args, env, &hardening),
@@ -144,6 +150,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The process environment as text. `std::env::vars()` panics on a value that is not UTF-8 and
+/// the panic message quotes the value, which could be the secret: name the variable instead.
+fn environment() -> Result<HashMap<String, String>, String> {
+    let mut env = HashMap::new();
+    for (k, v) in std::env::vars_os() {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => {
+                env.insert(k, v);
+            }
+            // Only variables cbgate reads matter; others may hold anything.
+            Err(_) if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" => {
+                return Err(format!("environment variable {k} is not valid UTF-8"));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(env)
 }
 
 enum Failure {
@@ -247,18 +273,33 @@ fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>
     Ok(token)
 }
 
+/// Log targets that are never printed, whatever the filter: tungstenite logs every WebSocket
+/// frame at trace level (through the `log` bridge), payload included, which would put signed
+/// subscribe messages and users' private stream data in the logs.
+const SILENCED_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
 fn init_logging(cfg: &Config) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let silenced = tracing_subscriber::filter::filter_fn(|meta| {
+        !SILENCED_TARGETS
+            .iter()
+            .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match cfg.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    let fmt = match cfg.log.format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter).with_filter(silenced))
+        .init();
 }
 
 fn serve(
@@ -420,7 +461,8 @@ fn token_target(cfg: &Config, target: &str) -> anyhow::Result<(Upstream, String)
     let base = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default())
         + &url.port().map(|p| format!(":{p}")).unwrap_or_default();
     let upstream = Upstream::parse(&base).map_err(anyhow::Error::msg)?;
-    // Url::path() is the path as given (already percent-encoded), which is what goes on the wire.
+    // Url::path() is percent-encoded and has dot segments resolved: the same path a client
+    // library would send for this URL (cbgate itself refuses paths with dot segments).
     Ok((upstream, url.path().to_owned()))
 }
 

@@ -97,8 +97,12 @@ impl Policy {
         let decoded = match_form(path);
         let decoded = decoded.as_str();
         for rule in &self.rules {
-            let method_matches =
-                rule.methods.is_empty() || rule.methods.iter().any(|m| m == method.as_str());
+            // Servers answer HEAD with their GET handler: a rule about GET covers HEAD too.
+            let method_matches = rule.methods.is_empty()
+                || rule
+                    .methods
+                    .iter()
+                    .any(|m| m == method.as_str() || (method == Method::HEAD && m == "GET"));
             if method_matches && matches(&rule.pattern, decoded) {
                 return match rule.action {
                     RuleAction::Allow => Ok(()),
@@ -312,6 +316,13 @@ mod tests {
         assert!(v.check(&Method::POST, "/api/v3/brokerage/orders").is_err());
         assert!(v
             .check(&Method::OPTIONS, "/api/v3/brokerage/orders")
+            .is_err());
+        let deny_get = policy(
+            Permission::View,
+            &[(RuleAction::Deny, &["GET"], "/v2/accounts/*/transactions")],
+        );
+        assert!(deny_get
+            .check(&Method::HEAD, "/v2/accounts/a/transactions")
             .is_err());
         let t = policy(Permission::Transfer, &[]);
         assert!(t.check(&Method::POST, "/v2/accounts/a/withdrawals").is_ok());

@@ -151,7 +151,7 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => {
                 let (status, code) = e.status_and_code();
-                self.count_error(code);
+                self.count_error(&e);
                 tracing::warn!(request_id = rid, %method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
                 e.into_response()
             }
@@ -177,14 +177,10 @@ impl Proxy {
         Ok(resp)
     }
 
-    fn count_error(&self, code: &str) {
-        match code {
-            "policy_denied" => self.metrics.policy_denied(),
-            "upstream_dns" => self.metrics.upstream_error("dns"),
-            "upstream_connect" => self.metrics.upstream_error("connect"),
-            "upstream_tls" => self.metrics.upstream_error("tls"),
-            "upstream_timeout" => self.metrics.upstream_error("timeout"),
-            "upstream_error" => self.metrics.upstream_error("other"),
+    fn count_error(&self, e: &ProxyError) {
+        match e {
+            ProxyError::PolicyDenied(_) => self.metrics.policy_denied(),
+            ProxyError::Upstream(u) => self.metrics.upstream_error(u.kind()),
             _ => {}
         }
     }
@@ -220,8 +216,13 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let token = self.sign(&parts.method, &upstream.authority, parts.uri.path(), route)?;
 
+        // The request id was set in `handle`; a `Connection: x-request-id` must not drop it.
+        let request_id = parts.headers.get(&REQUEST_ID).cloned();
         strip_hop_by_hop(&mut parts.headers);
         strip_client_credentials(&mut parts.headers);
+        if let Some(id) = request_id {
+            parts.headers.insert(&REQUEST_ID, id);
+        }
         if let Some(token) = token {
             let mut value =
                 HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| ProxyError::Sign)?;

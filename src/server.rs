@@ -62,9 +62,22 @@ impl Listener {
                             "path exists and is not a socket",
                         )));
                     }
+                    // A socket someone still answers on belongs to a running instance.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(err(io::Error::new(
+                            io::ErrorKind::AddrInUse,
+                            "another process is serving on this socket",
+                        )));
+                    }
                     std::fs::remove_file(path).map_err(err)?;
                 }
-                let listener = UnixListener::bind(path).map_err(err)?;
+                // Create the socket 0600 from the start: a chmod after bind would leave a window
+                // in which group members (umask 002) could connect. umask is process-wide, so
+                // it is restored at once.
+                let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+                let bound = UnixListener::bind(path);
+                rustix::process::umask(old);
+                let listener = bound.map_err(err)?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                     .map_err(err)?;
                 Ok(Listener::Unix {
@@ -136,7 +149,11 @@ pub async fn run(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32);
+        .max_header_list_size(MAX_HEAD_BYTES as u32)
+        // h2 has no header read timeout: pings find clients that went away while holding a
+        // connection slot.
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(opts.max_connections));
 
@@ -238,8 +255,8 @@ fn admit<I>(
     }
 }
 
-async fn refuse<I: AsyncWrite + Unpin>(mut io: I) {
-    use tokio::io::AsyncWriteExt as _;
+async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let body = r#"{"error":"too_many_connections","message":"cbgate has max_connections open client connections; retry later"}"#;
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
@@ -250,6 +267,16 @@ async fn refuse<I: AsyncWrite + Unpin>(mut io: I) {
         let _ = io.write_all(head.as_bytes()).await;
         let _ = io.write_all(body.as_bytes()).await;
         let _ = io.shutdown().await;
+        // Read what the client sent (briefly, boundedly) before closing: closing a socket with
+        // unread input sends a reset that can destroy the 503 before the client reads it.
+        let mut sink = [0u8; 4096];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match tokio::time::timeout(Duration::from_millis(500), io.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
     })
     .await;
 }

@@ -41,8 +41,9 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// How much is read from the client at a time while a head is being collected.
 const READ_CHUNK: usize = 8 * 1024;
 
-/// The path prefix of the synthetic request. It begins with `/.`, a dot segment the path checks
-/// refuse, so no forwarded request can carry it.
+/// The path prefix of the synthetic request. `Proxy::forward` checks for it before anything
+/// else and answers 400, and no route matches it, so a client that sends it itself only gets
+/// the same 400.
 const MARKER: &str = "/.cbgate-rejected/";
 
 /// The start of the HTTP/2 connection preface (RFC 9113 §3.4). h2c clients with prior

@@ -68,6 +68,22 @@ pub enum UpstreamError {
     Other { host: String, detail: String },
 }
 
+impl UpstreamError {
+    /// The `kind` label of `cbgate_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Other { .. } => "other",
+            UpstreamError::Connect(c) => match c.stage {
+                ConnectStage::Dns => "dns",
+                ConnectStage::Connect => "connect",
+                ConnectStage::Tls => "tls",
+                ConnectStage::Timeout => "timeout",
+            },
+        }
+    }
+}
+
 /// The pooled, verifying HTTPS client.
 #[derive(Clone)]
 pub struct UpstreamClient {

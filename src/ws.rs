@@ -70,6 +70,7 @@ const MAX_CLOSE_REASON: usize = 123;
 #[derive(Debug)]
 pub struct WsState {
     max_message_bytes: usize,
+    max_sessions: usize,
     shared: Arc<Shared>,
 }
 
@@ -90,6 +91,7 @@ impl WsState {
     pub fn new(cfg: &WsConfig, counters: Arc<WsCounters>) -> WsState {
         WsState {
             max_message_bytes: cfg.max_message_bytes,
+            max_sessions: cfg.max_sessions,
             shared: Arc::new(Shared {
                 shutdown: watch::Sender::new(false),
                 open: AtomicUsize::new(0),
@@ -97,6 +99,11 @@ impl WsState {
                 counters,
             }),
         }
+    }
+
+    /// The configured session limit.
+    pub fn max_sessions(&self) -> usize {
+        self.max_sessions
     }
 
     /// The configured message size limit.
@@ -289,6 +296,9 @@ pub async fn proxy(
 ) -> Result<Response<Body>, ProxyError> {
     let client_key = check_handshake(&req)?;
     let upstream = &route.upstream;
+    if proxy.ws().open_sessions() >= proxy.ws().max_sessions() {
+        return Err(ProxyError::TooManySessions(proxy.ws().max_sessions()));
+    }
 
     let tls = proxy
         .upstream()

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 
-use common::harness::{self, KeyForm, TestKey, Upstream};
+use common::harness::{self, assert_no_secret, KeyForm, TestKey, Upstream};
 
 fn cbgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cbgate"));
@@ -34,21 +34,6 @@ fn run(c: &mut Command) -> Output {
 fn claims_of(token: &str) -> serde_json::Value {
     let part = token.trim().split('.').nth(1).expect("three parts");
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url")).expect("json")
-}
-
-/// Every window of 16 characters of the secret, and the secret's PEM body lines.
-fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
-    let chars: Vec<char> = secret.chars().collect();
-    for w in chars.windows(16) {
-        let s: String = w.iter().collect();
-        if s.contains("-----") || s.contains('\n') {
-            continue; // PEM armour is not secret
-        }
-        assert!(
-            !haystack.contains(&s),
-            "{what} contains part of the secret: {s:?}"
-        );
-    }
 }
 
 #[test]
@@ -358,4 +343,26 @@ fn completions_are_generated_for_common_shells() {
         Some(2),
         "an unknown shell is a usage error"
     );
+}
+
+#[test]
+fn a_secret_that_is_not_utf8_is_named_not_printed() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    // A Windows-1252 .env file: a non-breaking space (0xA0) inside the PEM.
+    let mut bytes = key.secret.clone().into_bytes();
+    bytes.insert(40, 0xA0);
+    let out = run(cbgate()
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", std::ffi::OsStr::from_bytes(&bytes))
+        .arg("check"));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("COINBASE_API_SECRET is not valid UTF-8"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_no_secret(&stderr, &key.secret, "cbgate's error");
+    assert_no_secret(&String::from_utf8_lossy(&out.stdout), &key.secret, "stdout");
 }

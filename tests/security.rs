@@ -469,3 +469,24 @@ async fn unusual_methods_are_refused_before_policy() {
     }
     assert!(up.mock.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_live_unix_socket_is_not_taken_over_but_a_stale_one_is_replaced() {
+    use cbgate::config::ListenAddr;
+    use cbgate::server::Listener;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gate.sock");
+    let first = Listener::bind(&ListenAddr::Unix(path.clone()))
+        .await
+        .expect("first bind");
+    let e = Listener::bind(&ListenAddr::Unix(path.clone()))
+        .await
+        .expect_err("a live socket must not be replaced");
+    assert!(e.to_string().contains("another process"), "{e}");
+    drop(first);
+    // The file is left behind by a process that is gone: a restart takes it over.
+    assert!(path.exists());
+    Listener::bind(&ListenAddr::Unix(path.clone()))
+        .await
+        .expect("stale socket replaced");
+}

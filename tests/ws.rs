@@ -842,3 +842,118 @@ async fn ws_mock_rejects_tokens_coinbase_would_reject() {
         }
     }
 }
+
+/// A WebSocket session run by the real binary at the most verbose log level: neither a signed
+/// subscribe's JWT (as text or as the hex some frame loggers print) nor the stream's private
+/// messages may appear in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_of_a_websocket_session_hold_no_jwt_and_no_payload() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        on_subscribe: 3,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let port = common::harness::free_port();
+    let admin = common::harness::free_port();
+    let cfg_path = up.dir.path().join("cbgate.toml");
+    let mut toml = format!(
+        "listen = [\"127.0.0.1:{port}\"]\nadmin_listen = \"127.0.0.1:{admin}\"\n\n[upstream]\nca_file = \"{}\"\n\n[upstream.resolve]\n",
+        up.ca_file.display()
+    );
+    for h in [USER_HOST, "advanced-trade-ws.coinbase.com"] {
+        toml.push_str(&format!("\"{h}\" = \"{}\"\n", up.mock.addr));
+    }
+    std::fs::write(&cfg_path, toml).expect("config");
+    let key_file = key.write_json(up.dir.path());
+    let mut cmd = common::harness::cbgate_command();
+    cmd.args(["serve", "--config"])
+        .arg(&cfg_path)
+        .arg("--key-file")
+        .arg(&key_file)
+        .env("RUST_LOG", "trace");
+    let mut p = common::harness::Process::spawn(cmd);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let up_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up_flag.clone();
+    let probe = tokio::spawn(async move {
+        while TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    p.wait_until("the proxy port", || {
+        up_flag.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    probe.abort();
+
+    let (mut ws, _) = try_connect(addr, "/ws/user", |_| {})
+        .await
+        .expect("upgrade");
+    ws.send(Message::text(
+        r#"{"type":"subscribe","channel":"user","product_ids":["BTC-USD"]}"#,
+    ))
+    .await
+    .expect("send");
+    let mut received = Vec::new();
+    for _ in 0..4 {
+        received.push(recv_text(&mut ws).await);
+    }
+    ws.close(None).await.expect("close");
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs.len(), 1);
+    valid(&subs[0].auth);
+    let jwt = json(&subs[0].text)["jwt"].as_str().expect("jwt").to_owned();
+
+    p.signal("TERM");
+    let (status, output) = p.wait_exit().await;
+    assert_eq!(status.code(), Some(0));
+    assert!(output.contains("TRACE"), "the run was at trace level");
+    let signature = jwt.rsplit('.').next().expect("signature");
+    let hex: String = signature.bytes().map(|b| format!("{b:02x}")).collect();
+    for (what, needle) in [
+        ("JWT", jwt.as_str()),
+        ("JWT signature", signature),
+        ("JWT as hex", &hex[..32]),
+    ] {
+        assert!(!output.contains(needle), "the {what} appears in the logs");
+    }
+    for m in &received[1..] {
+        assert!(
+            !output.contains(m.as_str()),
+            "a stream message appears in the logs: {m}"
+        );
+    }
+    common::harness::assert_no_secret(&output, &key.secret, "cbgate's output");
+}
+
+#[tokio::test]
+async fn sessions_over_ws_max_sessions_get_503() {
+    let key = TestKey::generate(KeyForm::Ed25519B64_64);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    cfg.ws.max_sessions = 1;
+    let gate = Gate::start(cfg, Some(&key)).await;
+    let first = connect(&gate, "/ws/user").await;
+    let (status, code, message) = refused(try_connect(gate.addr, "/ws", |_| {}).await);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(code, "too_many_connections");
+    assert!(message.contains("max_sessions"), "{message}");
+    drop(first);
+    // Once the first session has ended, a new one is admitted.
+    let mut admitted = false;
+    for _ in 0..100 {
+        if try_connect(gate.addr, "/ws", |_| {}).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted, "a freed session slot is reused");
+}
