@@ -3,6 +3,7 @@
 FROM rust:1.88-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY src ./src
 COPY bench ./bench
 RUN cargo build --release --locked --bin cbgate

@@ -278,7 +278,9 @@ fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>
 /// subscribe messages and users' private stream data in the logs.
 const SILENCED_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
 
-fn init_logging(cfg: &Config) {
+/// Sets up logging. Lines are written by a background thread (blocking, never dropping, when its
+/// buffer is full), so a request never waits on stderr; keep the guard until exit to flush.
+fn init_logging(cfg: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -290,8 +292,12 @@ fn init_logging(cfg: &Config) {
             .iter()
             .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("cbgate-log")
+        .finish(std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match cfg.log.format {
         LogFormat::Json => fmt.json().boxed(),
@@ -300,6 +306,7 @@ fn init_logging(cfg: &Config) {
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter).with_filter(silenced))
         .init();
+    guard
 }
 
 fn serve(
@@ -314,7 +321,7 @@ fn serve(
         allow_insecure,
         client_token,
     } = load(&args.common, &args.listen, env)?;
-    init_logging(&cfg);
+    let _log_guard = init_logging(&cfg);
     log_hardening(hardening);
     if client_token.is_some() {
         tracing::info!("clients must send the cbgate-token header");
