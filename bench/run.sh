@@ -1,0 +1,565 @@
+#!/usr/bin/env bash
+# cbgate benchmark (issue 6): cbgate against nginx forwarding without signing, and against the
+# proxy a user writes with the official Python SDK, all on loopback in front of one TLS
+# "Coinbase" (nginx with a test CA). Prints one table and writes it to bench/results-<date>.md.
+#
+# Run as root on a Debian machine (it installs what it needs with apt-get), from anywhere:
+#     bash bench/run.sh
+# Knobs (environment): ROUNDS=5 DURATION=10 CONNS=32 THREADS=2 STARTS=10 HOLD=1000
+#     RSS_REQUESTS=100000 PROFILE=1 JWT_BENCH=1 BASE_PORT=18400 KEEP_TMP=
+#     WRK_CPUS= SERVER_CPUS=   (taskset CPU lists; empty: no pinning, the default)
+# See bench/README.md for what each column means and the caveats.
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-32}
+THREADS=${THREADS:-2}
+STARTS=${STARTS:-10}
+HOLD=${HOLD:-1000}
+RSS_REQUESTS=${RSS_REQUESTS:-100000}
+PROFILE=${PROFILE:-1}
+PROF_DURATION=${PROF_DURATION:-15}
+JWT_BENCH=${JWT_BENCH:-1}
+BASE_PORT=${BASE_PORT:-18400}
+WRK_CPUS=${WRK_CPUS:-}
+SERVER_CPUS=${SERVER_CPUS:-}
+REQ_PATH=/api/v3/brokerage/accounts
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+VENV=${BENCH_VENV:-$TARGET_DIR/bench-venv}
+STAMP=$(date +%Y-%m-%d)
+RESULTS=$BENCH_DIR/results-$STAMP.md
+
+UP_PORT=$((BASE_PORT + 43))     # TLS "Coinbase" (nginx)
+NGX_PORT=$((BASE_PORT + 80))    # nginx reverse proxy, no signing
+ES_PORT=$((BASE_PORT + 50))     # cbgate, ES256 key (admin +1)
+ED_PORT=$((BASE_PORT + 52))     # cbgate, Ed25519 key (admin +1)
+INFO_PORT=$((BASE_PORT + 54))   # cbgate, ES256 key, log.level=info (admin +1)
+FRESH_PORT=$((BASE_PORT + 60))  # fresh cbgate for memory, start-up and profile (admin +1)
+PY_PORT=$((BASE_PORT + 90))     # Python SDK + aiohttp proxy
+
+# The proxies under load, in the order of every round (A B A B ...), with their labels.
+TARGETS=(nginx cbgate-es256 cbgate-ed25519 cbgate-es256-info sdk-python)
+declare -A LABEL=(
+  [nginx]="nginx proxy_pass, no signing"
+  [cbgate-es256]="cbgate ES256"
+  [cbgate-ed25519]="cbgate Ed25519"
+  [cbgate-es256-info]="cbgate ES256, log.level=info"
+  [sdk-python]="Python SDK jwt_generator + aiohttp (ES256)"
+)
+declare -A PORT=(
+  [nginx]=$NGX_PORT [cbgate-es256]=$ES_PORT [cbgate-ed25519]=$ED_PORT
+  [cbgate-es256-info]=$INFO_PORT [sdk-python]=$PY_PORT
+)
+
+log() { printf '== %s\n' "$*" >&2; }
+die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it installs packages with apt-get and raises limits)"
+
+# ------------------------------------------------------------------------------------------
+# Packages: only what is missing, from Debian.
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v pgrep >/dev/null 2>&1 || need+=(procps)
+command -v lscpu >/dev/null 2>&1 || need+=(util-linux)
+if [ -x /usr/bin/python3 ]; then
+  PY=/usr/bin/python3
+else
+  PY=$(command -v python3 || true)
+  [ -n "$PY" ] || need+=(python3)
+fi
+# Debian ships venv's ensurepip separately.
+if [ -z "${PY:-}" ] || ! "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  need+=(python3-venv)
+fi
+if [ "$PROFILE" = 1 ]; then
+  command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+PY=${PY:-/usr/bin/python3}
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+command -v cargo >/dev/null 2>&1 || die "cargo not found: cbgate needs a Rust toolchain (1.88+) and a C compiler"
+# linux-perf is optional (a kernel/user split of where the time goes); never fatal.
+if [ "$PROFILE" = 1 ] && ! command -v perf >/dev/null 2>&1; then
+  apt-get install -y -q --no-install-recommends linux-perf >/dev/null 2>&1 || true
+fi
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
+[ "$(ulimit -n)" -ge $((HOLD + 256)) ] || die "open-file limit $(ulimit -n) is too low for $HOLD connections"
+
+# ------------------------------------------------------------------------------------------
+# Build. The shared target dir may be locked by another build: cargo waits for it.
+cd "$REPO"
+log "cargo build --release --locked"
+cargo build --release --locked
+CBGATE=$TARGET_DIR/release/cbgate
+CBGATE_PROF=
+if [ "$PROFILE" = 1 ]; then
+  # The release profile strips symbols. The profiled binary is the same build with symbols and
+  # line tables, in its own profile directory so the release artifacts stay untouched.
+  log "cargo build --profile benchprof (release + symbols, for the profile)"
+  CARGO_PROFILE_BENCHPROF_INHERITS=release CARGO_PROFILE_BENCHPROF_STRIP=false \
+    CARGO_PROFILE_BENCHPROF_DEBUG=line-tables-only \
+    cargo build --profile benchprof --locked --bin cbgate
+  CBGATE_PROF=$TARGET_DIR/benchprof/cbgate
+fi
+
+# ------------------------------------------------------------------------------------------
+# Work dir, process bookkeeping, clean-up.
+T=$(mktemp -d /tmp/cbgate-bench.XXXXXX)
+chmod 755 "$T"
+R=$T/results
+mkdir -p "$R/wrk"
+declare -A PID=()
+HOLD_FD_OPEN=0
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ "$HOLD_FD_OPEN" = 1 ]; then exec 9>&-; fi
+  local p
+  for p in "${PID[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${PID[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ -n "${KEEP_TMP:-}" ]; then
+    echo "bench: kept $T" >&2
+  else
+    rm -rf "$T"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+pin() { # pin CPUS cmd...: run cmd under taskset when CPUS is set
+  local cpus=$1; shift
+  if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi
+}
+
+start() { # start NAME cmd...: background process, log in $T/NAME.log; PID[NAME] is its pid
+  local name=$1; shift
+  # No function or subshell in between, so $! is the server itself (taskset execs it).
+  if [ -n "$SERVER_CPUS" ]; then
+    taskset -c "$SERVER_CPUS" "$@" >"$T/$name.log" 2>&1 &
+  else
+    "$@" >"$T/$name.log" 2>&1 &
+  fi
+  PID[$name]=$!
+}
+
+stop() { # stop NAME: SIGTERM and wait
+  local name=$1 p=${PID[$1]:-}
+  [ -n "$p" ] || return 0
+  kill -TERM "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  unset "PID[$name]"
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # wait_port PORT: until something accepts on it (10 s)
+  local _
+  for _ in $(seq 200); do
+    port_free "$1" || return 0
+    sleep 0.05
+  done
+  die "nothing listens on 127.0.0.1:$1"
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+ticks() { # ticks PID...: user + system CPU ticks of these processes, all threads
+  local f=() p
+  for p in "$@"; do f+=("/proc/$p/stat"); done
+  cat "${f[@]}" | awk '{ s += $14 + $15 } END { print s + 0 }'
+}
+
+ctxsw() { # ctxsw PID...: voluntary + involuntary context switches, all threads
+  local p
+  for p in "$@"; do cat /proc/"$p"/task/*/status 2>/dev/null || true; done |
+    awk '/^(non)?voluntary_ctxt_switches:/ { s += $2 } END { print s + 0 }'
+}
+
+proxy_pids() { # the processes whose CPU a target spends
+  case $1 in
+    nginx) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}") ;;
+    *) echo "${PID[$1]}" ;;
+  esac
+}
+
+for p in $UP_PORT $NGX_PORT $ES_PORT $((ES_PORT + 1)) $ED_PORT $((ED_PORT + 1)) $INFO_PORT \
+  $((INFO_PORT + 1)) $FRESH_PORT $((FRESH_PORT + 1)) $PY_PORT; do
+  port_free "$p" || die "port $p is taken: set BASE_PORT to another range"
+done
+
+# ------------------------------------------------------------------------------------------
+# Python SDK venv (PyPI).
+if ! cmp -s "$BENCH_DIR/requirements.txt" "$VENV/bench-requirements.txt" ||
+  ! "$VENV/bin/python" -c 'import aiohttp, coinbase.jwt_generator' >/dev/null 2>&1; then
+  log "python venv $VENV (bench/requirements.txt)"
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$BENCH_DIR/requirements.txt"
+  cp "$BENCH_DIR/requirements.txt" "$VENV/bench-requirements.txt"
+fi
+
+# ------------------------------------------------------------------------------------------
+# Test CA, server certificate for api.coinbase.com, API keys.
+log "test CA, certificates and keys in $T"
+(
+  cd "$T"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=cbgate bench CA" -keyout ca.key -out ca.pem \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -subj "/CN=api.coinbase.com" -keyout server.key -out server.csr 2>/dev/null
+  printf '%s\n' "subjectAltName=DNS:api.coinbase.com" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+    "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid" >server.ext
+  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+    -extfile server.ext -out server.pem 2>/dev/null
+  # ES256: a P-256 key in SEC1 PEM, as the CDP portal's JSON has it.
+  openssl ecparam -name prime256v1 -genkey -noout -out es256.pem
+  # Ed25519: base64 of seed || public key (64 bytes), the portal's current format. The last 32
+  # bytes of the PKCS#8 DER are the seed, of the SPKI DER the public key.
+  openssl genpkey -algorithm ed25519 -out ed25519.pem
+  { openssl pkey -in ed25519.pem -outform DER | tail -c 32
+    openssl pkey -in ed25519.pem -pubout -outform DER | tail -c 32; } | base64 -w0 >ed25519.b64
+  umask 077
+  "$PY" - <<'EOF'
+import json
+name = "organizations/00000000-0000-4000-8000-000000000000/apiKeys/11111111-1111-4111-8111-111111111111"
+for src, dst in (("es256.pem", "es256.json"), ("ed25519.b64", "ed25519.json")):
+    with open(src) as f:
+        secret = f.read().strip() + ("\n" if src.endswith(".pem") else "")
+    with open(dst, "w") as f:
+        json.dump({"name": name, "privateKey": secret}, f)
+EOF
+  chmod 600 es256.json ed25519.json
+)
+
+# A fixed ~300-byte Advanced Trade accounts answer.
+BODY='{"accounts":[{"uuid":"8bfc20d7-f7c6-4422-bf07-8243ca4169fe","name":"BTC Wallet","currency":"BTC","available_balance":{"value":"0.00042000","currency":"BTC"},"default":true,"active":true,"created_at":"2021-05-31T09:59:59.000Z","type":"ACCOUNT_TYPE_CRYPTO","ready":true,"hold":{"value":"0","currency":"BTC"}}],"has_next":false,"cursor":"","size":1}'
+
+# ------------------------------------------------------------------------------------------
+# nginx: the TLS upstream and the plain reverse proxy.
+mkdir -p "$T/up" "$T/ngx"
+cat >"$T/up.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $T/up/nginx.pid;
+error_log $T/up/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $T/up/body;
+  proxy_temp_path $T/up/proxy;
+  fastcgi_temp_path $T/up/fastcgi;
+  uwsgi_temp_path $T/up/uwsgi;
+  scgi_temp_path $T/up/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  # Tells the bench whether a request arrived signed (cbgate, the SDK proxy) or not (nginx).
+  map \$http_authorization \$bench_signed { "" "no"; default "yes"; }
+  server {
+    listen 127.0.0.1:$UP_PORT ssl;
+    server_name api.coinbase.com;
+    ssl_certificate $T/server.pem;
+    ssl_certificate_key $T/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:1m;
+    location / {
+      default_type application/json;
+      add_header x-bench-signed \$bench_signed always;
+      return 200 '$BODY';
+    }
+  }
+}
+EOF
+cat >"$T/ngx.conf" <<EOF
+worker_processes auto;
+daemon off;
+pid $T/ngx/nginx.pid;
+error_log $T/ngx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $T/ngx/body;
+  proxy_temp_path $T/ngx/proxy;
+  fastcgi_temp_path $T/ngx/fastcgi;
+  uwsgi_temp_path $T/ngx/uwsgi;
+  scgi_temp_path $T/ngx/scgi;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  upstream coinbase {
+    server 127.0.0.1:$UP_PORT;
+    keepalive 64;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+  }
+  server {
+    listen 127.0.0.1:$NGX_PORT;
+    location / {
+      proxy_pass https://coinbase;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host api.coinbase.com;
+      proxy_ssl_server_name on;
+      proxy_ssl_name api.coinbase.com;
+      proxy_ssl_verify on;
+      proxy_ssl_verify_depth 2;
+      proxy_ssl_trusted_certificate $T/ca.pem;
+      proxy_ssl_session_reuse on;
+      proxy_ssl_protocols TLSv1.2 TLSv1.3;
+    }
+  }
+}
+EOF
+
+cbgate_conf() { # cbgate_conf FILE PORT KEYJSON LEVEL
+  cat >"$1" <<EOF
+listen = ["127.0.0.1:$2"]
+admin_listen = "127.0.0.1:$(($2 + 1))"
+max_connections = 1024
+[key]
+file = "$T/$3"
+[policy]
+permission = "view"
+[upstream]
+ca_file = "$T/ca.pem"
+[upstream.resolve]
+"api.coinbase.com" = "127.0.0.1:$UP_PORT"
+[log]
+level = "$4"
+EOF
+}
+cbgate_conf "$T/es256.toml" "$ES_PORT" es256.json warn
+cbgate_conf "$T/ed25519.toml" "$ED_PORT" ed25519.json warn
+cbgate_conf "$T/es256-info.toml" "$INFO_PORT" es256.json info
+cbgate_conf "$T/fresh-es256.toml" "$FRESH_PORT" es256.json warn
+cbgate_conf "$T/fresh-ed25519.toml" "$FRESH_PORT" ed25519.json warn
+
+# ------------------------------------------------------------------------------------------
+log "starting the upstream, nginx, cbgate x3 and the Python SDK proxy"
+start upstream "$NGINX" -p "$T/up" -c "$T/up.conf" -e "$T/up/error.log"
+wait_port "$UP_PORT"
+start nginx "$NGINX" -p "$T/ngx" -c "$T/ngx.conf" -e "$T/ngx/error.log"
+start cbgate-es256 "$CBGATE" serve --config "$T/es256.toml"
+start cbgate-ed25519 "$CBGATE" serve --config "$T/ed25519.toml"
+start cbgate-es256-info "$CBGATE" serve --config "$T/es256-info.toml"
+start sdk-python "$VENV/bin/python" "$BENCH_DIR/sdk_proxy.py" --listen "127.0.0.1:$PY_PORT" \
+  --key-file "$T/es256.json" --ca-file "$T/ca.pem" --resolve "api.coinbase.com=127.0.0.1:$UP_PORT"
+
+for t in cbgate-es256 cbgate-ed25519 cbgate-es256-info; do
+  "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:$((PORT[$t] + 1))" /readyz 30 ||
+    { cat "$T/$t.log" >&2; die "$t not ready"; }
+done
+for t in "${TARGETS[@]}"; do
+  "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:${PORT[$t]}" "$REQ_PATH" 30 ||
+    { cat "$T/$t.log" >&2; die "$t does not answer 200"; }
+  read -r status signed len < <("$PY" "$BENCH_DIR/helpers.py" get "127.0.0.1:${PORT[$t]}" "$REQ_PATH")
+  want=yes; [ "$t" = nginx ] && want=no
+  if [ "$status" != 200 ] || [ "$signed" != "$want" ] || [ "$len" != "${#BODY}" ]; then
+    die "$t answered status=$status signed=$signed length=$len (want 200 $want ${#BODY})"
+  fi
+done
+
+# ------------------------------------------------------------------------------------------
+# Throughput and latency: warm-up, then rounds A B A B.
+URL() { echo "http://127.0.0.1:${PORT[$1]}$REQ_PATH"; }
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "warm-up, 3 s each"
+for t in "${TARGETS[@]}"; do
+  pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d3s "$(URL "$t")" >/dev/null
+done
+: >"$R/runs.tsv"
+for r in $(seq "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    log "round $r/$ROUNDS: $t"
+    read -r -a pids < <(proxy_pids "$t")
+    before=$(ticks "${pids[@]}") sw_before=$(ctxsw "${pids[@]}")
+    pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$(URL "$t")" \
+      >"$R/wrk/$t.r$r.txt"
+    after=$(ticks "${pids[@]}") sw_after=$(ctxsw "${pids[@]}")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "wrk/$t.r$r.txt" $((after - before)) \
+      $((sw_after - sw_before)) >>"$R/runs.tsv"
+    grep -E 'Requests/sec|Non-2xx|Socket errors' "$R/wrk/$t.r$r.txt" | sed 's/^/   /' >&2
+  done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+for t in cbgate-es256 cbgate-ed25519 cbgate-es256-info sdk-python; do stop "$t"; done
+
+# ------------------------------------------------------------------------------------------
+# Memory of a fresh cbgate: idle, after RSS_REQUESTS requests, with HOLD open connections.
+log "memory: fresh cbgate (ES256)"
+start fresh "$CBGATE" serve --config "$T/fresh-es256.toml"
+"$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:$((FRESH_PORT + 1))" /readyz 30 || die "fresh cbgate not ready"
+sleep 1
+IDLE_KIB=$(rss_kib "${PID[fresh]}")
+# wrk sleeps for its whole -d even when every thread has stopped: count.lua marks each thread's
+# end in a file, and wrk gets SIGINT (it then prints its summary) once all have.
+: >"$T/count.marker"
+if [ -n "$WRK_CPUS" ]; then
+  taskset -c "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d600s -s "$BENCH_DIR/count.lua" \
+    "http://127.0.0.1:$FRESH_PORT$REQ_PATH" -- $((RSS_REQUESTS / THREADS)) "$T/count.marker" >"$R/wrk/rss.txt" &
+else
+  wrk -t"$THREADS" -c"$CONNS" -d600s -s "$BENCH_DIR/count.lua" \
+    "http://127.0.0.1:$FRESH_PORT$REQ_PATH" -- $((RSS_REQUESTS / THREADS)) "$T/count.marker" >"$R/wrk/rss.txt" &
+fi
+PID[wrk]=$!
+for _ in $(seq 6000); do
+  [ "$(wc -l <"$T/count.marker")" -ge "$THREADS" ] && break
+  kill -0 "${PID[wrk]}" 2>/dev/null || break
+  sleep 0.1
+done
+kill -INT "${PID[wrk]}" 2>/dev/null || true
+wait "${PID[wrk]}" || true
+unset "PID[wrk]"
+LOAD_REQS=$(awk '/requests in/ {print $1}' "$R/wrk/rss.txt")
+[ "${LOAD_REQS:-0}" -ge $((RSS_REQUESTS * 9 / 10)) ] || die "the memory load run served ${LOAD_REQS:-0} requests"
+sleep 1
+AFTER_KIB=$(rss_kib "${PID[fresh]}")
+log "memory: holding $HOLD keep-alive connections"
+mkfifo "$T/hold.in"
+"$PY" "$BENCH_DIR/helpers.py" hold "127.0.0.1:$FRESH_PORT" "$REQ_PATH" "$HOLD" \
+  <"$T/hold.in" >"$T/hold.out" 2>&1 &
+PID[hold]=$!
+exec 9>"$T/hold.in"
+HOLD_FD_OPEN=1
+for _ in $(seq 1200); do
+  grep -q '^held' "$T/hold.out" 2>/dev/null && break
+  kill -0 "${PID[hold]}" 2>/dev/null || { cat "$T/hold.out" >&2; die "hold helper failed"; }
+  sleep 0.1
+done
+grep -q "^held $HOLD non200=0" "$T/hold.out" || { cat "$T/hold.out" >&2; die "holding connections failed"; }
+sleep 1
+HELD_KIB=$(rss_kib "${PID[fresh]}")
+HWM_KIB=$(hwm_kib "${PID[fresh]}")
+exec 9>&-
+HOLD_FD_OPEN=0
+wait "${PID[hold]}" || true
+unset "PID[hold]"
+stop fresh
+cat >"$R/rss.json" <<EOF
+{"idle_kib": $IDLE_KIB, "requests": ${LOAD_REQS:-0}, "after_load_kib": $AFTER_KIB,
+ "held": $HOLD, "held_kib": $HELD_KIB, "hwm_kib": $HWM_KIB}
+EOF
+
+# ------------------------------------------------------------------------------------------
+# Start-up: exec to /readyz 200 and to the first proxied 200, STARTS times per key.
+log "start-up, $STARTS starts per key"
+STARTUP_ES=$("$PY" "$BENCH_DIR/helpers.py" startup "$STARTS" "127.0.0.1:$((FRESH_PORT + 1))" \
+  "127.0.0.1:$FRESH_PORT" "$REQ_PATH" -- "$CBGATE" serve --config "$T/fresh-es256.toml")
+STARTUP_ED=$("$PY" "$BENCH_DIR/helpers.py" startup "$STARTS" "127.0.0.1:$((FRESH_PORT + 1))" \
+  "127.0.0.1:$FRESH_PORT" "$REQ_PATH" -- "$CBGATE" serve --config "$T/fresh-ed25519.toml")
+printf '{"ES256": %s, "Ed25519": %s}\n' "$STARTUP_ES" "$STARTUP_ED" >"$R/startup.json"
+
+# ------------------------------------------------------------------------------------------
+# JWT minting: the criterion bench (cbgate mint vs jsonwebtoken vs the bare signature).
+if [ "$JWT_BENCH" = 1 ]; then
+  log "cargo bench --bench jwt"
+  # The servers other than the upstream and nginx are stopped; nginx idles.
+  cargo bench --locked --bench jwt -- --warm-up-time 1 --measurement-time 3 >"$R/jwt-bench.txt" 2>&1 ||
+    { tail -20 "$R/jwt-bench.txt" >&2; die "cargo bench failed"; }
+  "$PY" - "$TARGET_DIR/criterion" >"$R/jwt.json" <<'EOF'
+import json, os, sys
+root = sys.argv[1]
+out = {}
+for alg in ("es256", "eddsa"):
+    for name in ("cbgate_mint", "jsonwebtoken_encode", "bare_signature"):
+        with open(os.path.join(root, alg, name, "new", "estimates.json")) as f:
+            out.setdefault(alg, {})[name] = json.load(f)["median"]["point_estimate"] / 1000.0
+print(json.dumps(out))
+EOF
+fi
+
+# ------------------------------------------------------------------------------------------
+# Profile: where a request's CPU goes.
+if [ "$PROFILE" = 1 ]; then
+  PROF=$R/profile.md
+  {
+    echo "## Profile: where one request's CPU goes (cbgate ES256, GET $REQ_PATH)"
+    echo
+  } >"$PROF"
+  if perf stat -e instructions true >/dev/null 2>&1; then HW_PERF=1; else HW_PERF=0; fi
+  # callgrind: exact instruction counts per function (user space only), collection switched on
+  # after start-up and warm-up, so the counts are those of the requests alone.
+  log "profile: callgrind, ${PROF_DURATION}s at 4 connections"
+  start prof valgrind --tool=callgrind --callgrind-out-file="$T/callgrind.out" --instr-atstart=no \
+    "$CBGATE_PROF" serve --config "$T/fresh-es256.toml"
+  "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:$((FRESH_PORT + 1))" /readyz 180 || die "cbgate under valgrind not ready"
+  for _ in 1 2 3 4 5; do "$PY" "$BENCH_DIR/helpers.py" get "127.0.0.1:$FRESH_PORT" "$REQ_PATH" >/dev/null; done
+  callgrind_control -i on "${PID[prof]}" >/dev/null
+  wrk -t1 -c4 -d"${PROF_DURATION}s" "http://127.0.0.1:$FRESH_PORT$REQ_PATH" >"$R/wrk/callgrind.txt"
+  callgrind_control -i off "${PID[prof]}" >/dev/null
+  PROF_REQS=$(awk '/requests in/ {print $1}' "$R/wrk/callgrind.txt")
+  stop prof
+  callgrind_annotate --auto=no --inclusive=no --threshold=100 "$T/callgrind.out" >"$R/callgrind-self.txt" 2>/dev/null || true
+  callgrind_annotate --auto=no --inclusive=yes --threshold=100 "$T/callgrind.out" >"$R/callgrind-incl.txt" 2>/dev/null || true
+  "$PY" "$BENCH_DIR/profile_summary.py" callgrind "$R/callgrind-self.txt" "$R/callgrind-incl.txt" \
+    "${PROF_REQS:-0}" >>"$PROF"
+  # perf with the software cpu-clock event (works without a hardware PMU, as on most VMs):
+  # the user/kernel split under the real load (32 connections), which callgrind cannot see.
+  if command -v perf >/dev/null 2>&1 && perf record -e cpu-clock -o "$T/perf-probe.data" -- true >/dev/null 2>&1; then
+    log "profile: perf record -e cpu-clock, ${PROF_DURATION}s at $CONNS connections"
+    start profperf "$CBGATE_PROF" serve --config "$T/fresh-es256.toml"
+    "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:$((FRESH_PORT + 1))" /readyz 30 || die "cbgate (benchprof) not ready"
+    pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d"$((PROF_DURATION + 2))s" "http://127.0.0.1:$FRESH_PORT$REQ_PATH" >"$R/wrk/perf.txt" &
+    wrk_pid=$!
+    sleep 1
+    perf record -e cpu-clock -F 1999 -p "${PID[profperf]}" -o "$T/perf.data" -- sleep "$PROF_DURATION" >/dev/null 2>&1 || true
+    wait "$wrk_pid" || true
+    stop profperf
+    perf report -i "$T/perf.data" --no-children --sort dso,sym --stdio 2>/dev/null >"$R/perf-sym.txt" || true
+    "$PY" "$BENCH_DIR/profile_summary.py" perf "$R/perf-sym.txt" >>"$PROF"
+  fi
+  if [ "$HW_PERF" = 0 ]; then
+    echo >>"$PROF"
+    echo "(No hardware counters here: \`perf stat -e instructions\` is not supported, so instruction counts come from callgrind and perf samples the software cpu-clock.)" >>"$PROF"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------
+# The table.
+SDK_VERSION=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("coinbase-advanced-py"))')
+AIOHTTP_VERSION=$("$VENV/bin/python" -c 'import aiohttp; print(aiohttp.__version__)')
+PINNING="none (the scheduler places wrk, the proxies and the upstream on both cores)"
+if [ -n "$WRK_CPUS$SERVER_CPUS" ]; then
+  PINNING="wrk on CPUs ${WRK_CPUS:-any}, servers on CPUs ${SERVER_CPUS:-any} (taskset)"
+fi
+TARGETS_JSON=$(for t in "${TARGETS[@]}"; do printf '%s\t%s\n' "$t" "${LABEL[$t]}"; done |
+  "$PY" -c 'import json,sys; print(json.dumps([l.rstrip("\n").split("\t") for l in sys.stdin]))')
+GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "?")
+git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT_REV="$GIT_REV+local changes"
+"$PY" - >"$R/meta.json" \
+  date="$STAMP" cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -1)" cores="$(nproc)" \
+  mem="$(free -h | awk '/^Mem:/ {print $2}')" kernel="Linux $(uname -r)" \
+  cbgate_version="$("$CBGATE" --version | awk '{print $2}')" git="$GIT_REV" \
+  nginx="$("$NGINX" -v 2>&1 | sed 's/^nginx version: //')" \
+  wrk="$(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}')" \
+  python="$("$VENV/bin/python" -c 'import platform; print(platform.python_version())')" \
+  sdk="$SDK_VERSION" aiohttp="$AIOHTTP_VERSION" targets="$TARGETS_JSON" rounds="$ROUNDS" \
+  duration="$DURATION" conns="$CONNS" threads="$THREADS" path="$REQ_PATH" starts="$STARTS" \
+  pinning="$PINNING" load_before="$LOAD_BEFORE" load_after="$LOAD_AFTER" <<'EOF'
+import json, sys
+meta = dict(arg.split("=", 1) for arg in sys.argv[1:])
+meta["targets"] = json.loads(meta["targets"])
+print(json.dumps(meta))
+EOF
+"$PY" "$BENCH_DIR/helpers.py" summarize "$R" >"$RESULTS"
+cat "$RESULTS"
+log "written to $RESULTS"
