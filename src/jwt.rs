@@ -89,12 +89,17 @@ fn nonce() -> Result<[u8; 64], SignError> {
     let mut raw = [0u8; 32];
     aws_lc_rs::rand::fill(&mut raw).map_err(|_| SignError)?;
     let mut out = [0u8; 64];
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in raw.iter().enumerate() {
-        out[2 * i] = HEX[usize::from(b >> 4)];
-        out[2 * i + 1] = HEX[usize::from(b & 0x0f)];
-    }
+    hex_lower(&raw, &mut out);
     Ok(out)
+}
+
+/// Lower-case hex of `raw` into `out` (twice as long), without allocating: used per request.
+pub(crate) fn hex_lower(raw: &[u8], out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in raw.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0x0f)];
+    }
 }
 
 /// Mints one token. `binding` is ignored for [`ClaimStyle::None`].

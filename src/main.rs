@@ -287,13 +287,19 @@ fn init_logging(cfg: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Checked for every event: no allocation in here.
     let silenced = tracing_subscriber::filter::filter_fn(|meta| {
-        !SILENCED_TARGETS
-            .iter()
-            .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
+        !SILENCED_TARGETS.iter().any(|t| {
+            meta.target()
+                .strip_prefix(t)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
     });
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The default (128,000 lines) reserves about 4 MiB; a few thousand lines is plenty of
+        // slack for a writer that blocks rather than drops.
+        .buffered_lines_limit(4096)
         .thread_name("cbgate-log")
         .finish(std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()

@@ -332,8 +332,9 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     let mut raw = [0u8; 16];
     // A failed RNG leaves zeros: an id is for correlation, not security.
     let _ = aws_lc_rs::rand::fill(&mut raw);
-    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut hex = [0u8; 32];
+    crate::jwt::hex_lower(&raw, &mut hex);
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Refuses requests cbgate must not forward, before any other work.
