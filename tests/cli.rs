@@ -17,14 +17,7 @@ use http_body_util::Full;
 use common::harness::{self, assert_no_secret, KeyForm, TestKey, Upstream};
 
 fn cbgate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cbgate"));
-    // Nothing from the developer's environment may steer these runs.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c
+    harness::cbgate_command()
 }
 
 fn run(c: &mut Command) -> Output {

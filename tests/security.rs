@@ -341,14 +341,7 @@ fn non_loopback_listen_needs_unsafe_listen_and_a_token() {
 }
 
 fn cbgate() -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cbgate"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c.stdin(std::process::Stdio::null());
-    c
+    harness::cbgate_command()
 }
 
 #[test]

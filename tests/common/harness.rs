@@ -302,6 +302,19 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// Reads a response whole.
+    pub async fn read(resp: http::Response<hyper::body::Incoming>) -> Resp {
+        let version = resp.version();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("read body").to_bytes();
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+            version,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
@@ -342,15 +355,7 @@ pub async fn send(client: &TestClient, req: Request<Full<Bytes>>) -> Resp {
         .await
         .expect("response within 20 s")
         .expect("request reaches cbgate");
-    let version = resp.version();
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("read body").to_bytes();
-    Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        version,
-    }
+    Resp::read(resp).await
 }
 
 pub async fn get(gate: &Gate, path: &str) -> Resp {
@@ -383,15 +388,7 @@ pub async fn send_unix(sock: &Path, req: Request<Full<Bytes>>) -> Resp {
         .await
         .expect("response within 20 s")
         .expect("response");
-    let version = resp.version();
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("read body").to_bytes();
-    Resp {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        version,
-    }
+    Resp::read(resp).await
 }
 
 /// `GET path` over a Unix socket.
