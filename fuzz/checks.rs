@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use cbgate::config::{Config, ListenAddr, Permission, PolicyConfig, RuleAction, RuleConfig};
-use cbgate::key::{Algorithm, ApiKey, KeyError};
-use cbgate::policy::{check_path, Policy};
+use cbgate::gate::policy::{check_path, Policy};
+use cbgate::sign::key::{Algorithm, ApiKey, KeyError};
 use http::Method;
 
 // ---------------------------------------------------------------------------
@@ -215,11 +215,11 @@ pub fn config_load(data: &[u8]) {
     assert!(!cfg.routes.is_empty(), "accepted with no routes");
     for r in &cfg.routes {
         assert!(r.prefix.starts_with('/'), "route prefix {:?}", r.prefix);
-        cbgate::route::Upstream::parse(&r.upstream).expect("accepted route upstream parses");
+        cbgate::gate::route::Upstream::parse(&r.upstream).expect("accepted route upstream parses");
     }
     for r in &cfg.ws_routes {
         assert!(r.path.starts_with('/'), "ws route path {:?}", r.path);
-        cbgate::route::Upstream::parse_ws(&r.upstream).expect("accepted ws upstream parses");
+        cbgate::gate::route::Upstream::parse_ws(&r.upstream).expect("accepted ws upstream parses");
     }
     let _ = format!("{cfg:?}");
 }

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 
-use crate::client::ClientError;
-use crate::policy::Denied;
-use crate::upstream::{ConnectStage, UpstreamError};
+use crate::forward::upstream::{ConnectStage, UpstreamError};
+use crate::gate::client::ClientError;
+use crate::gate::policy::Denied;
 use crate::Body;
 
 /// The header naming a cbgate-made error.

@@ -13,19 +13,19 @@ use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
-use crate::admin::Readiness;
-use crate::client::ClientGate;
-use crate::clock;
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::headers::{strip_client_credentials, strip_hop_by_hop};
-use crate::jwt::{Binding, Signer};
-use crate::key::ApiKey;
-use crate::metrics::Metrics;
-use crate::policy::{check_path, Policy};
-use crate::route::{Route, Router};
-use crate::upstream::{SetupError, UpstreamClient};
-use crate::ws::{self, WsState};
+use crate::forward::date_watch::DateWatch;
+use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
+use crate::forward::upstream::{SetupError, UpstreamClient};
+use crate::forward::ws::{self, WsState};
+use crate::gate::client::ClientGate;
+use crate::gate::policy::{check_path, Policy};
+use crate::gate::route::{Route, Router};
+use crate::ops::metrics::Metrics;
+use crate::ops::readiness::Readiness;
+use crate::sign::jwt::{Binding, Signer};
+use crate::sign::key::ApiKey;
 use crate::Body;
 use zeroize::Zeroizing;
 
@@ -43,7 +43,7 @@ pub struct Proxy {
     metrics: Metrics,
     readiness: Readiness,
     /// Watches the `Date` of every upstream response for a clock jump between measurements.
-    clock_watch: clock::DateWatch,
+    clock_watch: DateWatch,
 }
 
 /// Building the proxy failed.
@@ -78,7 +78,7 @@ impl Proxy {
             max_body_bytes: cfg.max_body_bytes,
             metrics,
             readiness: Readiness::default(),
-            clock_watch: clock::DateWatch::default(),
+            clock_watch: DateWatch::default(),
         })
     }
 
@@ -114,7 +114,7 @@ impl Proxy {
     }
 
     /// The `Date` watcher that asks the clock task for an early measurement.
-    pub fn clock_watch(&self) -> &clock::DateWatch {
+    pub fn clock_watch(&self) -> &DateWatch {
         &self.clock_watch
     }
 
@@ -190,7 +190,7 @@ impl Proxy {
         req: Request<Incoming>,
         outcome: &mut Outcome<'a>,
     ) -> Result<Response<Body>, ProxyError> {
-        if let Some(why) = crate::sniff::rejected(req.uri().path()) {
+        if let Some(why) = crate::listen::sniff::rejected(req.uri().path()) {
             return Err(ProxyError::BadRequest(why.into()));
         }
         check_request(&req, self.max_body_bytes)?;
@@ -206,7 +206,7 @@ impl Proxy {
                     })?;
             outcome.route = Some(&route.path);
             self.policy.check(req.method(), req.uri().path())?;
-            return ws::proxy(self, route, req).await;
+            return ws::proxy(&self.client, &self.ws, self.ws_signer(), route, req).await;
         }
         let route = self.route(req.uri().path())?;
         outcome.route = Some(&route.prefix);
@@ -333,7 +333,7 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     // A failed RNG leaves zeros: an id is for correlation, not security.
     let _ = aws_lc_rs::rand::fill(&mut raw);
     let mut hex = [0u8; 32];
-    crate::jwt::hex_lower(&raw, &mut hex);
+    crate::sign::jwt::hex_lower(&raw, &mut hex);
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 

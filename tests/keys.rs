@@ -20,7 +20,7 @@ use base64::Engine as _;
 use http::StatusCode;
 use serde_json::json;
 
-use cbgate::key::{Algorithm, ApiKey, KeyError, KeySource};
+use cbgate::sign::key::{Algorithm, ApiKey, KeyError, KeySource};
 use common::harness::{get, pem, write_private, Gate, KeyForm, TestKey, Upstream};
 use common::mock::{AuthOutcome, ExpectedKey};
 
@@ -68,7 +68,7 @@ fn assert_same_key(loaded: &ApiKey, key: &TestKey, how: &str) {
         expected_public_key(key),
         "{how}: public key differs from the generated key's"
     );
-    cbgate::jwt::self_test(loaded).unwrap_or_else(|e| panic!("{how}: self-test failed: {e}"));
+    cbgate::sign::jwt::self_test(loaded).unwrap_or_else(|e| panic!("{how}: self-test failed: {e}"));
     assert_no_secret(&format!("{loaded:?}"), &key.secret);
 }
 

@@ -53,7 +53,7 @@ fn client_requests(up: &Upstream) -> Vec<common::mock::Recorded> {
     up.mock
         .requests()
         .into_iter()
-        .filter(|r| r.path_and_query != cbgate::clock::TIME_PATH)
+        .filter(|r| r.path_and_query != cbgate::ops::clock::TIME_PATH)
         .collect()
 }
 
@@ -562,7 +562,7 @@ async fn check_online_prints_permissions_or_the_reason() {
     assert!(stdout.contains("clock offset:"), "{stdout}");
     let signed: Vec<_> = client_requests(&up)
         .into_iter()
-        .filter(|r| r.path_and_query == cbgate::check::PERMISSIONS_PATH)
+        .filter(|r| r.path_and_query == cbgate::ops::online::PERMISSIONS_PATH)
         .collect();
     assert_eq!(signed.len(), 1);
     assert_eq!(

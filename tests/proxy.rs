@@ -577,9 +577,10 @@ async fn unix_socket_listener_is_private_and_serves() {
     let key = TestKey::generate(KeyForm::Ed25519B64_64);
     let up = Upstream::start(Some(&key)).await;
     let sock = up.dir.path().join("cbgate.sock");
-    let listener = cbgate::server::Listener::bind(&cbgate::config::ListenAddr::Unix(sock.clone()))
-        .await
-        .expect("bind unix");
+    let listener =
+        cbgate::listen::server::Listener::bind(&cbgate::config::ListenAddr::Unix(sock.clone()))
+            .await
+            .expect("bind unix");
     let mode = std::fs::metadata(&sock)
         .expect("socket")
         .permissions()

@@ -466,7 +466,7 @@ async fn unusual_methods_are_refused_before_policy() {
 #[tokio::test]
 async fn a_live_unix_socket_is_not_taken_over_but_a_stale_one_is_replaced() {
     use cbgate::config::ListenAddr;
-    use cbgate::server::Listener;
+    use cbgate::listen::server::Listener;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("gate.sock");
     let first = Listener::bind(&ListenAddr::Unix(path.clone()))

@@ -1,6 +1,6 @@
 //! Request-smuggling shapes sent as raw bytes on a socket, as request-smuggling test suites do:
 //! each must be answered 400 (or 431) and never reach Coinbase. Next to each, what hyper alone
-//! (the same server configuration without `cbgate::sniff::SmuggleGuard`) does with it, checked
+//! (the same server configuration without `cbgate::listen::sniff::SmuggleGuard`) does with it, checked
 //! by `hyper_alone_accepts_the_shapes_the_guard_exists_for`.
 
 mod common;
@@ -298,9 +298,10 @@ async fn unix_socket_clients_are_guarded_too() {
     let key = TestKey::generate(KeyForm::P256Sec1);
     let up = Upstream::start(Some(&key)).await;
     let sock = up.dir.path().join("cbgate.sock");
-    let listener = cbgate::server::Listener::bind(&cbgate::config::ListenAddr::Unix(sock.clone()))
-        .await
-        .expect("bind unix");
+    let listener =
+        cbgate::listen::server::Listener::bind(&cbgate::config::ListenAddr::Unix(sock.clone()))
+            .await
+            .expect("bind unix");
     let _gate = Gate::start_on(up.config(), Some(&key), vec![listener]).await;
     let mut s = tokio::net::UnixStream::connect(&sock)
         .await
@@ -344,7 +345,7 @@ async fn silent_clients_are_cut_off_at_the_header_read_timeout() {
     assert!(up.mock.requests().is_empty());
 }
 
-/// Serves connections with hyper alone, configured as `cbgate::server` configures it, and
+/// Serves connections with hyper alone, configured as `cbgate::listen::server` configures it, and
 /// counts the requests its service sees.
 async fn hyper_alone() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

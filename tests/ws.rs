@@ -19,9 +19,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use cbgate::config::Config;
-use cbgate::key::KeySource;
+use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::proxy::Proxy;
-use cbgate::server::{self, Listener, ServeOptions};
+use cbgate::sign::key::KeySource;
 
 use common::harness::{raw, Gate, KeyForm, TestKey};
 use common::ws_mock::{Rec, SubAuth, WsMockOptions, WsUpstream};
@@ -781,8 +781,8 @@ async fn python_example_streams_the_user_channel() {
 /// The mock must refuse what Coinbase refuses, or the signing tests above prove nothing.
 #[tokio::test]
 async fn ws_mock_rejects_tokens_coinbase_would_reject() {
-    use cbgate::jwt::{self, Binding, ClaimStyle};
-    use cbgate::key::ApiKey;
+    use cbgate::sign::jwt::{self, Binding, ClaimStyle};
+    use cbgate::sign::key::ApiKey;
 
     let key = TestKey::generate(KeyForm::P256Sec1);
     let other = TestKey::generate(KeyForm::P256Sec1);

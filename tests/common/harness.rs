@@ -23,9 +23,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use cbgate::config::Config;
-use cbgate::key::KeySource;
+use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::proxy::Proxy;
-use cbgate::server::{self, Listener, ServeOptions};
+use cbgate::sign::key::KeySource;
 
 use super::mock::{ExpectedKey, MockCoinbase, MockOptions, Pki};
 

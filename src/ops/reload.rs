@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::key::KeySource;
 use crate::proxy::Proxy;
+use crate::sign::key::KeySource;
 
 /// Where the key comes from and how strictly its file is checked.
 #[derive(Debug)]
@@ -53,7 +53,7 @@ impl KeyReloader {
         let loaded = KeySource::File(path.clone())
             .load_with(self.allow_insecure_permissions)
             .map_err(|e| e.to_string())
-            .and_then(|k| crate::jwt::self_test(&k).map(|()| k));
+            .and_then(|k| crate::sign::jwt::self_test(&k).map(|()| k));
         match loaded {
             Ok(key) => {
                 if let Ok(mut d) = self.last_digest.lock() {

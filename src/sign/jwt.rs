@@ -14,7 +14,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::key::{Algorithm, ApiKey};
+use crate::sign::key::{Algorithm, ApiKey};
 
 /// Token lifetime: Coinbase accepts at most two minutes.
 pub const LIFETIME_SECS: u64 = 120;

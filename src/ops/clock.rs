@@ -2,14 +2,15 @@
 //! (intermittent 401s), so cbgate measures Coinbase's clock at start and every few minutes and,
 //! when the offset exceeds 1 s, signs with the corrected time.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Request, Uri};
 use http_body_util::{BodyExt as _, Empty, Limited};
 
+use crate::forward::date_watch::{unix_now, THRESHOLD_SECS};
+use crate::gate::route::Upstream;
 use crate::proxy::Proxy;
-use crate::route::Upstream;
 
 /// The public endpoint that reports Coinbase's time.
 pub const TIME_PATH: &str = "/api/v3/brokerage/time";
@@ -17,18 +18,8 @@ pub const TIME_PATH: &str = "/api/v3/brokerage/time";
 /// Offsets beyond this are treated as bad measurements, not applied.
 const MAX_OFFSET_SECS: f64 = 86_400.0;
 
-/// Shortest pause before a measurement asked for by [`DateWatch`].
+/// Shortest pause before a measurement asked for by [`DateWatch`](crate::forward::date_watch::DateWatch).
 const MIN_NUDGED_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Offsets at or below this are left alone: `nbf` has one-second resolution anyway.
-const THRESHOLD_SECS: f64 = 1.0;
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
 
 /// Measures `Coinbase time - local time` in seconds: `epochMillis`/`epochSeconds` from
 /// `GET /api/v3/brokerage/time`, taken at the midpoint of the round trip, or the response's
@@ -122,34 +113,7 @@ pub fn apply(proxy: &Proxy, offset: f64) {
     }
 }
 
-/// Passive check between measurements: the `Date` header of every upstream response. When it
-/// disagrees with the corrected clock by more than its one-second resolution allows, the clock
-/// task is woken to measure at once (an NTP step, a suspended VM) rather than at the next tick.
-#[derive(Debug, Default)]
-pub struct DateWatch {
-    wake: tokio::sync::Notify,
-}
-
-impl DateWatch {
-    /// Looks at one response's `Date`; cheap enough for every response.
-    pub fn observe(&self, headers: &http::HeaderMap, correction_secs: i64) {
-        let Some(date) = headers
-            .get(header::DATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        else {
-            return;
-        };
-        let corrected_now = unix_now() + correction_secs as f64;
-        // Date is truncated to whole seconds: allow that, the threshold and some latency.
-        if (date.as_secs_f64() + 0.5 - corrected_now).abs() > THRESHOLD_SECS + 1.5 {
-            self.wake.notify_one();
-        }
-    }
-}
-
-/// Measures now, then every `every` or sooner when [`DateWatch`] sees a jump.
+/// Measures now, then every `every` or sooner when [`DateWatch`](crate::forward::date_watch::DateWatch) sees a jump.
 pub async fn run(proxy: std::sync::Arc<Proxy>, every: Duration) {
     let Some(upstream) = proxy.router().find(TIME_PATH).map(|r| r.upstream.clone()) else {
         tracing::debug!("no route for {TIME_PATH}: clock skew is not measured");
@@ -162,7 +126,7 @@ pub async fn run(proxy: std::sync::Arc<Proxy>, every: Duration) {
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            () = proxy.clock_watch().wake.notified() => {
+            () = proxy.clock_watch().woken() => {
                 tracing::debug!("an upstream Date header disagrees with the clock: measuring now");
                 // Several responses may have noticed; one measurement answers them all, and a
                 // bogus Date on every response cannot make us measure more than every few seconds.

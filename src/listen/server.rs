@@ -18,11 +18,11 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Largest request head accepted (HTTP/1 read buffer, HTTP/2 header list). It must not exceed
 /// what the smuggling guard inspects, or a head could hide a bad shape past the guard's view.
-const MAX_HEAD_BYTES: usize = crate::sniff::MAX_HEAD;
+const MAX_HEAD_BYTES: usize = crate::listen::sniff::MAX_HEAD;
 
 use crate::config::ListenAddr;
+use crate::listen::sniff::SmuggleGuard;
 use crate::proxy::Proxy;
-use crate::sniff::SmuggleGuard;
 
 /// A bound listener. Binding is separate from serving so that callers (and tests) can bind
 /// port 0 and learn the address before [`run`] starts.

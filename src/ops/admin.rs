@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,37 +17,13 @@ use tokio::net::TcpListener;
 use crate::proxy::Proxy;
 use crate::Body;
 
-/// What `/readyz` needs to know besides the key.
-#[derive(Debug, Default)]
-pub struct Readiness {
-    listening: AtomicBool,
-    shutting_down: AtomicBool,
-}
-
-impl Readiness {
-    /// The proxy listeners are accepting.
-    pub fn set_listening(&self) {
-        self.listening.store(true, Ordering::SeqCst);
-    }
-
-    /// Shutdown has begun: report not ready so the orchestrator stops sending traffic.
-    pub fn set_shutting_down(&self) {
-        self.shutting_down.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether shutdown has begun.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::SeqCst)
-    }
-}
-
 /// Why cbgate is not ready, or `None` when it is.
 pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
     let r = proxy.readiness();
     if r.is_shutting_down() {
         return Some("shutting down".into());
     }
-    if !r.listening.load(Ordering::SeqCst) {
+    if !r.is_listening() {
         return Some("the proxy listener is not accepting yet".into());
     }
     let Some(key) = proxy.signer().key() else {
@@ -57,7 +32,7 @@ pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
                 .into(),
         );
     };
-    if let Err(e) = crate::jwt::self_test(&key) {
+    if let Err(e) = crate::sign::jwt::self_test(&key) {
         return Some(format!("the key failed its signing self-test: {e}"));
     }
     None
@@ -110,7 +85,7 @@ pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
         },
         "/metrics" => response(
             StatusCode::OK,
-            crate::metrics::Metrics::content_type(),
+            crate::ops::metrics::Metrics::content_type(),
             proxy.metrics().render(),
         ),
         _ => response(

@@ -1,7 +1,7 @@
 //! WebSocket relay for the Advanced Trade streams (`/ws`, `/ws/user`).
 //!
 //! A client upgrades over HTTP/1.1. cbgate first opens the upstream (verified TLS through
-//! [`UpstreamClient::connect_http1`](crate::upstream::UpstreamClient::connect_http1), then the
+//! [`UpstreamClient::connect_http1`](crate::forward::upstream::UpstreamClient::connect_http1), then the
 //! WebSocket handshake), and only when Coinbase has accepted answers the client with 101; a
 //! failure before that is one of cbgate's JSON errors, so the client learns what went wrong.
 //!
@@ -49,11 +49,10 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::config::WsConfig;
 use crate::error::ProxyError;
-use crate::jwt::{self, Binding, Signer};
-use crate::metrics::WsCounters;
-use crate::proxy::Proxy;
-use crate::route::WsRoute;
-use crate::upstream::UpstreamError;
+use crate::forward::upstream::{UpstreamClient, UpstreamError};
+use crate::gate::route::WsRoute;
+use crate::ops::metrics::WsCounters;
+use crate::sign::jwt::{self, Binding, Signer};
 use crate::Body;
 
 /// How long a closing handshake may take on each side before cbgate drops the connection.
@@ -193,7 +192,7 @@ impl Drop for SessionGuard {
 }
 
 /// Mints WebSocket subscribe tokens for relay tasks, which outlive the request that started
-/// them and so cannot borrow the [`Proxy`]. It shares the proxy's [`Signer`], so a session
+/// them and so cannot borrow the proxy. It shares the proxy's [`Signer`], so a session
 /// signs with the key in use at each subscribe, rotated keys included. Debug never shows a key.
 #[derive(Clone, Debug)]
 pub struct WsSigner(Arc<Signer>);
@@ -290,18 +289,19 @@ fn check_handshake(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
 /// Returns cbgate's JSON error when the handshake is bad or the upstream cannot be reached or
 /// refuses the upgrade; otherwise 101, and the relay runs in its own task.
 pub async fn proxy(
-    proxy: &Proxy,
+    client: &UpstreamClient,
+    state: &WsState,
+    signer: WsSigner,
     route: &WsRoute,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     let client_key = check_handshake(&req)?;
     let upstream = &route.upstream;
-    if proxy.ws().open_sessions() >= proxy.ws().max_sessions() {
-        return Err(ProxyError::TooManySessions(proxy.ws().max_sessions()));
+    if state.open_sessions() >= state.max_sessions() {
+        return Err(ProxyError::TooManySessions(state.max_sessions()));
     }
 
-    let tls = proxy
-        .upstream()
+    let tls = client
         .connect_http1(&upstream.host, upstream.port)
         .await
         .map_err(|e| ProxyError::Upstream(UpstreamError::Connect(e)))?;
@@ -328,9 +328,9 @@ pub async fn proxy(
         }
     }
 
-    let config = ws_config(proxy.ws().max_message_bytes());
+    let config = ws_config(state.max_message_bytes());
     let (upstream_ws, up_resp) = match tokio::time::timeout(
-        proxy.upstream().request_timeout(),
+        client.request_timeout(),
         tokio_tungstenite::client_async_with_config(up_req, tls, Some(config)),
     )
     .await
@@ -338,7 +338,7 @@ pub async fn proxy(
         Err(_) => {
             return Err(ProxyError::Upstream(UpstreamError::Timeout {
                 host: upstream.host.clone(),
-                after: proxy.upstream().request_timeout(),
+                after: client.request_timeout(),
             }))
         }
         Ok(Err(WsError::Http(resp))) => {
@@ -369,14 +369,14 @@ pub async fn proxy(
 
     // Counted from now, so that a shutdown starting before the client's upgrade completes
     // still waits for (and closes) this session.
-    let guard = SessionGuard::new(&proxy.ws().shared);
+    let guard = SessionGuard::new(&state.shared);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session = Session {
         route: route.path.clone(),
         host: upstream.host.clone(),
-        signer: proxy.ws_signer(),
-        shared: Arc::clone(&proxy.ws().shared),
-        max_message_bytes: proxy.ws().max_message_bytes(),
+        signer,
+        shared: Arc::clone(&state.shared),
+        max_message_bytes: state.max_message_bytes(),
     };
     tokio::spawn(async move {
         let _guard = guard;
@@ -722,7 +722,7 @@ fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, Pr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::ApiKey;
+    use crate::sign::key::ApiKey;
 
     fn unsigned() -> WsSigner {
         WsSigner::new(Arc::new(Signer::new(None)))

@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use crate::config::{RouteConfig, WsRouteConfig};
-use crate::jwt::ClaimStyle;
+use crate::config::{BaseUrl, RouteConfig, WsRouteConfig};
+use crate::sign::jwt::ClaimStyle;
 
 /// An upstream Coinbase API host.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,27 +29,7 @@ impl Upstream {
     }
 
     fn parse_scheme(url: &str, scheme: &str) -> Result<Upstream, String> {
-        let u = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-        if u.scheme() != scheme {
-            return Err(format!(
-                "{url:?} must use {scheme}: cbgate only talks to Coinbase over verified TLS"
-            ));
-        }
-        if !(u.path().is_empty() || u.path() == "/")
-            || u.query().is_some()
-            || u.fragment().is_some()
-            || !u.username().is_empty()
-            || u.password().is_some()
-        {
-            return Err(format!("{url:?} must be only scheme, host and port"));
-        }
-        let host = match u.host() {
-            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
-            Some(url::Host::Ipv4(ip)) => ip.to_string(),
-            Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
-            None => return Err(format!("{url:?} has no host")),
-        };
-        let port = u.port().unwrap_or(443);
+        let BaseUrl { host, port } = BaseUrl::parse(url, scheme)?;
         let authority = if port == 443 {
             host.clone()
         } else {

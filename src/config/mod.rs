@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub mod pattern;
+
 /// A configuration error; Display names the key or file at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -76,6 +78,45 @@ impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The scheme-less part of an upstream base URL: what `routes` and `ws_routes` may name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BaseUrl {
+    /// Lower-case host name, or an IP address (IPv6 in brackets).
+    pub host: String,
+    /// The port, 443 when the URL names none.
+    pub port: u16,
+}
+
+impl BaseUrl {
+    /// Parses `SCHEME://host[:port]` (a trailing `/` is allowed; no path, query or user info).
+    pub fn parse(url: &str, scheme: &str) -> Result<BaseUrl, String> {
+        let u = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        if u.scheme() != scheme {
+            return Err(format!(
+                "{url:?} must use {scheme}: cbgate only talks to Coinbase over verified TLS"
+            ));
+        }
+        if !(u.path().is_empty() || u.path() == "/")
+            || u.query().is_some()
+            || u.fragment().is_some()
+            || !u.username().is_empty()
+            || u.password().is_some()
+        {
+            return Err(format!("{url:?} must be only scheme, host and port"));
+        }
+        let host = match u.host() {
+            Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+            None => return Err(format!("{url:?} has no host")),
+        };
+        Ok(BaseUrl {
+            host,
+            port: u.port().unwrap_or(443),
+        })
     }
 }
 
@@ -441,7 +482,12 @@ impl Config {
         if self.max_headers == 0 {
             return Err(invalid("max_headers", "must be greater than 0"));
         }
-        crate::policy::Policy::new(&self.policy).map_err(|(key, m)| invalid(key, m))?;
+        for (i, r) in self.policy.rules.iter().enumerate() {
+            pattern::parse_pattern(&r.path)
+                .map_err(|m| invalid(format!("policy.rules[{i}].path"), m))?;
+            pattern::parse_methods(&r.methods)
+                .map_err(|m| invalid(format!("policy.rules[{i}].methods"), m))?;
+        }
         if self.max_body_bytes == 0 {
             return Err(invalid("max_body_bytes", "must be greater than 0"));
         }
@@ -456,7 +502,7 @@ impl Config {
                     format!("{:?} must start with /", r.prefix),
                 ));
             }
-            crate::route::Upstream::parse(&r.upstream)
+            BaseUrl::parse(&r.upstream, "https")
                 .map_err(|m| invalid(format!("{key}.upstream"), m))?;
         }
         for (i, r) in self.ws_routes.iter().enumerate() {
@@ -467,7 +513,7 @@ impl Config {
                     format!("{:?} must start with /", r.path),
                 ));
             }
-            crate::route::Upstream::parse_ws(&r.upstream)
+            BaseUrl::parse(&r.upstream, "wss")
                 .map_err(|m| invalid(format!("{key}.upstream"), m))?;
         }
         if self.ws.max_message_bytes == 0 {

@@ -40,7 +40,7 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::HOST);
-    headers.remove(&crate::client::TOKEN_HEADER);
+    headers.remove(&crate::gate::client::TOKEN_HEADER);
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Uri};
 use http_body_util::{BodyExt as _, Empty, Limited};
 
-use crate::clock;
-use crate::jwt::Binding;
+use crate::ops::clock;
 use crate::proxy::Proxy;
+use crate::sign::jwt::Binding;
 
 /// The endpoint that tells what a key may do.
 pub const PERMISSIONS_PATH: &str = "/api/v3/brokerage/key_permissions";
@@ -44,7 +44,7 @@ pub async fn online(proxy: &Proxy) -> Online {
 
 async fn permissions(
     proxy: &Proxy,
-    route: &crate::route::Route,
+    route: &crate::gate::route::Route,
     clock_offset: &Result<f64, String>,
 ) -> Result<serde_json::Value, String> {
     let upstream = &route.upstream;

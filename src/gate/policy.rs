@@ -11,21 +11,13 @@
 use http::Method;
 use percent_encoding::percent_decode_str;
 
+use crate::config::pattern::{parse_methods, parse_pattern, Segment};
 use crate::config::{Permission, PolicyConfig, RuleAction};
 
 /// Why a request was denied: a sentence naming the rule or ceiling and how to allow it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Denied(pub String);
-
-#[derive(Debug)]
-enum Segment {
-    Literal(String),
-    /// `*`: exactly one non-empty segment.
-    One,
-    /// A final `**`: zero or more segments (so `/a/**` covers `/a` and everything below).
-    Rest,
-}
 
 #[derive(Debug)]
 struct Rule {
@@ -51,21 +43,7 @@ impl Policy {
         for (i, r) in cfg.rules.iter().enumerate() {
             let key = format!("policy.rules[{i}]");
             let pattern = parse_pattern(&r.path).map_err(|m| (format!("{key}.path"), m))?;
-            let mut methods = Vec::new();
-            for m in &r.methods {
-                if m == "*" {
-                    methods.clear();
-                    break;
-                }
-                let upper = m.to_ascii_uppercase();
-                if Method::from_bytes(upper.as_bytes()).is_err() || upper.is_empty() {
-                    return Err((
-                        format!("{key}.methods"),
-                        format!("{m:?} is not an HTTP method"),
-                    ));
-                }
-                methods.push(upper);
-            }
+            let methods = parse_methods(&r.methods).map_err(|m| (format!("{key}.methods"), m))?;
             let verb = match r.action {
                 RuleAction::Allow => "allow",
                 RuleAction::Deny => "deny",
@@ -164,32 +142,6 @@ fn match_form(path: &str) -> String {
         p.pop();
     }
     p
-}
-
-fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
-    let Some(rest) = p.strip_prefix('/') else {
-        return Err(format!("{p:?} must start with /"));
-    };
-    // Paths are matched without a trailing `/`; so are patterns.
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    let parts: Vec<&str> = rest.split('/').collect();
-    let mut out = Vec::with_capacity(parts.len());
-    for (i, s) in parts.iter().enumerate() {
-        out.push(match *s {
-            "*" => Segment::One,
-            "**" if i + 1 == parts.len() => Segment::Rest,
-            "**" => return Err(format!("{p:?}: ** is only allowed as the last segment")),
-            lit if lit.contains('*') => {
-                return Err(format!("{p:?}: * must be a whole segment"));
-            }
-            lit => Segment::Literal(
-                percent_decode_str(lit)
-                    .decode_utf8_lossy()
-                    .to_ascii_lowercase(),
-            ),
-        });
-    }
-    Ok(out)
 }
 
 fn matches(pattern: &[Segment], path: &str) -> bool {

@@ -1,0 +1,95 @@
+//! `cbgate check [--online]`: the same validation `serve` runs, then optionally one signed call.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+
+use cbgate::ops::harden;
+use cbgate::proxy::Proxy;
+
+use super::{config_err, load, CheckArgs, Failure, Loaded};
+
+/// Checks configuration and key, and with `--online` the key at Coinbase.
+pub fn run(
+    args: CheckArgs,
+    env: HashMap<String, String>,
+    hardening: &harden::Report,
+) -> Result<(), Failure> {
+    let Loaded { cfg, key, .. } = load(&args.common, &[], env)?;
+    let runtime = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .map_err(Failure::Runtime)?;
+    let key_lines = key.as_ref().map(|k| {
+        [
+            format!("key: {}", k.name()),
+            format!("algorithm: {}", k.algorithm().as_str()),
+            format!("public key fingerprint: {}", k.fingerprint()),
+        ]
+    });
+    let online = args.online && key.is_some();
+    // Exactly what `serve` builds before it binds, so `check` fails where `serve` would.
+    let proxy = runtime
+        .block_on(async { Proxy::new(&cfg, key) })
+        .map_err(config_err)?;
+    let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
+    println!(
+        "config: ok (listen {}; {} routes)",
+        listen.join(", "),
+        cfg.routes.len()
+    );
+    match key_lines {
+        Some(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            println!("self-test: a signed token verified against the public key");
+        }
+        None => println!(
+            "key: none configured; requests will be forwarded unsigned (public endpoints only)"
+        ),
+    }
+    let yes_no = |b: bool| if b { "yes" } else { "NO" };
+    println!(
+        "hardening: core dumps off: {}; not dumpable: {}; memory locked: {}",
+        yes_no(hardening.core_dumps_disabled),
+        yes_no(hardening.not_dumpable),
+        match &hardening.memory_locked {
+            Ok(()) => "yes".to_owned(),
+            Err(why) => format!("NO ({why})"),
+        }
+    );
+    if !args.online {
+        return Ok(());
+    }
+    if !online {
+        return Err(config_err(anyhow::anyhow!(
+            "--online needs a key: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"
+        )));
+    }
+    let report = runtime.block_on(cbgate::ops::online::online(&proxy));
+    match &report.clock_offset {
+        Ok(o) => println!("clock offset: {o:+.2} s (Coinbase minus local)"),
+        Err(e) => println!("clock offset: not measured ({e})"),
+    }
+    match report.permissions {
+        Ok(p) => {
+            println!("online: ok");
+            for field in [
+                "can_view",
+                "can_trade",
+                "can_transfer",
+                "portfolio_uuid",
+                "portfolio_type",
+            ] {
+                println!(
+                    "{field}: {}",
+                    p.get(field).unwrap_or(&serde_json::Value::Null)
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
+            "online check failed: {e}"
+        ))),
+    }
+}

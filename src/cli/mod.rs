@@ -1,0 +1,238 @@
+//! The subcommands, one file each; `main.rs` parses the flags and calls one of them.
+//! This is the binary's side: it may use everything in the library, and `anyhow` for messages.
+
+pub mod check;
+pub mod completions;
+pub mod health;
+pub mod serve;
+pub mod token;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use zeroize::{Zeroize as _, Zeroizing};
+
+use cbgate::config::{Config, Sources};
+use cbgate::sign::jwt;
+use cbgate::sign::key::{ApiKey, KeySource};
+
+/// Exit code for bad configuration (flags, file, environment or key).
+pub const EXIT_CONFIG: u8 = 2;
+
+/// cbgate: a local authenticating reverse proxy for the Coinbase APIs.
+///
+/// Send plain HTTP to cbgate (default http://127.0.0.1:8750) instead of https://api.coinbase.com;
+/// cbgate signs each request with a fresh JWT and forwards it over verified TLS. The key comes
+/// from --key-file (the CDP key JSON) or COINBASE_API_KEY + COINBASE_API_SECRET.
+#[derive(Parser, Debug)]
+#[command(name = "cbgate", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the proxy (the default when no command is given).
+    Serve(ServeArgs),
+    /// Print a fresh JWT for one request, as the Coinbase docs' script does.
+    Token(TokenArgs),
+    /// Validate the configuration and key; print the key name, algorithm and fingerprint.
+    Check(CheckArgs),
+    /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
+    /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
+    Health(HealthArgs),
+    /// Print a shell completion script, e.g. `cbgate completions bash > /etc/bash_completion.d/cbgate`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Also call GET /api/v3/brokerage/key_permissions through the signing path and print the
+    /// key's permissions, or the exact reason it failed.
+    #[arg(long)]
+    pub online: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Probe /livez (the process answers) instead of /readyz.
+    #[arg(long)]
+    pub live: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct Common {
+    /// TOML configuration file (see config/cbgate.toml).
+    #[arg(
+        long,
+        short = 'c',
+        env = "CBGATE_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
+    pub config: Option<PathBuf>,
+    /// CDP API key JSON file (overrides key.file).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Listen address, IP:PORT or unix:/path; repeat for several (overrides `listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// A WebSocket subscribe token (no request binding); METHOD and PATH are not needed.
+    #[arg(long)]
+    pub ws: bool,
+    /// HTTP method, e.g. GET.
+    #[arg(required_unless_present = "ws")]
+    pub method: Option<String>,
+    /// `/api/v3/...` (the route picks the host), `api.coinbase.com/path` or a full https URL.
+    #[arg(required_unless_present = "ws")]
+    pub path_or_url: Option<String>,
+}
+
+/// The process environment as text. `std::env::vars()` panics on a value that is not UTF-8 and
+/// the panic message quotes the value, which could be the secret: name the variable instead.
+pub fn environment() -> Result<HashMap<String, String>, String> {
+    let mut env = HashMap::new();
+    for (k, v) in std::env::vars_os() {
+        let Ok(k) = k.into_string() else { continue };
+        match v.into_string() {
+            Ok(v) => {
+                env.insert(k, v);
+            }
+            // Only variables cbgate reads matter; others may hold anything.
+            Err(_) if k.starts_with("CBGATE_") || k.starts_with("COINBASE_") || k == "RUST_LOG" => {
+                return Err(format!("environment variable {k} is not valid UTF-8"));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(env)
+}
+
+/// Why a command failed: bad configuration (exit 2) or a runtime error (exit 1).
+pub enum Failure {
+    Config(anyhow::Error),
+    Runtime(anyhow::Error),
+}
+
+/// A configuration failure.
+pub fn config_err(e: impl Into<anyhow::Error>) -> Failure {
+    Failure::Config(e.into())
+}
+
+/// What start-up loads: configuration, key (`None`: requests go unsigned), client token.
+pub struct Loaded {
+    pub cfg: Config,
+    pub key: Option<ApiKey>,
+    /// The key file, when the key came from one (watched for rotation).
+    pub key_file: Option<PathBuf>,
+    /// The key file's mode is not checked (configured, or a systemd credential).
+    pub allow_insecure: bool,
+    pub client_token: Option<Zeroizing<String>>,
+}
+
+/// Loads configuration, key and client token for a command.
+pub fn load(
+    common: &Common,
+    listen: &[String],
+    env: HashMap<String, String>,
+) -> Result<Loaded, Failure> {
+    let mut sources = Sources {
+        file: common.config.clone(),
+        env,
+        listen: listen.to_vec(),
+        key_file: common.key_file.clone(),
+    };
+    let loaded = load_from(&sources);
+    // The environment map held a copy of the secret: wipe it before it is freed.
+    if let Some(secret) = sources.env.get_mut("COINBASE_API_SECRET") {
+        secret.zeroize();
+    }
+    loaded
+}
+
+fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
+    let cfg = Config::load(sources).map_err(config_err)?;
+    let source = KeySource::select(cfg.key.file.as_deref(), &sources.env).map_err(config_err)?;
+    let key_file = match &source {
+        Some(KeySource::File(p)) => Some(p.clone()),
+        _ => None,
+    };
+    let allow_insecure = allow_insecure_key_mode(&cfg, key_file.as_deref(), &sources.env);
+    let key = match source {
+        None => None,
+        Some(src) => {
+            let key = src.load_with(allow_insecure).map_err(config_err)?;
+            jwt::self_test(&key)
+                .map_err(|e| config_err(anyhow::anyhow!("key self-test failed: {e}")))?;
+            Some(key)
+        }
+    };
+    let client_token = match &cfg.client_token_file {
+        None => None,
+        Some(path) => Some(load_client_token(path).map_err(config_err)?),
+    };
+    Ok(Loaded {
+        cfg,
+        key,
+        key_file,
+        allow_insecure,
+        client_token,
+    })
+}
+
+/// Whether the key file's mode may be ignored: when configured so, or when the file is a
+/// systemd credential (`LoadCredential=`): systemd grants the service user access through an
+/// ACL, which makes the group bits show as readable although nobody else can read the file.
+fn allow_insecure_key_mode(
+    cfg: &Config,
+    key_file: Option<&std::path::Path>,
+    env: &HashMap<String, String>,
+) -> bool {
+    let in_credentials = match (key_file, env.get("CREDENTIALS_DIRECTORY")) {
+        (Some(f), Some(dir)) if !dir.is_empty() => f.starts_with(dir),
+        _ => false,
+    };
+    cfg.key.allow_insecure_permissions || in_credentials
+}
+
+/// Reads `client_token_file`: private like the key file, at least 16 characters.
+fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    cbgate::sign::key::check_private_file(path)
+        .map_err(|e| anyhow::anyhow!("client_token_file: {e}"))?;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("client_token_file {} cannot be read", path.display()))?,
+    );
+    let token = Zeroizing::new(text.trim().to_owned());
+    if token.chars().count() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
+        anyhow::bail!(
+            "client_token_file {}: the token must be at least 16 printable characters without spaces",
+            path.display()
+        );
+    }
+    Ok(token)
+}

@@ -1,0 +1,162 @@
+//! `cbgate serve` (the default command): load, bind, run until SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use cbgate::config::{Config, LogFormat};
+use cbgate::listen::server::{self, Listener, ServeOptions};
+use cbgate::ops::reload::{self, KeyReloader};
+use cbgate::ops::{admin, clock, harden};
+use cbgate::proxy::Proxy;
+use cbgate::sign::key::Algorithm;
+
+use super::{config_err, load, Failure, Loaded, ServeArgs};
+
+/// Log targets that are never printed, whatever the filter: tungstenite logs every WebSocket
+/// frame at trace level (through the `log` bridge), payload included, which would put signed
+/// subscribe messages and users' private stream data in the logs.
+const SILENCED_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
+/// Sets up logging. Lines are written by a background thread (blocking, never dropping, when its
+/// buffer is full), so a request never waits on stderr; keep the guard until exit to flush.
+fn init_logging(cfg: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Checked for every event: no allocation in here.
+    let silenced = tracing_subscriber::filter::filter_fn(|meta| {
+        !SILENCED_TARGETS.iter().any(|t| {
+            meta.target()
+                .strip_prefix(t)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+        })
+    });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        // The default (128,000 lines) reserves about 4 MiB; a few thousand lines is plenty of
+        // slack for a writer that blocks rather than drops.
+        .buffered_lines_limit(4096)
+        .thread_name("cbgate-log")
+        .finish(std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = match cfg.log.format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter).with_filter(silenced))
+        .init();
+    guard
+}
+
+/// Runs the proxy.
+pub fn run(
+    args: ServeArgs,
+    env: HashMap<String, String>,
+    hardening: &harden::Report,
+) -> Result<(), Failure> {
+    let Loaded {
+        cfg,
+        key,
+        key_file,
+        allow_insecure,
+        client_token,
+    } = load(&args.common, &args.listen, env)?;
+    let _log_guard = init_logging(&cfg);
+    log_hardening(hardening);
+    if client_token.is_some() {
+        tracing::info!("clients must send the cbgate-token header");
+    }
+    match &key {
+        None => tracing::warn!(
+            "no API key configured: requests are forwarded unsigned (public endpoints only); \
+             set key.file or COINBASE_API_KEY + COINBASE_API_SECRET"
+        ),
+        Some(k) => {
+            tracing::info!(key = k.name(), alg = k.algorithm().as_str(), fingerprint = %k.fingerprint(), "key loaded");
+            if k.algorithm() == Algorithm::EdDsa
+                && cfg.routes.iter().any(|r| r.prefix.starts_with("/v2/"))
+            {
+                tracing::warn!("the Coinbase App API (/v2/...) accepts ECDSA keys only: /v2 requests signed with this Ed25519 key will get 401");
+            }
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .map_err(Failure::Runtime)?;
+    runtime.block_on(async move {
+        let proxy = Arc::new(
+            Proxy::new(&cfg, key)
+                .map_err(config_err)?
+                .with_client_token(client_token, &cfg),
+        );
+        let mut listeners = Vec::new();
+        for addr in &cfg.listen {
+            let l = Listener::bind(addr)
+                .await
+                .map_err(|e| Failure::Runtime(e.into()))?;
+            tracing::info!(listen = %l.describe(), "listening");
+            listeners.push(l);
+        }
+        let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on admin_listen {}", cfg.admin_listen))
+            .map_err(Failure::Runtime)?;
+        tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics");
+        // The admin listener outlives the drain, so /readyz reports 503 while it lasts.
+        tokio::spawn(admin::run(admin, Arc::clone(&proxy), std::future::pending()));
+        tokio::spawn(clock::run(Arc::clone(&proxy), cfg.clock_check_interval));
+        let reloader = Arc::new(KeyReloader::new(
+            key_file,
+            allow_insecure,
+        ));
+        tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
+        let opts = ServeOptions {
+            header_read_timeout: cfg.header_read_timeout,
+            drain_timeout: cfg.shutdown_timeout,
+            max_connections: cfg.max_connections,
+            max_headers: cfg.max_headers,
+        };
+        server::run(listeners, proxy, opts, shutdown_signal()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM (the orchestrator's stop signal; also as PID 1).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn log_hardening(r: &harden::Report) {
+    if !r.core_dumps_disabled {
+        tracing::warn!("could not disable core dumps (RLIMIT_CORE)");
+    }
+    if !r.not_dumpable {
+        tracing::warn!("could not mark the process non-dumpable (PR_SET_DUMPABLE)");
+    }
+    if let Err(why) = &r.memory_locked {
+        tracing::warn!("memory not locked: the key may be written to swap: {why}");
+    }
+}
