@@ -58,40 +58,16 @@ fn require(program: &str, args: &[&str], what: &str, install: &str) {
     );
 }
 
-fn require_python_requests() {
-    require(
-        "python3",
-        &["-c", "import requests"],
-        "Python 3 with the requests package (examples/python/trade.py)",
-        "python3 -m pip install -r examples/python/requirements.txt",
-    );
+/// The provisioned venv's python (examples' packages and PyYAML installed on first use).
+fn python() -> &'static str {
+    common::provision::python()
+        .to_str()
+        .expect("UTF-8 venv path")
 }
 
-fn require_pyyaml() {
-    require(
-        "python3",
-        &["-c", "import yaml"],
-        "Python 3 with PyYAML (to parse the compose and Kubernetes examples)",
-        "python3 -m pip install PyYAML",
-    );
-}
-
-fn require_node() {
-    require(
-        "node",
-        &["-e", "if (typeof fetch !== 'function') process.exit(1)"],
-        "Node.js 18 or newer, with built-in fetch (examples/node)",
-        "apt-get install nodejs npm",
-    );
-}
-
-fn require_node_ws() {
-    require_node();
-    assert!(
-        example("node/node_modules/ws/package.json").is_file(),
-        "the ws package for examples/node/ws_user.mjs is missing: run \
-         `npm ci --prefix examples/node` (.ci/run installs it)"
-    );
+/// `node`, with examples/node's packages installed from the lockfile on first use.
+fn node() -> &'static str {
+    common::provision::node()
 }
 
 fn require_curl() {
@@ -319,16 +295,14 @@ async fn trade_example(example: &str, program: &str, script: &[&Path], extra: &[
 
 #[tokio::test]
 async fn python_trade_example_lists_places_and_cancels() {
-    require_python_requests();
     let script = example("python/trade.py");
-    trade_example("examples/python/trade.py", "python3", &[&script], &[]).await;
+    trade_example("examples/python/trade.py", python(), &[&script], &[]).await;
 }
 
 #[tokio::test]
 async fn node_trade_example_lists_places_and_cancels() {
-    require_node();
     let script = example("node/trade.mjs");
-    trade_example("examples/node/trade.mjs", "node", &[&script], &[]).await;
+    trade_example("examples/node/trade.mjs", node(), &[&script], &[]).await;
 }
 
 #[tokio::test]
@@ -381,7 +355,7 @@ async fn node_ws_run(token: bool) {
         ));
     }
     let script = example("node/ws_user.mjs");
-    let out = run(client("node", &[&script], &env)).await;
+    let out = run(client(node(), &[&script], &env)).await;
     let (stdout, stderr) = text(&out);
     println!("---- examples/node/ws_user.mjs\n{stdout}{stderr}");
     assert!(
@@ -430,7 +404,6 @@ async fn node_ws_run(token: bool) {
 
 #[tokio::test]
 async fn node_ws_example_streams_the_user_channel() {
-    require_node_ws();
     node_ws_run(false).await;
     node_ws_run(true).await;
 }
@@ -441,8 +414,7 @@ async fn node_ws_example_streams_the_user_channel() {
 
 /// A YAML file as JSON, through PyYAML (YAML 1.1, as Kubernetes reads it: 0400 is octal).
 fn yaml(rel: &str) -> Value {
-    require_pyyaml();
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args([
             "-c",
             "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)",
@@ -990,18 +962,11 @@ async fn first_lines(mut cmd: Command, n: usize) -> Vec<String> {
 
 #[tokio::test]
 async fn readme_websocket_snippets_stream_the_user_channel() {
-    require(
-        "python3",
-        &["-c", "import websockets"],
-        "Python 3 with the websockets package",
-        "python3 -m pip install -r examples/python/requirements.txt",
-    );
-    require_node_ws();
     let readme = readme();
     let ws_section = section(&readme, "## WebSocket");
     for (lang, program, file) in [
-        ("python", "python3", "snippet.py"),
-        ("js", "node", "snippet.mjs"),
+        ("python", python(), "snippet.py"),
+        ("js", node(), "snippet.mjs"),
     ] {
         let blocks = code_blocks(ws_section, lang);
         assert_eq!(
@@ -1046,8 +1011,6 @@ async fn readme_websocket_snippets_stream_the_user_channel() {
 
 #[tokio::test]
 async fn readme_rest_snippets_reach_the_mock_signed() {
-    require_python_requests();
-    require_node();
     let readme = readme();
     let point = section(&readme, "## Point your client at cbgate");
     let python: Vec<String> = code_blocks(point, "python")
@@ -1058,8 +1021,8 @@ async fn readme_rest_snippets_reach_the_mock_signed() {
     assert_eq!(python.len(), 1, "one Python 'after' snippet");
     assert_eq!(node.len(), 1, "one Node snippet");
     for (program, file, code, expect) in [
-        ("python3", "after.py", &python[0], "['BTC', 'USD']"),
-        ("node", "after.mjs", &node[0], "200"),
+        (self::python(), "after.py", &python[0], "['BTC', 'USD']"),
+        (self::node(), "after.mjs", &node[0], "200"),
     ] {
         let (key, up) = trading_upstream().await;
         let gate = Gate::start(up.config(), Some(&key)).await;

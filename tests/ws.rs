@@ -709,21 +709,13 @@ async fn session_count_and_message_counters() {
 
 #[tokio::test]
 async fn python_example_streams_the_user_channel() {
-    let check = std::process::Command::new("python3")
-        .args(["-c", "import websockets"])
-        .output();
-    match check {
-        Ok(o) if o.status.success() => {}
-        _ => panic!(
-            "examples/python/ws_user.py needs Python 3 with the websockets package: \
-             run `python3 -m pip install -r examples/python/requirements.txt`"
-        ),
-    }
+    // The venv cargo test provisions (examples/python/requirements.txt installed).
+    let python = common::provision::python();
     let (_key, up, gate) = signed_setup(KeyForm::Ed25519B64_64, 5).await;
     let url = format!("ws://{}/ws/user", gate.addr);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/python/ws_user.py");
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = std::process::Command::new("python3")
+        let mut child = std::process::Command::new(python)
             .arg(script)
             .env("CBGATE_WS_URL", url)
             .env("CBGATE_WS_MAX_MESSAGES", "4")
