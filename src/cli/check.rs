@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use cbgate::ops::harden;
 use cbgate::proxy::Proxy;
 
-use super::{config_err, load, CheckArgs, Failure, Loaded};
+use super::{config_err, load, CheckArgs, Failure, Loaded, Overrides};
 
 /// Checks configuration and key, and with `--online` the key at Coinbase.
 pub fn run(
@@ -15,7 +15,7 @@ pub fn run(
     env: HashMap<String, String>,
     hardening: &harden::Report,
 ) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args.common, &[], env)?;
+    let Loaded { cfg, key, .. } = load(&args.common, Overrides::default(), env)?;
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;

@@ -11,9 +11,10 @@ use super::{config_err, Failure, HealthArgs};
 pub fn run(args: HealthArgs, env: HashMap<String, String>) -> Result<(), Failure> {
     // Only the configuration is needed: a probe must not depend on reading the key.
     let sources = Sources {
-        file: args.common.config.clone(),
+        file: args.config.config.clone(),
         env,
         listen: Vec::new(),
+        admin_listen: args.admin_listen.clone(),
         key_file: None,
     };
     let cfg = Config::load(&sources).map_err(config_err)?;

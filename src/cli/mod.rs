@@ -40,13 +40,17 @@ pub enum Command {
     /// Run the proxy (the default when no command is given).
     Serve(ServeArgs),
     /// Print a fresh JWT for one request, as the Coinbase docs' script does.
+    #[command(
+        override_usage = "cbgate token [OPTIONS] <METHOD> <PATH_OR_URL>\n       cbgate token [OPTIONS] --ws"
+    )]
     Token(TokenArgs),
     /// Validate the configuration and key; print the key name, algorithm and fingerprint.
     Check(CheckArgs),
     /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
     /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
     Health(HealthArgs),
-    /// Print a shell completion script, e.g. `cbgate completions bash > /etc/bash_completion.d/cbgate`.
+    /// Print a shell completion script, e.g. for bash (per user):
+    /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
@@ -66,25 +70,30 @@ pub struct CheckArgs {
 #[derive(Args, Debug)]
 pub struct HealthArgs {
     #[command(flatten)]
-    pub common: Common,
+    pub config: ConfigArg,
     /// Probe /livez (the process answers) instead of /readyz.
     #[arg(long)]
     pub live: bool,
+    /// The admin listener to probe (overrides `admin_listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 }
 
+/// `--config`, which every command that reads the configuration takes.
+#[derive(Args, Debug, Default)]
+pub struct ConfigArg {
+    /// TOML configuration file (see config/cbgate.toml).
+    #[arg(long, short = 'c', env = "CBGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The configuration and the key: what `serve`, `token` and `check` load.
 #[derive(Args, Debug, Default)]
 pub struct Common {
-    /// TOML configuration file (see config/cbgate.toml).
-    #[arg(
-        long,
-        short = 'c',
-        env = "CBGATE_CONFIG",
-        value_name = "FILE",
-        global = true
-    )]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArg,
     /// CDP API key JSON file (overrides key.file).
-    #[arg(long, value_name = "FILE", global = true)]
+    #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
 }
 
@@ -95,6 +104,9 @@ pub struct ServeArgs {
     /// Listen address, IP:PORT or unix:/path; repeat for several (overrides `listen`).
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
+    /// Admin listener address, IP:PORT (overrides `admin_listen`; default 127.0.0.1:8751).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -154,16 +166,24 @@ pub struct Loaded {
     pub client_token: Option<Zeroizing<String>>,
 }
 
+/// Flags that override configuration keys (only `serve` has them).
+#[derive(Default)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub admin_listen: Option<String>,
+}
+
 /// Loads configuration, key and client token for a command.
 pub fn load(
     common: &Common,
-    listen: &[String],
+    overrides: Overrides,
     env: HashMap<String, String>,
 ) -> Result<Loaded, Failure> {
     let mut sources = Sources {
-        file: common.config.clone(),
+        file: common.config.config.clone(),
         env,
-        listen: listen.to_vec(),
+        listen: overrides.listen,
+        admin_listen: overrides.admin_listen,
         key_file: common.key_file.clone(),
     };
     let loaded = load_from(&sources);

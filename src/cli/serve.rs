@@ -5,14 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use cbgate::config::{Config, LogFormat};
+use cbgate::config::{Config, ListenAddr, LogFormat};
 use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::ops::reload::{self, KeyReloader};
 use cbgate::ops::{admin, clock, harden};
 use cbgate::proxy::Proxy;
 use cbgate::sign::key::Algorithm;
 
-use super::{config_err, load, Failure, Loaded, ServeArgs};
+use super::{config_err, load, Failure, Loaded, Overrides, ServeArgs};
 
 /// Log targets that are never printed, whatever the filter: tungstenite logs every WebSocket
 /// frame at trace level (through the `log` bridge), payload included, which would put signed
@@ -68,7 +68,14 @@ pub fn run(
         key_file,
         allow_insecure,
         client_token,
-    } = load(&args.common, &args.listen, env)?;
+    } = load(
+        &args.common,
+        Overrides {
+            listen: args.listen,
+            admin_listen: args.admin_listen,
+        },
+        env,
+    )?;
     let _log_guard = init_logging(&cfg);
     log_hardening(hardening);
     if client_token.is_some() {
@@ -99,16 +106,37 @@ pub fn run(
         );
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
-            let l = Listener::bind(addr)
-                .await
-                .map_err(|e| Failure::Runtime(e.into()))?;
+            let l = Listener::bind(addr).await.map_err(|e| {
+                let hint = match addr {
+                    ListenAddr::Tcp(a) if e.cause.kind() == std::io::ErrorKind::AddrInUse => {
+                        format!(
+                            "; {}: move this one with --listen ADDR (or `listen` in the configuration, CBGATE_LISTEN)",
+                            who_holds(*a)
+                        )
+                    }
+                    _ => String::new(),
+                };
+                Failure::Runtime(anyhow::anyhow!("{e}{hint}"))
+            })?;
             tracing::info!(listen = %l.describe(), "listening");
             listeners.push(l);
         }
         let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
             .await
-            .with_context(|| format!("cannot listen on admin_listen {}", cfg.admin_listen))
-            .map_err(Failure::Runtime)?;
+            .map_err(|e| {
+                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    format!(
+                        "; {}: move this one's admin listener with --admin-listen ADDR (or `admin_listen`, CBGATE_ADMIN_LISTEN)",
+                        who_holds(cfg.admin_listen)
+                    )
+                } else {
+                    String::new()
+                };
+                Failure::Runtime(anyhow::anyhow!(
+                    "cannot listen on admin_listen {}: {e}{hint}",
+                    cfg.admin_listen
+                ))
+            })?;
         tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics");
         // The admin listener outlives the drain, so /readyz reports 503 while it lasts.
         tokio::spawn(admin::run(admin, Arc::clone(&proxy), std::future::pending()));
@@ -128,6 +156,20 @@ pub fn run(
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Who answers on a port that is already in use: another cbgate (its admin `/livez`, or the
+/// `x-cbgate-error` header cbgate puts on its own errors) or some other program.
+fn who_holds(addr: std::net::SocketAddr) -> &'static str {
+    match admin::http_get(addr, "/livez", std::time::Duration::from_secs(1)) {
+        Ok(got) if got.body.contains(r#""status":"alive""#) => {
+            "another cbgate's admin listener answers there"
+        }
+        Ok(got) if got.head.to_ascii_lowercase().contains("x-cbgate-error") => {
+            "another cbgate answers there"
+        }
+        _ => "another program (not cbgate) holds it",
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM (the orchestrator's stop signal; also as PID 1).

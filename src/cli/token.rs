@@ -8,11 +8,11 @@ use cbgate::config::Config;
 use cbgate::gate::route::{Router, Upstream};
 use cbgate::sign::jwt::{self, Binding, ClaimStyle};
 
-use super::{config_err, load, Failure, Loaded, TokenArgs};
+use super::{config_err, load, Failure, Loaded, Overrides, TokenArgs};
 
 /// Prints one token.
 pub fn run(args: TokenArgs, env: HashMap<String, String>) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args.common, &[], env)?;
+    let Loaded { cfg, key, .. } = load(&args.common, Overrides::default(), env)?;
     let key = key.ok_or_else(|| {
         config_err(anyhow::anyhow!(
             "no API key configured: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"

@@ -377,6 +377,7 @@ pub struct Sources {
     pub env: HashMap<String, String>,
     /// Command-line flags.
     pub listen: Vec<String>,
+    pub admin_listen: Option<String>,
     pub key_file: Option<PathBuf>,
 }
 
@@ -389,6 +390,7 @@ impl fmt::Debug for Sources {
             .field("file", &self.file)
             .field("env", &names)
             .field("listen", &self.listen)
+            .field("admin_listen", &self.admin_listen)
             .field("key_file", &self.key_file)
             .finish()
     }
@@ -436,6 +438,9 @@ impl Config {
         );
         if !sources.listen.is_empty() {
             b = b.set_override("listen", sources.listen.clone())?;
+        }
+        if let Some(a) = &sources.admin_listen {
+            b = b.set_override("admin_listen", a.as_str())?;
         }
         if let Some(f) = &sources.key_file {
             b = b.set_override("key.file", f.to_string_lossy().into_owned())?;
@@ -646,6 +651,7 @@ mod tests {
             file: Some(f.path().to_owned()),
             env,
             listen: vec!["unix:/tmp/x.sock".into()],
+            admin_listen: None,
             key_file: Some("/c".into()),
         })
         .expect("load");

@@ -74,13 +74,15 @@ pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
                     // The whole seconds applied when signing; the metric
                     // cbgate_clock_offset_seconds is the measured offset.
                     "clock_correction_seconds": proxy.signer().clock_offset(),
+                    "upstream": upstream_detail(proxy),
                 });
                 response(StatusCode::OK, JSON, body.to_string())
             }
             Some(reason) => response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 JSON,
-                serde_json::json!({ "ready": false, "reason": reason }).to_string(),
+                serde_json::json!({ "ready": false, "reason": reason, "upstream": upstream_detail(proxy) })
+                    .to_string(),
             ),
         },
         "/metrics" => response(
@@ -94,6 +96,18 @@ pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
             r#"{"error":"not_found","message":"admin endpoints: /livez, /readyz, /metrics"}"#
                 .into(),
         ),
+    }
+}
+
+/// The last reachability check of Coinbase, for `/readyz` (detail only: never flips readiness).
+fn upstream_detail(proxy: &Proxy) -> serde_json::Value {
+    match proxy.readiness().upstream() {
+        None => serde_json::json!({ "reachable": null, "detail": "not checked yet" }),
+        Some(c) => serde_json::json!({
+            "reachable": c.reachable,
+            "detail": c.detail,
+            "checked_unix": c.checked_unix,
+        }),
     }
 }
 
@@ -123,37 +137,68 @@ pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future
 }
 
 /// `cbgate health`: a blocking HTTP/1.0 GET of `path` on the admin listener. `Ok(body)` on 200;
-/// otherwise the status and body, or why the connection failed.
+/// otherwise the reason, as a sentence.
 pub fn probe(
     admin: std::net::SocketAddr,
     path: &str,
     timeout: std::time::Duration,
 ) -> Result<String, String> {
+    let got = http_get(admin, path, timeout)
+        .map_err(|e| format!("cannot reach the admin listener at {admin}: {e}"))?;
+    if got.status == 200 {
+        Ok(got.body.trim().to_owned())
+    } else {
+        Err(format!("{path}: {}: {}", got.status_line, got.body.trim()))
+    }
+}
+
+/// What one blocking GET got back.
+#[derive(Debug)]
+pub struct Got {
+    /// The status code (0 when the status line is not HTTP).
+    pub status: u16,
+    pub status_line: String,
+    /// The header block, lines joined with CRLF.
+    pub head: String,
+    pub body: String,
+}
+
+/// A blocking HTTP/1.0 GET on loopback (a wildcard address is reached through loopback), for
+/// probes run outside the runtime; at most 1 MiB of answer is read.
+pub fn http_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Result<Got, String> {
     use std::io::{Read as _, Write as _};
-    // A wildcard listener is reached through loopback.
-    let mut addr = admin;
+    let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
             std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
             std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("cannot reach the admin listener at {addr}: {e}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
     let _ = s.set_read_timeout(Some(timeout));
     let _ = s.set_write_timeout(Some(timeout));
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .map_err(|e| format!("admin listener at {addr}: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     s.take(1024 * 1024)
         .read_to_end(&mut out)
-        .map_err(|e| format!("admin listener at {addr}: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&out);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.lines().next().unwrap_or("");
-    if status.split_whitespace().nth(1) == Some("200") {
-        Ok(body.trim().to_owned())
-    } else {
-        Err(format!("{path}: {status}: {}", body.trim()))
-    }
+    let status_line = head.lines().next().unwrap_or("").to_owned();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok(Got {
+        status,
+        status_line,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
 }

@@ -120,8 +120,23 @@ pub async fn run(proxy: std::sync::Arc<Proxy>, every: Duration) {
         return;
     };
     loop {
-        match measure(&proxy, &upstream).await {
-            Ok(offset) => apply(&proxy, offset),
+        let measured = measure(&proxy, &upstream).await;
+        let previous = proxy
+            .readiness()
+            .set_upstream(measured.as_ref().map(|_| ()).map_err(Clone::clone));
+        match measured {
+            Ok(offset) => {
+                if previous.is_some_and(|p| !p.reachable) {
+                    tracing::info!(host = %upstream.host, "Coinbase answers again");
+                }
+                apply(&proxy, offset)
+            }
+            // Said once when it starts failing (at start, too), not at every tick.
+            Err(e) if previous.is_none_or(|p| p.reachable) => tracing::warn!(
+                host = %upstream.host,
+                error = %e,
+                "Coinbase cannot be reached: requests will fail with 502 until it can (check DNS, egress, upstream.resolve)"
+            ),
             Err(e) => tracing::debug!(error = %e, "clock skew measurement failed"),
         }
         tokio::select! {
