@@ -1,8 +1,12 @@
 //! Errors cbgate itself answers with, each mapped to one status and one code.
 //!
-//! The body is `{"error": "<code>", "message": "<sentence>"}` and the response carries
-//! `x-cbgate-error: <code>`, so a client can tell cbgate's answers from Coinbase's (which pass
-//! through untouched). Messages never carry a secret or a token: they are built from the
+//! The body is `{"error": "<code>", "message": "<sentence>", "error_details": "<sentence>",
+//! "errorType": "<code>", "errorMessage": "<sentence>"}`: the Advanced Trade shape and the CDP
+//! shape at once, so that every SDK shows cbgate's sentence (coinbase-advanced-py reads
+//! `message`/`error_details`, the CDP SDKs `errorMessage`, and crash or say "Forbidden" on
+//! other shapes) whatever route the request took. The response carries `x-cbgate-error:
+//! <code>`, so a client can tell cbgate's answers from Coinbase's (which pass through
+//! untouched). Messages never carry a secret or a token: they are built from the
 //! request line, host names and library errors that hold neither.
 
 use bytes::Bytes;
@@ -86,9 +90,16 @@ impl ProxyError {
     }
 }
 
-/// Builds `{"error": code, "message": message}` with the `x-cbgate-error` header.
+/// Builds the error body (both API shapes, see the module doc) with the `x-cbgate-error` header.
 pub fn json_error(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "error_details": message,
+        "errorType": code,
+        "errorMessage": message,
+    })
+    .to_string();
     let mut resp = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})
@@ -102,4 +113,24 @@ pub fn json_error(status: StatusCode, code: &'static str, message: &str) -> Resp
     );
     h.insert(ERROR_HEADER, HeaderValue::from_static(code));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_carry_the_advanced_trade_and_the_cdp_shape() {
+        let resp = ProxyError::MethodNotAllowed("TRACE".into()).into_response();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[ERROR_HEADER], "method_not_allowed");
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        let message = v["message"].as_str().expect("message");
+        assert!(message.contains("TRACE"), "{v}");
+        assert_eq!(v["error"], "method_not_allowed");
+        assert_eq!(v["error_details"], message);
+        assert_eq!(v["errorType"], "method_not_allowed");
+        assert_eq!(v["errorMessage"], message);
+    }
 }
