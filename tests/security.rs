@@ -259,6 +259,131 @@ async fn no_spelling_of_a_denied_path_slips_through() {
     );
 }
 
+/// Sends `METHOD path` raw (no client library rewrites it) and returns (status, error code).
+async fn raw_status(gate: &Gate, method: &str, path: &str) -> (String, String) {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    let out = harness::raw(gate.addr, raw.as_bytes()).await;
+    let status = out.get(9..12).unwrap_or("").to_owned();
+    let code = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-cbgate-error: "))
+        .unwrap_or("")
+        .to_owned();
+    (status, code)
+}
+
+#[tokio::test]
+async fn suffixes_path_parameters_and_unicode_dots_do_not_get_past_the_policy() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    // "transfer" with one deny rule: only the rule stands between these and Coinbase.
+    let mut cfg = up.config();
+    cfg.policy.permission = cbgate::config::Permission::Transfer;
+    cfg.policy.rules = vec![cbgate::config::RuleConfig {
+        action: cbgate::config::RuleAction::Deny,
+        methods: vec!["POST".into()],
+        path: "/v2/accounts/*/transactions".into(),
+    }];
+    let transfer = Gate::start(cfg, Some(&key)).await;
+    let acc = "/v2/accounts/2bbf394c-193b-5b2a-9155-3b4732659ede";
+    // A format suffix is the same route to Rails-style servers: the rule covers it (403).
+    for suffix in [".json", ".xml", ".JSON", ".json/"] {
+        let path = format!("{acc}/transactions{suffix}");
+        let (status, code) = raw_status(&transfer, "POST", &path).await;
+        assert_eq!(
+            (status.as_str(), code.as_str()),
+            ("403", "policy_denied"),
+            "{path}"
+        );
+    }
+    // Not plainly Coinbase-shaped: refused before the policy runs (400).
+    for tail in [
+        "transactions.",
+        "transactions;x",
+        "transactions;",
+        "transactions%20",
+        "transactions%3b",
+        "transactions%3Bx",
+        "transactions%3a",
+        "transactions:x",
+        "transactions@x",
+        "transactions+",
+        "transactions=",
+        "transactions%c0%ae",
+        "transactions%ef%bc%8e",
+        "transactions%e2%80%8b",
+        "transactions..",
+    ] {
+        let path = format!("{acc}/{tail}");
+        let (status, code) = raw_status(&transfer, "POST", &path).await;
+        assert_eq!(
+            (status.as_str(), code.as_str()),
+            ("400", "invalid_path"),
+            "{path}"
+        );
+    }
+
+    // The default "trade" ceiling allows /api/v3/brokerage/orders/**: a server that reads these
+    // as dot segments would route them out from under it, to a withdrawal.
+    let trade = Gate::start(up.config(), Some(&key)).await;
+    for dots in [
+        "..;/..;/..;/..;/v2/accounts/a/withdrawals",
+        "%c0%ae%c0%ae/%c0%ae%c0%ae/%c0%ae%c0%ae/%c0%ae%c0%ae/v2/accounts/a/withdrawals",
+        "%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/v2/accounts/a/withdrawals",
+        "x;/../../../../v2/accounts/a/withdrawals",
+        "..%3b/x",
+        ".../x",
+    ] {
+        let path = format!("/api/v3/brokerage/orders/{dots}");
+        let (status, code) = raw_status(&trade, "POST", &path).await;
+        assert_eq!(status, "400", "{path}: {code}");
+    }
+    // The message names the problem.
+    let r = send(
+        &h1_client(),
+        Request::post(format!("{}/api/v3/brokerage/orders/..;/x", trade.url))
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains(';') && msg.contains("path parameter"), "{msg}");
+    assert!(
+        up.mock.requests().is_empty(),
+        "a spelling reached Coinbase: {:?}",
+        up.mock
+            .requests()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // What real clients send still passes, byte for byte.
+    let ok = [
+        ("POST", format!("{acc}/withdrawals")),
+        ("GET", format!("{acc}/transactions?limit=5&order=desc&starting_after=a%3Bb")),
+        ("GET", "/api/v3/brokerage/orders/historical/batch?product_ids=BTC-USD&product_ids=BTC-PERP-INTX".into()),
+        ("GET", "/api/v3/brokerage/products/BTC-PERP-INTX".into()),
+        ("GET", "/api/v3/brokerage/products/BIT-28JUL23-CDE/candles?granularity=ONE_HOUR".into()),
+        ("POST", "/platform/v2/evm/accounts".into()),
+        ("GET", "/platform/v2/evm/accounts/0x742d35Cc6634C0532925a3b844Bc454e4438f44e".into()),
+    ];
+    for (method, path) in &ok {
+        let (status, code) = raw_status(&transfer, method, path).await;
+        assert_eq!(status, "200", "{method} {path}: {code}");
+    }
+    let seen: Vec<String> = up
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    let sent: Vec<String> = ok.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(seen, sent);
+}
+
 #[tokio::test]
 async fn slow_request_heads_are_cut_off() {
     let up = Upstream::start(None).await;
