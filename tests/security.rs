@@ -82,6 +82,85 @@ async fn cross_site_simple_post_from_a_browser_is_refused() {
 }
 
 #[tokio::test]
+async fn cross_site_get_without_origin_is_refused_by_sec_fetch_site() {
+    // What `<img src="http://127.0.0.1:8750/api/v3/brokerage/accounts">` on evil.example makes
+    // Chrome send: no Origin (no-cors GET), but Sec-Fetch-Site says where it came from.
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let mut cfg = up.config();
+    cfg.allowed_origins = vec!["http://localhost:3000".into()];
+    let gate = Gate::start(cfg, Some(&key)).await;
+    let req = |site: &str, origin: Option<&str>| {
+        format!(
+            "GET /api/v3/brokerage/accounts HTTP/1.1\r\n\
+             Host: 127.0.0.1:{port}\r\n\
+             Connection: close\r\n\
+             User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36\r\n\
+             Accept: image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8\r\n\
+             {origin}\
+             Sec-Fetch-Site: {site}\r\n\
+             Sec-Fetch-Mode: no-cors\r\n\
+             Sec-Fetch-Dest: image\r\n\
+             Referer: https://evil.example/\r\n\r\n",
+            port = gate.addr.port(),
+            origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default(),
+        )
+    };
+    for site in ["cross-site", "same-site"] {
+        let out = harness::raw(gate.addr, req(site, None).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{site}: {out}");
+        assert!(out.contains("origin_not_allowed"), "{site}: {out}");
+        assert!(
+            out.contains("Sec-Fetch-Site"),
+            "the message names the header: {out}"
+        );
+    }
+    assert!(up.mock.requests().is_empty());
+    // Typed into the address bar, or from cbgate's own origin: allowed.
+    for site in ["none", "same-origin"] {
+        let out = harness::raw(gate.addr, req(site, None).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{site}: {out}");
+    }
+    // A listed Origin's cross-site fetch is what allowed_origins is for.
+    let out = harness::raw(
+        gate.addr,
+        req("cross-site", Some("http://localhost:3000")).as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(up.mock.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn method_override_headers_are_refused() {
+    // Under the default "trade" ceiling a GET passes; a server honouring the override would
+    // delete the portfolio.
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let gate = Gate::start(up.config(), Some(&key)).await;
+    for (name, value) in [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "PUT"),
+        ("x-http-method-override", "GET"),
+    ] {
+        let raw = format!(
+            "GET /api/v3/brokerage/portfolios/p1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{name}: {value}\r\n\r\n"
+        );
+        let out = harness::raw(gate.addr, raw.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{name}: {out}");
+        assert!(out.contains("bad_request"), "{name}: {out}");
+        assert!(
+            out.contains(&name.to_ascii_lowercase()) && out.contains("real method"),
+            "{name}: {out}"
+        );
+    }
+    assert!(up.mock.requests().is_empty());
+    let r = get(&gate, "/api/v3/brokerage/portfolios/p1").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+#[tokio::test]
 async fn dns_rebinding_is_refused_by_host() {
     // After rebinding, attacker.example resolves to 127.0.0.1: the page's same-origin GET carries
     // no Origin header, but its Host is the attacker's name.

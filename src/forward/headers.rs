@@ -33,6 +33,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Fields that frameworks (Symfony, ASP.NET, Express `method-override`, Google front ends) read
+/// as the request's real method. cbgate's policy judges the request line; a server honouring one
+/// of these would run a DELETE the policy saw as a GET.
+pub const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The first method-override field the request carries, if any.
+pub fn method_override(headers: &HeaderMap) -> Option<&'static str> {
+    METHOD_OVERRIDES
+        .into_iter()
+        .find(|name| headers.contains_key(*name))
+}
+
 /// Removes what a client must not be able to send to Coinbase through cbgate: its own
 /// credentials (cbgate's token replaces them), its `cbgate-token`, and the `Host` (the route
 /// chooses the upstream).
