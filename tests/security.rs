@@ -132,7 +132,7 @@ async fn cross_site_get_without_origin_is_refused_by_sec_fetch_site() {
 }
 
 #[tokio::test]
-async fn method_override_headers_are_refused() {
+async fn method_and_path_override_headers_are_refused() {
     // Under the default "trade" ceiling a GET passes; a server honouring the override would
     // delete the portfolio.
     let key = TestKey::generate(KeyForm::P256Sec1);
@@ -143,6 +143,8 @@ async fn method_override_headers_are_refused() {
         ("X-HTTP-Method", "DELETE"),
         ("X-Method-Override", "PUT"),
         ("x-http-method-override", "GET"),
+        ("X-Original-URL", "/v2/accounts/a/withdrawals"),
+        ("X-Rewrite-URL", "/v2/accounts/a/withdrawals"),
     ] {
         let raw = format!(
             "GET /api/v3/brokerage/portfolios/p1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{name}: {value}\r\n\r\n"
@@ -151,7 +153,7 @@ async fn method_override_headers_are_refused() {
         assert!(out.starts_with("HTTP/1.1 400"), "{name}: {out}");
         assert!(out.contains("bad_request"), "{name}: {out}");
         assert!(
-            out.contains(&name.to_ascii_lowercase()) && out.contains("real method"),
+            out.contains(&name.to_ascii_lowercase()) && out.contains("in the request line"),
             "{name}: {out}"
         );
     }

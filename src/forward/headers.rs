@@ -33,20 +33,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Fields that frameworks (Symfony, ASP.NET, Express `method-override`, Google front ends) read
-/// as the request's real method. cbgate's policy judges the request line; a server honouring one
-/// of these would run a DELETE the policy saw as a GET.
-pub const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+/// Fields that frameworks read as the request's real method or path, with what they override:
+/// the method ones from Symfony, ASP.NET, Express `method-override` and Google front ends, the
+/// path ones from IIS URL Rewrite and (older) Symfony. cbgate's policy judges the request line;
+/// a server honouring one of these would run a DELETE the policy saw as a GET, or route to a
+/// path it never saw.
+pub const ROUTING_OVERRIDES: [(&str, &str); 5] = [
+    ("x-http-method-override", "method"),
+    ("x-http-method", "method"),
+    ("x-method-override", "method"),
+    ("x-original-url", "path"),
+    ("x-rewrite-url", "path"),
 ];
 
-/// The first method-override field the request carries, if any.
-pub fn method_override(headers: &HeaderMap) -> Option<&'static str> {
-    METHOD_OVERRIDES
+/// The first method- or path-override field the request carries, and what it overrides.
+pub fn routing_override(headers: &HeaderMap) -> Option<(&'static str, &'static str)> {
+    ROUTING_OVERRIDES
         .into_iter()
-        .find(|name| headers.contains_key(*name))
+        .find(|(name, _)| headers.contains_key(*name))
 }
 
 /// Removes what a client must not be able to send to Coinbase through cbgate: its own
