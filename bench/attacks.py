@@ -96,7 +96,8 @@ class Upstream:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                              b"content-length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, asyncio.LimitOverrunError):
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError,
+                asyncio.LimitOverrunError, asyncio.CancelledError):
             pass
         finally:
             self.open -= 1
@@ -231,7 +232,8 @@ async def attack_ws_frame(g, sessions, mib):
     async def one():
         try:
             async with websockets.connect(f"ws://127.0.0.1:{g.port}/ws", max_size=None,
-                                          open_timeout=10, close_timeout=10) as ws:
+                                          open_timeout=10, close_timeout=10,
+                                          ping_interval=None) as ws:
                 await ws.send(frame)
                 await asyncio.wait_for(ws.recv(), 30)
                 return "answered"
@@ -320,6 +322,8 @@ async def main():
     ap.add_argument("--binary", default=os.path.join(ROOT, "target/release/cbgate"))
     ap.add_argument("--only", default="")
     ap.add_argument("--conns", type=int, default=1100)
+    ap.add_argument("--baseline", action="store_true",
+                    help="a cbgate from before these limits existed: no per-attack settings")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -342,6 +346,8 @@ async def main():
     for name, extra, run in attacks:
         if only and name not in only:
             continue
+        if args.baseline:
+            extra = ""
         g = Gate(args.binary, d, up_port, ws_port, extra)
         idle = g.rss_mib()
         try:

@@ -241,14 +241,21 @@ pub fn config_load(data: &[u8]) {
 /// - if `check_path(p)` accepts `p`: it starts with `/`, every byte is in 0x21..=0x7e, it has
 ///   no backslash, no `//`, no `.` or `..` segment, no `%2f`, `%2e`, `%5c` or `%00` in any
 ///   case, every `%` starts a two-hex-digit escape, and its percent-decoded form has no
-///   control byte, backslash, `//`, dot segment or extra `/`;
+///   control byte, backslash, `//`, dot segment or extra `/`; moreover every byte is an RFC 3986
+///   unreserved character, `/` or `%`, every percent-decoded segment is made of unreserved
+///   characters only (so no `;`, no non-ASCII byte: no overlong or full-width dot) and none ends
+///   in a dot;
 /// - under the `view` ceiling with no rules, only GET and HEAD pass; under `transfer`, all;
 /// - under the `trade` ceiling with no rules, a POST (or any method but GET and HEAD) whose
 ///   percent-decoded path is not `/api/v3/brokerage/orders`, below it, or below
 ///   `/api/v3/brokerage/convert/` is denied;
-/// - `Policy::new` accepts exactly the rules a small reference model accepts, and
-///   `Policy::check` decides every request as the reference model does (first matching rule,
-///   else the ceiling, on the percent-decoded path).
+/// - `Policy::new` accepts exactly the rules a small reference model accepts (a literal segment
+///   must be non-empty, unreserved characters only once percent-decoded, not ending in a dot;
+///   `/` alone is the root), and `Policy::check` decides every request as the reference model
+///   does (first matching rule, else the ceiling, on the percent-decoded path, a literal also
+///   matching itself plus `.` and anything);
+/// - with the fixed rules, a request `check_path` accepts that is denied stays denied with a
+///   format suffix (`.json`) on its last segment: no suffix walks past a deny rule.
 pub fn policy_path(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
@@ -319,6 +326,14 @@ pub fn policy_path(data: &[u8]) {
             );
             if let Err(d) = got {
                 assert!(!d.0.is_empty());
+                let last_is_segment = path.len() > 1 && !path.ends_with('/');
+                if mode / 3 % 3 == 1 && path_ok && last_is_segment {
+                    let suffixed = format!("{path}.json");
+                    assert!(
+                        policy.check(&method, &suffixed).is_err(),
+                        "{method} {path:?} is denied but {suffixed:?} is not"
+                    );
+                }
             }
         }
         (Err((key, msg)), None) => {
@@ -435,6 +450,32 @@ fn check_canonical(path: &str) {
             .any(|s| s == b"." || s == b".."),
         "{path:?} decodes to a dot segment"
     );
+    assert!(
+        b.iter().all(|&c| unreserved(c) || c == b'/' || c == b'%'),
+        "accepted {path:?} with a raw byte outside unreserved, / and %"
+    );
+    for seg in decoded[1..].split(|&c| c == b'/') {
+        assert!(
+            seg.iter().all(|&c| unreserved(c)),
+            "accepted {path:?}: segment {:?} decodes to a byte outside A-Z a-z 0-9 - . _ ~",
+            String::from_utf8_lossy(seg)
+        );
+        assert!(
+            seg.last() != Some(&b'.'),
+            "accepted {path:?}: a segment ends in a dot"
+        );
+    }
+}
+
+/// RFC 3986 §2.3, written out.
+fn unreserved(c: u8) -> bool {
+    c.is_ascii_uppercase()
+        || c.is_ascii_lowercase()
+        || c.is_ascii_digit()
+        || c == b'-'
+        || c == b'.'
+        || c == b'_'
+        || c == b'~'
 }
 
 /// Percent-decoding as RFC 3986 and the `percent-encoding` crate do it: `%` plus two hex
@@ -488,9 +529,15 @@ fn model_compile(rules: &[RuleConfig]) -> Option<Vec<ModelRule>> {
                 "*" => ModelSeg::One,
                 "**" if i + 1 == parts.len() => ModelSeg::Rest,
                 s if s.contains('*') => return None,
-                s => ModelSeg::Literal(
-                    String::from_utf8_lossy(&percent_decode(s)).to_ascii_lowercase(),
-                ),
+                // The root pattern `/`.
+                "" if parts.len() == 1 => ModelSeg::Literal(String::new()),
+                s => {
+                    let d = percent_decode(s);
+                    if d.is_empty() || !d.iter().all(|&c| unreserved(c)) || d.ends_with(b".") {
+                        return None;
+                    }
+                    ModelSeg::Literal(String::from_utf8_lossy(&d).to_ascii_lowercase())
+                }
             });
         }
         let mut methods = Some(Vec::new());
@@ -531,7 +578,8 @@ fn model_matches(pattern: &[ModelSeg], path: &str) -> bool {
         match (p, seg) {
             (ModelSeg::Rest, _) => return true,
             (ModelSeg::One, Some(s)) if !s.is_empty() => {}
-            (ModelSeg::Literal(l), Some(s)) if l == s => {}
+            (ModelSeg::Literal(l), Some(s))
+                if l == s || (!l.is_empty() && s.starts_with(&format!("{l}."))) => {}
             _ => return false,
         }
     }

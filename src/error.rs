@@ -63,7 +63,7 @@ impl ProxyError {
             ProxyError::Client(ClientError::Token) => {
                 (StatusCode::UNAUTHORIZED, "client_unauthorized")
             }
-            ProxyError::Client(ClientError::Origin(_)) => {
+            ProxyError::Client(ClientError::Origin(_) | ClientError::CrossSite(_)) => {
                 (StatusCode::FORBIDDEN, "origin_not_allowed")
             }
             ProxyError::Client(ClientError::Host(_)) => (StatusCode::FORBIDDEN, "host_not_allowed"),

@@ -41,5 +41,7 @@ fn main() -> ExitCode {
             eprintln!("cbgate: {e:#}");
             ExitCode::FAILURE
         }
+        // Already logged by `serve`; the log writer has flushed by now.
+        Err(Failure::Signal(code)) => ExitCode::from(code),
     }
 }

@@ -355,6 +355,14 @@ fn check_request(req: &Request<Incoming>, max_body_bytes: u64) -> Result<(), Pro
     {
         return Err(ProxyError::MethodNotAllowed(req.method().to_string()));
     }
+    // Refused rather than stripped: a client that sends one means the other method or path,
+    // and forwarding its request as the plain one would silently do something else.
+    if let Some((name, what)) = crate::forward::headers::routing_override(req.headers()) {
+        return Err(ProxyError::BadRequest(format!(
+            "{name} is refused: the policy judges the request {what}, and a server honouring \
+             {name} would use another one; send the real {what} in the request line instead"
+        )));
+    }
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest(
             "CONNECT is not supported: cbgate is a reverse proxy, send plain requests such as GET /api/v3/brokerage/accounts".into(),

@@ -359,3 +359,89 @@ fn a_secret_that_is_not_utf8_is_named_not_printed() {
     assert_no_secret(&stderr, &key.secret, "cbgate's error");
     assert_no_secret(&String::from_utf8_lossy(&out.stdout), &key.secret, "stdout");
 }
+
+/// A second stop signal during the drain ends the process at once, non-zero, and says so:
+/// the operator pressing Ctrl-C again (or an orchestrator escalating) must not wait out
+/// `shutdown_timeout` behind a request that hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_during_the_drain_exits_at_once_non_zero() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    for (first, second, code) in [("TERM", "INT", 130), ("TERM", "TERM", 143)] {
+        let up = Upstream::start(Some(&key)).await;
+        let sock = up.dir.path().join("gate.sock");
+        let admin = harness::free_port();
+        let cfg = up.dir.path().join("cbgate.toml");
+        // The drain would last a minute: the hung request holds it open that long.
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"listen = ["unix:{sock}"]
+admin_listen = "127.0.0.1:{admin}"
+shutdown_timeout = "60s"
+
+[upstream]
+ca_file = "{ca}"
+request_timeout = "60s"
+
+[upstream.resolve]
+"api.coinbase.com" = "{mock}"
+"#,
+                sock = sock.display(),
+                ca = up.ca_file.display(),
+                mock = up.mock.addr,
+            ),
+        )
+        .expect("write config");
+        let mut cmd = cbgate();
+        cmd.args(["serve", "--config"])
+            .arg(&cfg)
+            .env("COINBASE_API_KEY", &key.name)
+            .env("COINBASE_API_SECRET", &key.secret);
+        let mut p = harness::Process::spawn(cmd);
+        p.wait_until("the socket", || sock.exists()).await;
+
+        let hung = tokio::spawn({
+            let sock = sock.clone();
+            async move { harness::get_unix(&sock, "/api/v3/brokerage/hang").await }
+        });
+        p.wait_until("the hung request to reach the mock", || {
+            !up.mock.requests().is_empty()
+        })
+        .await;
+        p.signal(first);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !p.output().contains("draining") {
+            assert!(
+                Instant::now() < deadline,
+                "the drain did not start:\n{}",
+                p.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let signalled = Instant::now();
+        p.signal(second);
+        let deadline = signalled + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = p.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SIG{second} during the drain did not stop cbgate within 10 s:\n{}",
+                p.output()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let (_, output) = p.wait_exit().await;
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "SIG{first} then SIG{second}:\n{output}"
+        );
+        assert!(
+            output.contains("second stop signal during the drain"),
+            "the cut-short drain is logged:\n{output}"
+        );
+        hung.abort();
+    }
+}

@@ -73,7 +73,8 @@ async fn query_and_encoded_path_pass_unchanged_and_stay_out_of_the_claim() {
     let up = Upstream::start(Some(&key)).await;
     let gate = Gate::start(up.config(), Some(&key)).await;
 
-    let target = "/api/v3/brokerage/orders/historical/batch%3Aa%20b?product_ids=BTC-USD&product_ids=ETH-USD&q=%2F%26x+y&cursor=";
+    // `%2D` is an encoded unreserved `-`: the path stays plainly Coinbase-shaped.
+    let target = "/api/v3/brokerage/orders/historical/batch%2Dx?product_ids=BTC-USD&product_ids=ETH-USD&q=%2F%26x+y%3B%20z:@&cursor=";
     let r = get(&gate, target).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let rec = up.mock.requests();
@@ -84,7 +85,7 @@ async fn query_and_encoded_path_pass_unchanged_and_stay_out_of_the_claim() {
     let claims = valid_claims(&rec[0].auth);
     assert_eq!(
         claims["uri"],
-        "GET api.coinbase.com/api/v3/brokerage/orders/historical/batch%3Aa%20b"
+        "GET api.coinbase.com/api/v3/brokerage/orders/historical/batch%2Dx"
     );
 }
 

@@ -82,6 +82,87 @@ async fn cross_site_simple_post_from_a_browser_is_refused() {
 }
 
 #[tokio::test]
+async fn cross_site_get_without_origin_is_refused_by_sec_fetch_site() {
+    // What `<img src="http://127.0.0.1:8750/api/v3/brokerage/accounts">` on evil.example makes
+    // Chrome send: no Origin (no-cors GET), but Sec-Fetch-Site says where it came from.
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let mut cfg = up.config();
+    cfg.allowed_origins = vec!["http://localhost:3000".into()];
+    let gate = Gate::start(cfg, Some(&key)).await;
+    let req = |site: &str, origin: Option<&str>| {
+        format!(
+            "GET /api/v3/brokerage/accounts HTTP/1.1\r\n\
+             Host: 127.0.0.1:{port}\r\n\
+             Connection: close\r\n\
+             User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36\r\n\
+             Accept: image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8\r\n\
+             {origin}\
+             Sec-Fetch-Site: {site}\r\n\
+             Sec-Fetch-Mode: no-cors\r\n\
+             Sec-Fetch-Dest: image\r\n\
+             Referer: https://evil.example/\r\n\r\n",
+            port = gate.addr.port(),
+            origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default(),
+        )
+    };
+    for site in ["cross-site", "same-site"] {
+        let out = harness::raw(gate.addr, req(site, None).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{site}: {out}");
+        assert!(out.contains("origin_not_allowed"), "{site}: {out}");
+        assert!(
+            out.contains("Sec-Fetch-Site"),
+            "the message names the header: {out}"
+        );
+    }
+    assert!(up.mock.requests().is_empty());
+    // Typed into the address bar, or from cbgate's own origin: allowed.
+    for site in ["none", "same-origin"] {
+        let out = harness::raw(gate.addr, req(site, None).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{site}: {out}");
+    }
+    // A listed Origin's cross-site fetch is what allowed_origins is for.
+    let out = harness::raw(
+        gate.addr,
+        req("cross-site", Some("http://localhost:3000")).as_bytes(),
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(up.mock.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn method_and_path_override_headers_are_refused() {
+    // Under the default "trade" ceiling a GET passes; a server honouring the override would
+    // delete the portfolio.
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let gate = Gate::start(up.config(), Some(&key)).await;
+    for (name, value) in [
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "PUT"),
+        ("x-http-method-override", "GET"),
+        ("X-Original-URL", "/v2/accounts/a/withdrawals"),
+        ("X-Rewrite-URL", "/v2/accounts/a/withdrawals"),
+    ] {
+        let raw = format!(
+            "GET /api/v3/brokerage/portfolios/p1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{name}: {value}\r\n\r\n"
+        );
+        let out = harness::raw(gate.addr, raw.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{name}: {out}");
+        assert!(out.contains("bad_request"), "{name}: {out}");
+        assert!(
+            out.contains(&name.to_ascii_lowercase()) && out.contains("in the request line"),
+            "{name}: {out}"
+        );
+    }
+    assert!(up.mock.requests().is_empty());
+    let r = get(&gate, "/api/v3/brokerage/portfolios/p1").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+#[tokio::test]
 async fn dns_rebinding_is_refused_by_host() {
     // After rebinding, attacker.example resolves to 127.0.0.1: the page's same-origin GET carries
     // no Origin header, but its Host is the attacker's name.
@@ -257,6 +338,131 @@ async fn no_spelling_of_a_denied_path_slips_through() {
             .map(|r| r.path_and_query.clone())
             .collect::<Vec<_>>()
     );
+}
+
+/// Sends `METHOD path` raw (no client library rewrites it) and returns (status, error code).
+async fn raw_status(gate: &Gate, method: &str, path: &str) -> (String, String) {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{{}}"
+    );
+    let out = harness::raw(gate.addr, raw.as_bytes()).await;
+    let status = out.get(9..12).unwrap_or("").to_owned();
+    let code = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-cbgate-error: "))
+        .unwrap_or("")
+        .to_owned();
+    (status, code)
+}
+
+#[tokio::test]
+async fn suffixes_path_parameters_and_unicode_dots_do_not_get_past_the_policy() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    // "transfer" with one deny rule: only the rule stands between these and Coinbase.
+    let mut cfg = up.config();
+    cfg.policy.permission = cbgate::config::Permission::Transfer;
+    cfg.policy.rules = vec![cbgate::config::RuleConfig {
+        action: cbgate::config::RuleAction::Deny,
+        methods: vec!["POST".into()],
+        path: "/v2/accounts/*/transactions".into(),
+    }];
+    let transfer = Gate::start(cfg, Some(&key)).await;
+    let acc = "/v2/accounts/2bbf394c-193b-5b2a-9155-3b4732659ede";
+    // A format suffix is the same route to Rails-style servers: the rule covers it (403).
+    for suffix in [".json", ".xml", ".JSON", ".json/"] {
+        let path = format!("{acc}/transactions{suffix}");
+        let (status, code) = raw_status(&transfer, "POST", &path).await;
+        assert_eq!(
+            (status.as_str(), code.as_str()),
+            ("403", "policy_denied"),
+            "{path}"
+        );
+    }
+    // Not plainly Coinbase-shaped: refused before the policy runs (400).
+    for tail in [
+        "transactions.",
+        "transactions;x",
+        "transactions;",
+        "transactions%20",
+        "transactions%3b",
+        "transactions%3Bx",
+        "transactions%3a",
+        "transactions:x",
+        "transactions@x",
+        "transactions+",
+        "transactions=",
+        "transactions%c0%ae",
+        "transactions%ef%bc%8e",
+        "transactions%e2%80%8b",
+        "transactions..",
+    ] {
+        let path = format!("{acc}/{tail}");
+        let (status, code) = raw_status(&transfer, "POST", &path).await;
+        assert_eq!(
+            (status.as_str(), code.as_str()),
+            ("400", "invalid_path"),
+            "{path}"
+        );
+    }
+
+    // The default "trade" ceiling allows /api/v3/brokerage/orders/**: a server that reads these
+    // as dot segments would route them out from under it, to a withdrawal.
+    let trade = Gate::start(up.config(), Some(&key)).await;
+    for dots in [
+        "..;/..;/..;/..;/v2/accounts/a/withdrawals",
+        "%c0%ae%c0%ae/%c0%ae%c0%ae/%c0%ae%c0%ae/%c0%ae%c0%ae/v2/accounts/a/withdrawals",
+        "%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/%ef%bc%8e%ef%bc%8e/v2/accounts/a/withdrawals",
+        "x;/../../../../v2/accounts/a/withdrawals",
+        "..%3b/x",
+        ".../x",
+    ] {
+        let path = format!("/api/v3/brokerage/orders/{dots}");
+        let (status, code) = raw_status(&trade, "POST", &path).await;
+        assert_eq!(status, "400", "{path}: {code}");
+    }
+    // The message names the problem.
+    let r = send(
+        &h1_client(),
+        Request::post(format!("{}/api/v3/brokerage/orders/..;/x", trade.url))
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains(';') && msg.contains("path parameter"), "{msg}");
+    assert!(
+        up.mock.requests().is_empty(),
+        "a spelling reached Coinbase: {:?}",
+        up.mock
+            .requests()
+            .iter()
+            .map(|r| r.path_and_query.clone())
+            .collect::<Vec<_>>()
+    );
+
+    // What real clients send still passes, byte for byte.
+    let ok = [
+        ("POST", format!("{acc}/withdrawals")),
+        ("GET", format!("{acc}/transactions?limit=5&order=desc&starting_after=a%3Bb")),
+        ("GET", "/api/v3/brokerage/orders/historical/batch?product_ids=BTC-USD&product_ids=BTC-PERP-INTX".into()),
+        ("GET", "/api/v3/brokerage/products/BTC-PERP-INTX".into()),
+        ("GET", "/api/v3/brokerage/products/BIT-28JUL23-CDE/candles?granularity=ONE_HOUR".into()),
+        ("POST", "/platform/v2/evm/accounts".into()),
+        ("GET", "/platform/v2/evm/accounts/0x742d35Cc6634C0532925a3b844Bc454e4438f44e".into()),
+    ];
+    for (method, path) in &ok {
+        let (status, code) = raw_status(&transfer, method, path).await;
+        assert_eq!(status, "200", "{method} {path}: {code}");
+    }
+    let seen: Vec<String> = up
+        .mock
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    let sent: Vec<String> = ok.iter().map(|(_, p)| p.clone()).collect();
+    assert_eq!(seen, sent);
 }
 
 #[tokio::test]

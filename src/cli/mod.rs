@@ -144,10 +144,12 @@ pub fn environment() -> Result<HashMap<String, String>, String> {
     Ok(env)
 }
 
-/// Why a command failed: bad configuration (exit 2) or a runtime error (exit 1).
+/// Why a command failed: bad configuration (exit 2), a runtime error (exit 1), or a second stop
+/// signal that cut the drain short (exit 128 + the signal's number, the shell convention).
 pub enum Failure {
     Config(anyhow::Error),
     Runtime(anyhow::Error),
+    Signal(u8),
 }
 
 /// A configuration failure.

@@ -98,7 +98,7 @@ pub fn run(
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let proxy = Arc::new(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
@@ -152,10 +152,24 @@ pub fn run(
             max_connections: cfg.max_connections,
             max_headers: cfg.max_headers,
         };
-        server::run(listeners, proxy, opts, shutdown_signal()).await;
-        tracing::info!("stopped");
-        Ok(())
-    })
+        let (drain, drain_started) = tokio::sync::oneshot::channel();
+        let serving = server::run(listeners, proxy, opts, async {
+            let _ = drain_started.await;
+        });
+        tokio::select! {
+            () = serving => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+            code = stop_signals(drain) => Err(Failure::Signal(code)),
+        }
+    });
+    if matches!(result, Err(Failure::Signal(_))) {
+        // Dropping the runtime would wait for blocking work without end (a DNS lookup, say):
+        // bound it. Tasks, connections and the proxy are dropped here.
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
+    result
 }
 
 /// Who answers on a port that is already in use: another cbgate (its admin `/livez`, or the
@@ -172,23 +186,42 @@ fn who_holds(addr: std::net::SocketAddr) -> &'static str {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM (the orchestrator's stop signal; also as PID 1).
-async fn shutdown_signal() {
+/// Waits for SIGTERM or SIGINT (the orchestrator's stop signal; also as PID 1), then tells the
+/// server to drain through `drain`. A second signal during the drain means the operator will not
+/// wait: this returns the exit code for it (128 + signal number: 143 for SIGTERM, 130 for SIGINT)
+/// and the caller stops at once. Both handlers stay installed between the two, so a quick second
+/// signal is not lost to the default action either.
+async fn stop_signals(drain: tokio::sync::oneshot::Sender<()>) -> u8 {
     use tokio::signal::unix::{signal, SignalKind};
+    const SIGINT_EXIT: u8 = 130;
+    const SIGTERM_EXIT: u8 = 143;
     let term = signal(SignalKind::terminate());
     let int = signal(SignalKind::interrupt());
-    match (term, int) {
+    let code = match (term, int) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = int.recv() => tracing::info!("SIGINT received"),
             }
+            let _ = drain.send(());
+            tokio::select! {
+                _ = term.recv() => SIGTERM_EXIT,
+                _ = int.recv() => SIGINT_EXIT,
+            }
         }
         _ => {
             tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
             let _ = tokio::signal::ctrl_c().await;
+            let _ = drain.send(());
+            let _ = tokio::signal::ctrl_c().await;
+            SIGINT_EXIT
         }
-    }
+    };
+    tracing::warn!(
+        exit_code = code,
+        "second stop signal during the drain: exiting now, open requests are cut short"
+    );
+    code
 }
 
 fn log_hardening(r: &harden::Report) {

@@ -229,7 +229,9 @@ pub struct RuleConfig {
     /// Methods this rule applies to, e.g. `["POST", "DELETE"]`; `["*"]` or empty for all.
     #[serde(default)]
     pub methods: Vec<String>,
-    /// Path pattern: `*` matches one segment, a final `**` any number of segments.
+    /// Path pattern: `*` matches one segment, a final `**` any number of segments; a literal
+    /// segment also matches itself plus a format suffix (`transactions` covers
+    /// `transactions.json`) and may use only `A-Z a-z 0-9 - . _ ~`, like request paths.
     pub path: String,
 }
 

@@ -33,6 +33,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Fields that frameworks read as the request's real method or path, with what they override:
+/// the method ones from Symfony, ASP.NET, Express `method-override` and Google front ends, the
+/// path ones from IIS URL Rewrite and (older) Symfony. cbgate's policy judges the request line;
+/// a server honouring one of these would run a DELETE the policy saw as a GET, or route to a
+/// path it never saw.
+pub const ROUTING_OVERRIDES: [(&str, &str); 5] = [
+    ("x-http-method-override", "method"),
+    ("x-http-method", "method"),
+    ("x-method-override", "method"),
+    ("x-original-url", "path"),
+    ("x-rewrite-url", "path"),
+];
+
+/// The first method- or path-override field the request carries, and what it overrides.
+pub fn routing_override(headers: &HeaderMap) -> Option<(&'static str, &'static str)> {
+    ROUTING_OVERRIDES
+        .into_iter()
+        .find(|(name, _)| headers.contains_key(*name))
+}
+
 /// Removes what a client must not be able to send to Coinbase through cbgate: its own
 /// credentials (cbgate's token replaces them), its `cbgate-token`, and the `Host` (the route
 /// chooses the upstream).

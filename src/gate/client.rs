@@ -7,6 +7,10 @@
 //!   Any request with an `Origin` not listed in `allowed_origins` is refused, and so is any
 //!   request whose `Host` is not a loopback name or address (or listed in `allowed_hosts`):
 //!   a rebinding attack always carries the attacker's own host name.
+//! - Browsers send no Origin on cross-site GETs of the `no-cors` kind (`<img src>`, `<script>`,
+//!   a link), but they do send `Sec-Fetch-Site`. Without an Origin, anything but `same-origin`
+//!   or `none` (typed into the address bar) is refused like a foreign Origin. With an Origin,
+//!   the Origin check has decided already (an allowed `http://localhost:3000` is `same-site`).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -17,6 +21,9 @@ use zeroize::Zeroizing;
 /// The header carrying the client token.
 pub static TOKEN_HEADER: HeaderName = HeaderName::from_static("cbgate-token");
 
+/// Fetch metadata: how the browser relates the request's initiator to its target.
+static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+
 /// A client refused by the check-client phase.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -24,6 +31,9 @@ pub enum ClientError {
     Token,
     #[error("Origin {0:?} is not allowed: browsers' cross-site requests are refused (add it to allowed_origins to allow it)")]
     Origin(String),
+    /// A browser's cross-site request that carries no Origin (an image, a script, a link).
+    #[error("Sec-Fetch-Site {0:?} without an allowed Origin: browsers' cross-site requests are refused (a page that must call cbgate has to send its Origin, listed in allowed_origins)")]
+    CrossSite(String),
     #[error("Host {0:?} is not a loopback name: requests through DNS rebinding are refused (add it to allowed_hosts if clients reach cbgate by that name)")]
     Host(String),
     /// RFC 9112 §3.2: a request without exactly one Host gets 400.
@@ -89,6 +99,15 @@ impl ClientGate {
             let normalized = o.trim_end_matches('/').to_ascii_lowercase();
             if !self.allowed_origins.contains(&normalized) {
                 return Err(ClientError::Origin(o));
+            }
+        }
+        if !headers.contains_key(header::ORIGIN) {
+            for site in headers.get_all(&SEC_FETCH_SITE) {
+                let s = String::from_utf8_lossy(site.as_bytes()).into_owned();
+                let v = s.trim().to_ascii_lowercase();
+                if v != "same-origin" && v != "none" {
+                    return Err(ClientError::CrossSite(s));
+                }
             }
         }
         // HTTP/2 carries the host as :authority (in the URI); HTTP/1 as Host. Every Host given
@@ -228,6 +247,26 @@ mod tests {
         assert!(g
             .check(&origin_uri(), &headers(&[("host", "localhost")]))
             .is_ok());
+        let site = |v: &str| headers(&[("host", "localhost"), ("sec-fetch-site", v)]);
+        for bad in ["cross-site", "same-site", "Cross-Site", "bogus", ""] {
+            assert!(
+                matches!(
+                    g.check(&origin_uri(), &site(bad)),
+                    Err(ClientError::CrossSite(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        for ok in ["same-origin", "none", " NONE "] {
+            assert!(g.check(&origin_uri(), &site(ok)).is_ok(), "{ok:?}");
+        }
+        // An allowed Origin decides on its own: its cross-site fetches are the point of it.
+        let allowed = headers(&[
+            ("host", "127.0.0.1:8750"),
+            ("origin", "http://localhost:3000"),
+            ("sec-fetch-site", "cross-site"),
+        ]);
+        assert!(g.check(&origin_uri(), &allowed).is_ok());
     }
 
     #[test]

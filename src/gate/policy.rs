@@ -5,13 +5,14 @@
 //! convert endpoints; `transfer` allows everything. A denied request never reaches Coinbase.
 //!
 //! Paths reach this phase already canonical (see [`check_path`]): no dot segments, no `//`, no
-//! percent-encoded `/`, `\`, `.` or NUL. So matching the raw path here is matching what
-//! Coinbase will route, and no spelling of a denied path can slip past.
+//! percent-encoded `/`, `\`, `.` or NUL, and every segment made of `A-Z a-z 0-9 - . _ ~` only,
+//! not ending in a dot. Matching folds what remains (percent-encoded letters, case, a trailing
+//! `/`, a `.json`-style format suffix), so no spelling of a denied path can slip past.
 
 use http::Method;
 use percent_encoding::percent_decode_str;
 
-use crate::config::pattern::{parse_methods, parse_pattern, Segment};
+use crate::config::pattern::{parse_methods, parse_pattern, segment_problem, Segment};
 use crate::config::{Permission, PolicyConfig, RuleAction};
 
 /// Why a request was denied: a sentence naming the rule or ceiling and how to allow it.
@@ -68,8 +69,9 @@ impl Policy {
 
     /// Decides one request. `path` is the request path without the query, already accepted
     /// by [`check_path`]. Matching is on the path as a lenient server would route it: percent-
-    /// decoded (`/orders/%65dit` is `/orders/edit`), ASCII case folded, and without a trailing
-    /// `/`. A deny rule then covers every spelling some server might treat as the same path; an
+    /// decoded (`/orders/%65dit` is `/orders/edit`), ASCII case folded, without a trailing
+    /// `/`, and with a rule's literal segment also matching that segment plus a format suffix
+    /// (`transactions` matches `transactions.json`). A deny rule then covers every spelling some server might treat as the same path; an
     /// allow rule's extra spellings at worst reach a path Coinbase does not know.
     pub fn check(&self, method: &Method, path: &str) -> Result<(), Denied> {
         let decoded = match_form(path);
@@ -157,7 +159,7 @@ fn matches(pattern: &[Segment], path: &str) -> bool {
                 _ => return false,
             },
             Segment::Literal(l) => match segs.next() {
-                Some(s) if s == l => {}
+                Some(s) if literal_matches(l, s) => {}
                 _ => return false,
             },
         }
@@ -165,11 +167,27 @@ fn matches(pattern: &[Segment], path: &str) -> bool {
     segs.next().is_none()
 }
 
-/// Refuses request paths that have more than one spelling, before routing and policy.
+/// A literal covers its format-suffixed spellings too: servers that honour format suffixes
+/// (Rails routes `transactions.json` to `transactions`) would otherwise let `.json` walk past a
+/// deny rule. `l` and `s` are both in match form.
+fn literal_matches(l: &str, s: &str) -> bool {
+    // The root pattern `/` is the one empty literal: it is the root and nothing else.
+    if l.is_empty() {
+        return s.is_empty();
+    }
+    s.strip_prefix(l)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// Refuses request paths that are not plainly Coinbase-shaped, before routing and policy.
 ///
 /// Dot segments, `//`, backslashes, percent-encoded `/`, `\`, `.` or NUL, malformed percent
 /// escapes, and control or non-ASCII bytes are all normalised differently by different servers;
-/// a policy that matched one spelling could be bypassed by another. Returns the reason.
+/// a policy that matched one spelling could be bypassed by another. Beyond those, every segment,
+/// percent-decoded, must keep to the RFC 3986 unreserved characters and must not end in a dot
+/// ([`segment_problem`]): `;` path parameters, `%c0%ae`, full-width dots or a trailing `.` are
+/// each some server's alias for another path. A query string is not part of `path`.
+/// Returns the reason.
 pub fn check_path(path: &str) -> Result<(), &'static str> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
@@ -211,8 +229,16 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
     if path.contains("//") {
         return Err("the path contains an empty segment (//)");
     }
-    if path[1..].split('/').any(|s| s == "." || s == "..") {
-        return Err("the path contains a dot segment (. or ..)");
+    let mut decoded = Vec::new();
+    for seg in path[1..].split('/') {
+        if seg == "." || seg == ".." {
+            return Err("the path contains a dot segment (. or ..)");
+        }
+        decoded.clear();
+        decoded.extend(percent_decode_str(seg));
+        if let Some(why) = segment_problem(&decoded) {
+            return Err(why);
+        }
     }
     Ok(())
 }
@@ -314,6 +340,17 @@ mod tests {
         assert!(e.0.contains("rule #3"), "{e}");
         assert!(p.check(&Method::POST, "/api/v3/brokerage/ordersx").is_err());
         assert!(p.check(&Method::GET, "/api/v3/brokerage/ordersx").is_ok());
+        // A suffix is `.` and more: `editx` and `edi` are other paths.
+        assert!(p
+            .check(&Method::GET, "/api/v3/brokerage/orders.json")
+            .is_err());
+        let e = p
+            .check(&Method::POST, "/api/v3/brokerage/orders/editx")
+            .expect_err("rule 3");
+        assert!(e.0.contains("rule #3"), "{e}");
+        let root = policy(Permission::View, &[(RuleAction::Allow, &["POST"], "/")]);
+        assert!(root.check(&Method::POST, "/").is_ok());
+        assert!(root.check(&Method::POST, "/.json").is_err());
         // Percent-encoded spellings of a denied path are the same path.
         let e = p
             .check(&Method::POST, "/api/v3/brokerage/orders/%65dit")
@@ -327,6 +364,10 @@ mod tests {
             "/api/v3/brokerage/orders/edit/",
             "/API/v3/Brokerage/ORDERS/Edit",
             "/api/v3/brokerage/orders/%45DIT",
+            // A format suffix, as Rails routes it.
+            "/api/v3/brokerage/orders/edit.json",
+            "/api/v3/brokerage/orders/edit.x.y",
+            "/api/v3/brokerage/orders/Edit.JSON/",
         ] {
             let e = p.check(&Method::POST, spelling).expect_err(spelling);
             assert!(e.0.contains("rule #1"), "{spelling}: {e}");
@@ -351,6 +392,17 @@ mod tests {
         assert_eq!(bad("/v2/x*", &[]), "policy.rules[0].path");
         assert_eq!(bad("/**/x", &[]), "policy.rules[0].path");
         assert_eq!(bad("/v2", &["GE T"]), "policy.rules[0].methods");
+        // Literals no forwarded path can have would make rules that never match.
+        for dead in [
+            "/platform/v2/evm/accounts/{address}/sign",
+            "/v2/accounts/*/transactions;x",
+            "/v2/accounts/*/transactions.",
+            "/v2/%C3%A9",
+            "/v2//x",
+            "/v2/a%",
+        ] {
+            assert_eq!(bad(dead, &[]), "policy.rules[0].path", "{dead}");
+        }
     }
 
     #[test]
@@ -374,15 +426,47 @@ mod tests {
             "/v2/a\u{e9}",
             "/v2/a\tb",
             "v2/a",
+            // Spellings that servers route as another path, or that a review got past a rule.
+            "/v2/accounts/a/transactions.",
+            "/v2/accounts/a/transactions;x",
+            "/v2/accounts/a/transactions%20",
+            "/v2/accounts/a/transactions%3b",
+            "/v2/accounts/a/transactions%3B",
+            "/api/v3/brokerage/orders/..;/..;/v2/accounts/a/withdrawals",
+            "/api/v3/brokerage/orders/%c0%ae%c0%ae/x",
+            "/api/v3/brokerage/orders/%ef%bc%8e%ef%bc%8e/x",
+            "/api/v3/brokerage/orders/historical/batch%3Aa%20b",
+            "/v2/a:b",
+            "/v2/a@b",
+            "/v2/a+b",
+            "/v2/a=b",
+            "/v2/a,b",
+            "/v2/%7b",
+            "/v2/a/...",
+            "/v2/a/x.",
         ] {
             assert!(check_path(p).is_err(), "{p:?} must be refused");
         }
+        let why = check_path("/v2/accounts/a/transactions;x").expect_err("refused");
+        assert!(why.contains(';'), "{why}");
+        let why = check_path("/v2/accounts/a/transactions.").expect_err("refused");
+        assert!(why.contains("ends in a dot"), "{why}");
+        let why = check_path("/api/v3/x/%ef%bc%8e").expect_err("refused");
+        assert!(why.contains("non-ASCII"), "{why}");
         for p in [
             "/",
             "/api/v3/brokerage/orders",
-            "/api/v3/brokerage/orders/historical/batch%3Aa%20b",
+            "/api/v3/brokerage/orders/",
+            "/api/v3/brokerage/orders/historical/batch",
+            "/api/v3/brokerage/orders/%65dit",
+            "/api/v3/brokerage/products/BTC-PERP-INTX",
+            "/api/v3/brokerage/products/BIT-28JUL23-CDE/candles",
             "/v2/accounts/BTC-USD/transactions",
-            "/a.b/c..d/.e/f.",
+            "/v2/accounts/2bbf394c-193b-5b2a-9155-3b4732659ede/transactions",
+            "/v2/accounts/a/transactions.json",
+            "/platform/v2/evm/accounts/0x742d35Cc6634C0532925a3b844Bc454e4438f44e/sign",
+            "/platform/v2/solana/accounts/9WzDXwBbmkg8ZTbNMqUxvQRAyrZzDsGYdLVL9zYtAWWM",
+            "/a.b/c..d/.e/f~g_h",
         ] {
             assert_eq!(check_path(p), Ok(()), "{p:?}");
         }
