@@ -25,6 +25,7 @@ import time
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import websockets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,12 +219,42 @@ async def attack_preface(g, n):
             f"then a new client got {get_status(g.port)}"}
 
 
-async def attack_idle_h2c(g, n):
-    # Preface and SETTINGS, then nothing: a well-behaved but idle h2c client (the kernel acks;
-    # cbgate's pings go unanswered at worst, which is what an idle client looks like too).
-    opened, closed, took = await hold(g.port, n, PREFACE + SETTINGS, 30)
-    return {"sent": f"{opened} x idle h2c", "outcome": f"{closed} closed by cbgate in {took:.1f} s; "
-            f"then a new client got {get_status(g.port)}"}
+async def attack_idle_h2c(g, n, seconds=30):
+    """n h2c connections that complete the handshake and answer every PING (a live client),
+    but send no request: only an idle timeout frees their slots."""
+
+    async def one():
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", g.port)
+        except OSError:
+            return None
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        c.initiate_connection()
+        w.write(c.data_to_send())
+        deadline = time.time() + seconds
+        try:
+            while True:
+                left = deadline - time.time()
+                if left <= 0:
+                    return False  # still open when the attack ends
+                data = await asyncio.wait_for(r.read(65536), left)
+                if not data:
+                    return True
+                c.receive_data(data)  # queues SETTINGS and PING acks
+                w.write(c.data_to_send())
+        except (asyncio.TimeoutError, h2.exceptions.ProtocolError):
+            return False
+        except ConnectionError:
+            return True
+        finally:
+            w.close()
+
+    start = time.time()
+    results = [x for x in await asyncio.gather(*(one() for _ in range(n))) if x is not None]
+    took = time.time() - start
+    return {"sent": f"{len(results)} x h2c that answer pings, no request",
+            "outcome": f"{sum(results)} closed by cbgate in {took:.1f} s; "
+                       f"then a new client got {get_status(g.port)}"}
 
 
 async def attack_ws_frame(g, sessions, mib):
