@@ -245,6 +245,7 @@ impl Proxy {
         let body = self.read_body(body).await?;
 
         let sent = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.client.request_timeout();
         let mut resent = false;
         let resp = loop {
             // A fresh token per attempt: the JWT's nonce and time window are single-use.
@@ -265,7 +266,7 @@ impl Proxy {
                 value.set_sensitive(true);
                 req.headers_mut().insert(header::AUTHORIZATION, value);
             }
-            match self.client.send(&upstream.host, req).await {
+            match self.client.send_until(&upstream.host, req, deadline).await {
                 // Once: the server said it never processed this stream (GOAWAY while
                 // rotating its connection, REFUSED_STREAM), so a resend cannot duplicate it.
                 Err(UpstreamError::Unprocessed { .. }) if !resent => {

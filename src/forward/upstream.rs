@@ -263,7 +263,23 @@ impl UpstreamClient {
         host: &str,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+        self.send_until(
+            host,
+            req,
+            tokio::time::Instant::now() + self.request_timeout,
+        )
+        .await
+    }
+
+    /// Like [`UpstreamClient::send`], with the response head due by `deadline` (a resend
+    /// shares the first attempt's request timeout).
+    pub async fn send_until(
+        &self,
+        host: &str,
+        req: Request<Body>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout {
                 host: host.to_owned(),
                 after: self.request_timeout,
