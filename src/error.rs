@@ -32,6 +32,8 @@ pub enum ProxyError {
     NoRoute { path: String, prefixes: String },
     #[error("request body is larger than max_body_bytes ({limit} bytes)")]
     BodyTooLarge { limit: u64 },
+    #[error("the request body did not arrive within {0:?} (upstream.request_timeout)")]
+    BodyTimeout(std::time::Duration),
     #[error("could not sign the request")]
     Sign,
     #[error("cbgate has ws.max_sessions ({0}) WebSocket sessions open; retry later")]
@@ -56,6 +58,7 @@ impl ProxyError {
             }
             ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ProxyError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
@@ -72,7 +75,10 @@ impl ProxyError {
             ProxyError::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy_denied"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
-                UpstreamError::Other { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),
+                UpstreamError::Other { .. } | UpstreamError::Unprocessed { .. } => {
+                    (StatusCode::BAD_GATEWAY, "upstream_error")
+                }
+                UpstreamError::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "upstream_busy"),
                 UpstreamError::Connect(c) => match c.stage {
                     ConnectStage::Timeout => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                     ConnectStage::Dns => (StatusCode::BAD_GATEWAY, "upstream_dns"),

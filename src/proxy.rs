@@ -5,19 +5,19 @@
 //! [`ProxyError`] into cbgate's JSON error response.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
-use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::date_watch::DateWatch;
 use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
-use crate::forward::upstream::{SetupError, UpstreamClient};
+use crate::forward::upstream::{SetupError, UpstreamClient, UpstreamError};
 use crate::forward::ws::{self, WsState};
 use crate::gate::client::ClientGate;
 use crate::gate::policy::{check_path, Policy};
@@ -213,8 +213,10 @@ impl Proxy {
         self.policy.check(req.method(), req.uri().path())?;
         let upstream = &route.upstream;
 
+        // Reserve, then act: the upstream slot is taken before signing and connecting, and
+        // rides in the response body until it ends, so streaming responses count.
+        let permit = self.client.reserve().await?;
         let (mut parts, body) = req.into_parts();
-        let token = self.sign(&parts.method, &upstream.authority, parts.uri.path(), route)?;
 
         // The request id was set in `handle`; a `Connection: x-request-id` must not drop it.
         let request_id = parts.headers.get(&REQUEST_ID).cloned();
@@ -222,13 +224,6 @@ impl Proxy {
         strip_client_credentials(&mut parts.headers);
         if let Some(id) = request_id {
             parts.headers.insert(&REQUEST_ID, id);
-        }
-        if let Some(token) = token {
-            let mut value =
-                HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| ProxyError::Sign)?;
-            // Keeps the token out of HPACK tables and hyper's Debug output.
-            value.set_sensitive(true);
-            parts.headers.insert(header::AUTHORIZATION, value);
         }
         // Path and query go upstream byte for byte, as the client sent them.
         let path_and_query = parts
@@ -244,42 +239,68 @@ impl Proxy {
             .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
         // The pool picks HTTP/1.1 or h2 by ALPN, whatever the client spoke.
         parts.version = Version::HTTP_11;
-        // The limit is enforced while streaming (a chunked body has no declared length). When it
-        // trips, the client reports a generic send error, so the flag says why.
-        let too_large = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&too_large);
-        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
-        let body = Limited::new(body, limit)
-            .map_err(move |e| {
-                if e.is::<LengthLimitError>() {
-                    flag.store(true, Ordering::Relaxed);
-                }
-                e
-            })
-            .boxed_unsync();
+        // The whole body is read before anything goes upstream: bodies are small (at most
+        // max_body_bytes), the 413 is then exact and sent before Coinbase sees a byte, and a
+        // request the server did not process can be sent again.
+        let body = self.read_body(body).await?;
 
         let sent = Instant::now();
-        let resp = self
-            .client
-            .send(&upstream.host, Request::from_parts(parts, body))
-            .await;
-        outcome.upstream_time = Some(sent.elapsed());
-        let resp = match resp {
-            Err(_) if too_large.load(Ordering::Relaxed) => {
-                return Err(ProxyError::BodyTooLarge {
-                    limit: self.max_body_bytes,
-                })
+        let deadline = tokio::time::Instant::now() + self.client.request_timeout();
+        let mut resent = false;
+        let resp = loop {
+            // A fresh token per attempt: the JWT's nonce and time window are single-use.
+            let token = self.sign(&parts.method, &upstream.authority, parts.uri.path(), route)?;
+            let mut req = Request::new(
+                Full::new(body.clone())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = parts.uri.clone();
+            *req.version_mut() = parts.version;
+            *req.headers_mut() = parts.headers.clone();
+            if let Some(token) = token {
+                let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| ProxyError::Sign)?;
+                // Keeps the token out of HPACK tables and hyper's Debug output.
+                value.set_sensitive(true);
+                req.headers_mut().insert(header::AUTHORIZATION, value);
             }
-            other => other?,
+            match self.client.send_until(&upstream.host, req, deadline).await {
+                // Once: the server said it never processed this stream (GOAWAY while
+                // rotating its connection, REFUSED_STREAM), so a resend cannot duplicate it.
+                Err(UpstreamError::Unprocessed { .. }) if !resent => {
+                    resent = true;
+                    self.metrics.upstream_resend();
+                }
+                other => break other,
+            }
         };
-        let (mut parts, body) = resp.into_parts();
+        outcome.upstream_time = Some(sent.elapsed());
+        let (mut parts, body) = resp?.into_parts();
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(
             parts,
-            body.map_err(Into::into).boxed_unsync(),
+            permit.hold(body.map_err(Into::into).boxed_unsync()),
         ))
+    }
+
+    /// Reads the request body whole, up to `max_body_bytes`, within the request timeout.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
+        let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let within = self.client.request_timeout();
+        match tokio::time::timeout(within, Limited::new(body, limit).collect()).await {
+            Err(_) => Err(ProxyError::BodyTimeout(within)),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge {
+                limit: self.max_body_bytes,
+            }),
+            Ok(Err(e)) => Err(ProxyError::BadRequest(format!(
+                "reading the request body failed: {e}"
+            ))),
+        }
     }
 
     fn route(&self, path: &str) -> Result<&Route, ProxyError> {

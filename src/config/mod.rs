@@ -257,9 +257,21 @@ pub struct UpstreamConfig {
     /// From sending the request to the response headers.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How long an idle pooled connection is kept.
+    /// How long an idle pooled connection is kept. Below the servers' own keep-alive timeout
+    /// (nginx 75 s, many load balancers 60 s), so cbgate closes an idle connection before the
+    /// server does, and never sends a request into a connection the server is closing.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
+    /// Idle connections kept per upstream host (h2 needs one; HTTP/1.1 one per concurrent request).
+    pub pool_max_idle_per_host: usize,
+    /// Open connections per upstream host at most, busy or idle. With HTTP/1.1 this is also the
+    /// number of requests in flight to that host; more wait for a free connection.
+    pub max_connections_per_host: usize,
+    /// Upstream requests in flight at most, from signing until the response body ends.
+    pub max_in_flight: usize,
+    /// How long a request waits for one of the `max_in_flight` slots; then 503 upstream_busy.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -269,7 +281,11 @@ impl Default for UpstreamConfig {
             resolve: BTreeMap::new(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
-            pool_idle_timeout: Duration::from_secs(90),
+            pool_idle_timeout: Duration::from_secs(50),
+            pool_max_idle_per_host: 16,
+            max_connections_per_host: 64,
+            max_in_flight: 256,
+            queue_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -532,12 +548,38 @@ impl Config {
         for (name, t) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
+            (
+                "upstream.pool_idle_timeout",
+                self.upstream.pool_idle_timeout,
+            ),
+            ("upstream.queue_timeout", self.upstream.queue_timeout),
             ("header_read_timeout", self.header_read_timeout),
             ("clock_check_interval", self.clock_check_interval),
         ] {
             if t.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
             }
+        }
+        for (name, n) in [
+            ("upstream.max_in_flight", self.upstream.max_in_flight),
+            (
+                "upstream.max_connections_per_host",
+                self.upstream.max_connections_per_host,
+            ),
+            (
+                "upstream.pool_max_idle_per_host",
+                self.upstream.pool_max_idle_per_host,
+            ),
+        ] {
+            if n == 0 {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if self.upstream.pool_max_idle_per_host > self.upstream.max_connections_per_host {
+            return Err(invalid(
+                "upstream.pool_max_idle_per_host",
+                "must not exceed upstream.max_connections_per_host",
+            ));
         }
         for host in self.upstream.resolve.keys() {
             if host.is_empty() || host.contains([':', '/', ' ']) {
@@ -576,6 +618,36 @@ mod tests {
     }
 
     #[test]
+    fn upstream_limits_must_be_positive_and_consistent() {
+        for (text, key) in [
+            ("[upstream]\nmax_in_flight = 0", "upstream.max_in_flight"),
+            (
+                "[upstream]\nmax_connections_per_host = 0",
+                "upstream.max_connections_per_host",
+            ),
+            (
+                "[upstream]\npool_max_idle_per_host = 0",
+                "upstream.pool_max_idle_per_host",
+            ),
+            (
+                "[upstream]\nqueue_timeout = \"0s\"",
+                "upstream.queue_timeout",
+            ),
+            (
+                "[upstream]\npool_idle_timeout = \"0s\"",
+                "upstream.pool_idle_timeout",
+            ),
+            (
+                "[upstream]\nmax_connections_per_host = 4\npool_max_idle_per_host = 8",
+                "upstream.pool_max_idle_per_host",
+            ),
+        ] {
+            let e = load_toml(text).expect_err(text);
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn shipped_example_is_valid_and_equals_the_defaults() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/cbgate.toml");
         let c = Config::load(&Sources {
@@ -594,6 +666,16 @@ mod tests {
         assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);
         assert_eq!(c.upstream.request_timeout, d.upstream.request_timeout);
         assert_eq!(c.upstream.pool_idle_timeout, d.upstream.pool_idle_timeout);
+        assert_eq!(
+            c.upstream.pool_max_idle_per_host,
+            d.upstream.pool_max_idle_per_host
+        );
+        assert_eq!(
+            c.upstream.max_connections_per_host,
+            d.upstream.max_connections_per_host
+        );
+        assert_eq!(c.upstream.max_in_flight, d.upstream.max_in_flight);
+        assert_eq!(c.upstream.queue_timeout, d.upstream.queue_timeout);
         assert_eq!(c.log.level, d.log.level);
         assert_eq!(c.log.format, d.log.format);
         assert_eq!(c.policy.permission, d.policy.permission);

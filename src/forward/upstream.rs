@@ -4,26 +4,34 @@
 //! verification, ALPN `h2` then `http/1.1`. There is deliberately no switch that turns
 //! verification off. `upstream.resolve` changes only where the TCP connection goes: SNI, the
 //! certificate check, `Host` and the JWT keep the real name.
+//!
+//! Fan-out is bounded three ways: `upstream.max_in_flight` requests at once ([`InFlightPermit`],
+//! taken before signing and held until the response body ends), `max_connections_per_host`
+//! open connections (a per-host semaphore whose permit lives inside each connection, so it
+//! counts idle pooled connections too and frees only when hyper drops the socket), and
+//! `pool_max_idle_per_host` idle ones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -66,6 +74,16 @@ pub enum UpstreamError {
     Timeout { host: String, after: Duration },
     #[error("request to {host} failed: {detail}")]
     Other { host: String, detail: String },
+    /// The server closed the stream without processing it (GOAWAY above its last-stream-id,
+    /// or REFUSED_STREAM: RFC 9113 sections 6.8 and 8.7); safe to send again, whatever the method.
+    #[error("{host} closed the connection before processing the request: {detail}")]
+    Unprocessed { host: String, detail: String },
+    /// `upstream.max_in_flight` requests were in flight for all of `upstream.queue_timeout`.
+    #[error("cbgate has upstream.max_in_flight ({max_in_flight}) requests in flight to Coinbase and none finished within upstream.queue_timeout ({waited:?}); retry later or raise upstream.max_in_flight")]
+    Busy {
+        max_in_flight: usize,
+        waited: Duration,
+    },
 }
 
 impl UpstreamError {
@@ -74,6 +92,8 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout { .. } => "timeout",
             UpstreamError::Other { .. } => "other",
+            UpstreamError::Unprocessed { .. } => "unprocessed",
+            UpstreamError::Busy { .. } => "busy",
             UpstreamError::Connect(c) => match c.stage {
                 ConnectStage::Dns => "dns",
                 ConnectStage::Connect => "connect",
@@ -91,6 +111,23 @@ pub struct UpstreamClient {
     /// Same roots, resolve map and timeouts, ALPN `http/1.1` only (for WebSocket upgrades).
     http1_connector: Connector,
     request_timeout: Duration,
+    in_flight: InFlight,
+}
+
+/// The `upstream.max_in_flight` slots: a request reserves one before it is signed.
+#[derive(Clone, Debug)]
+struct InFlight {
+    slots: Arc<Semaphore>,
+    max: usize,
+    queue_timeout: Duration,
+}
+
+/// One reserved upstream slot. Move it into the response with [`InFlightPermit::hold`] so a
+/// streaming response keeps its slot until its body ends.
+#[derive(Debug)]
+pub struct InFlightPermit {
+    // Released on drop; never read.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl fmt::Debug for UpstreamClient {
@@ -152,22 +189,54 @@ impl UpstreamClient {
             tls: TlsConnector::from(Arc::new(tls)),
             resolve: Arc::clone(&resolve),
             connect_timeout: cfg.connect_timeout,
+            // Waiting for a connection slot is bounded like the request it serves.
+            slots: Some(Arc::new(HostSlots {
+                per_host: cfg.max_connections_per_host,
+                wait: cfg.request_timeout,
+                hosts: Mutex::new(HashMap::new()),
+            })),
         };
+        // WebSocket connections are not pooled and have their own cap (`ws.max_sessions`).
         let http1_connector = Connector {
             tls: TlsConnector::from(Arc::new(tls_http1)),
             resolve,
             connect_timeout: cfg.connect_timeout,
+            slots: None,
         };
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .build(connector);
         Ok(UpstreamClient {
             client,
             http1_connector,
             request_timeout: cfg.request_timeout,
+            in_flight: InFlight {
+                slots: Arc::new(Semaphore::new(cfg.max_in_flight)),
+                max: cfg.max_in_flight,
+                queue_timeout: cfg.queue_timeout,
+            },
         })
+    }
+
+    /// `upstream.max_in_flight`.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.max
+    }
+
+    /// Reserves one of the `max_in_flight` slots, waiting up to `upstream.queue_timeout`.
+    pub async fn reserve(&self) -> Result<InFlightPermit, UpstreamError> {
+        let slots = Arc::clone(&self.in_flight.slots);
+        match tokio::time::timeout(self.in_flight.queue_timeout, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(InFlightPermit { _slot: permit }),
+            // The semaphore is never closed; a closed one would mean no slot either.
+            Ok(Err(_)) | Err(_) => Err(UpstreamError::Busy {
+                max_in_flight: self.in_flight.max,
+                waited: self.in_flight.queue_timeout,
+            }),
+        }
     }
 
     /// Opens a new verified TLS connection to `host:port` that speaks HTTP/1.1 (for a WebSocket
@@ -194,7 +263,23 @@ impl UpstreamClient {
         host: &str,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(req)).await {
+        self.send_until(
+            host,
+            req,
+            tokio::time::Instant::now() + self.request_timeout,
+        )
+        .await
+    }
+
+    /// Like [`UpstreamClient::send`], with the response head due by `deadline` (a resend
+    /// shares the first attempt's request timeout).
+    pub async fn send_until(
+        &self,
+        host: &str,
+        req: Request<Body>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
             Err(_) => Err(UpstreamError::Timeout {
                 host: host.to_owned(),
                 after: self.request_timeout,
@@ -209,6 +294,7 @@ impl UpstreamClient {
 fn classify(host: &str, e: &hyper_util::client::legacy::Error) -> UpstreamError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut innermost = e.to_string();
+    let mut unprocessed = false;
     while let Some(s) = source {
         if let Some(c) = s.downcast_ref::<ConnectError>() {
             return UpstreamError::Connect(ConnectError {
@@ -217,12 +303,120 @@ fn classify(host: &str, e: &hyper_util::client::legacy::Error) -> UpstreamError 
                 detail: c.detail.clone(),
             });
         }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            unprocessed = never_processed(h2);
+        }
         innermost = s.to_string();
         source = s.source();
     }
-    UpstreamError::Other {
-        host: host.to_owned(),
-        detail: innermost,
+    let host = host.to_owned();
+    if unprocessed {
+        UpstreamError::Unprocessed {
+            host,
+            detail: innermost,
+        }
+    } else {
+        UpstreamError::Other {
+            host,
+            detail: innermost,
+        }
+    }
+}
+
+/// Whether the server says it did not process the stream, so it may be sent again.
+///
+/// - `RST_STREAM(REFUSED_STREAM)` from the server: "closed prior to any processing"
+///   (RFC 9113 section 8.7).
+/// - A GOAWAY from the server with `NO_ERROR`: h2 hands that error only to streams above the
+///   GOAWAY's last-stream-id (and to streams opened after it), which the server promises it
+///   did not and will not process (section 6.8). Streams at or below it complete, or fail with
+///   a broken pipe, which is not resent.
+///
+/// A GOAWAY with an error code is not trusted: h2 then fails every open stream with it,
+/// including those the server may have processed. hyper's `is_canceled()` alone is not
+/// trusted either: it is also reported when a connection task dies after sending.
+fn never_processed(e: &h2::Error) -> bool {
+    if !e.is_remote() {
+        return false;
+    }
+    (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM))
+        || (e.is_go_away() && e.reason() == Some(h2::Reason::NO_ERROR))
+}
+
+impl InFlightPermit {
+    /// Wraps a response body so this slot stays taken until the body ends, fails, or is
+    /// dropped (the client went away).
+    pub fn hold(self, body: crate::Body) -> crate::Body {
+        http_body_util::BodyExt::boxed_unsync(HeldBody {
+            inner: body,
+            permit: Some(self),
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct HeldBody {
+        #[pin]
+        inner: crate::Body,
+        permit: Option<InFlightPermit>,
+    }
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            this.permit.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The `max_connections_per_host` semaphores, one per `host:port` (the routes name few hosts).
+struct HostSlots {
+    per_host: usize,
+    /// How long a new connection may wait for a slot.
+    wait: Duration,
+    hosts: Mutex<HashMap<(String, u16), Arc<Semaphore>>>,
+}
+
+impl HostSlots {
+    async fn acquire(&self, host: &str, port: u16) -> Result<OwnedSemaphorePermit, ConnectError> {
+        let sem = {
+            // A poisoned lock only means another thread panicked mid-insert; the map is intact.
+            let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(
+                hosts
+                    .entry((host.to_owned(), port))
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_host))),
+            )
+        };
+        match tokio::time::timeout(self.wait, sem.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) | Err(_) => Err(ConnectError {
+                host: host.to_owned(),
+                stage: ConnectStage::Timeout,
+                detail: format!(
+                    "all upstream.max_connections_per_host ({}) connections to {host} stayed busy for {:?}",
+                    self.per_host, self.wait
+                ),
+            }),
+        }
     }
 }
 
@@ -232,6 +426,8 @@ pub struct Connector {
     tls: TlsConnector,
     resolve: Arc<BTreeMap<String, SocketAddr>>,
     connect_timeout: Duration,
+    /// `None` for connections outside the pool (WebSocket).
+    slots: Option<Arc<HostSlots>>,
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -248,7 +444,15 @@ impl tower_service::Service<Uri> for Connector {
         Box::pin(async move {
             let host = uri.host().unwrap_or_default().to_owned();
             let port = uri.port_u16().unwrap_or(443);
-            this.connect_within_timeout(&host, port).await
+            // Reserve, then connect: the slot is taken before the socket exists and lives
+            // in the connection, so it is released only when hyper drops the socket.
+            let slot = match &this.slots {
+                Some(slots) => Some(slots.acquire(&host, port).await?),
+                None => None,
+            };
+            let mut conn = this.connect_within_timeout(&host, port).await?;
+            conn.slot = slot;
+            Ok(conn)
         })
     }
 }
@@ -330,6 +534,7 @@ impl Connector {
         Ok(TlsConn {
             io: TokioIo::new(tls),
             h2,
+            slot: None,
         })
     }
 }
@@ -367,6 +572,8 @@ pin_project_lite::pin_project! {
         #[pin]
         io: TokioIo<TlsStream<TcpStream>>,
         h2: bool,
+        // This connection's `max_connections_per_host` slot, freed with the socket.
+        slot: Option<OwnedSemaphorePermit>,
     }
 }
 

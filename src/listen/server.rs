@@ -20,6 +20,18 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 /// what the smuggling guard inspects, or a head could hide a bad shape past the guard's view.
 const MAX_HEAD_BYTES: usize = crate::listen::sniff::MAX_HEAD;
 
+/// One h2 client connection may hold at most 1/CLIENT_SHARE of `upstream.max_in_flight` as
+/// concurrent streams, so a single connection cannot take every upstream slot. A half keeps
+/// the default (256 / 2 = 128) above the 100 that RFC 9113 section 6.5.2 recommends and that
+/// clients (hyper, h2) assume before they read cbgate's SETTINGS: a lower limit would refuse
+/// (REFUSED_STREAM) the first burst of streams on every new client connection.
+const CLIENT_SHARE: usize = 2;
+
+/// The h2 `SETTINGS_MAX_CONCURRENT_STREAMS` cbgate announces to each client connection.
+pub fn client_streams(max_in_flight: usize) -> u32 {
+    u32::try_from((max_in_flight / CLIENT_SHARE).max(1)).unwrap_or(u32::MAX)
+}
+
 use crate::config::ListenAddr;
 use crate::listen::sniff::SmuggleGuard;
 use crate::proxy::Proxy;
@@ -150,6 +162,8 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES as u32)
+        // hyper's default is 200 per connection: 20 connections could open 4,000 streams.
+        .max_concurrent_streams(client_streams(proxy.upstream().max_in_flight()))
         // h2 has no header read timeout: pings find clients that went away while holding a
         // connection slot.
         .keep_alive_interval(Duration::from_secs(30))

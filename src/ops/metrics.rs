@@ -98,6 +98,7 @@ pub struct Metrics {
     upstream_duration: Family<RouteLabels, Histogram>,
     jwt_sign_duration: Histogram,
     upstream_errors: Family<KindLabels, Counter>,
+    upstream_resends: Counter,
     policy_denials: Counter,
     in_flight: Gauge,
     client_connections: Gauge,
@@ -128,6 +129,7 @@ impl Metrics {
             Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
         let jwt_sign_duration = Histogram::new(exponential_buckets(0.000_005, 2.0, 14));
         let upstream_errors = Family::<KindLabels, Counter>::default();
+        let upstream_resends = Counter::default();
         let policy_denials = Counter::default();
         let in_flight = Gauge::default();
         let client_connections = Gauge::default();
@@ -161,8 +163,13 @@ impl Metrics {
         );
         registry.register(
             "upstream_errors",
-            "Failures reaching Coinbase, by kind (dns, connect, tls, timeout, other)",
+            "Failures reaching Coinbase, by kind (dns, connect, tls, timeout, unprocessed, busy, other)",
             upstream_errors.clone(),
+        );
+        registry.register(
+            "upstream_resends",
+            "Requests sent again on a new connection because the server closed the first without processing it (GOAWAY, REFUSED_STREAM)",
+            upstream_resends.clone(),
         );
         registry.register(
             "policy_denials",
@@ -199,6 +206,7 @@ impl Metrics {
             upstream_duration,
             jwt_sign_duration,
             upstream_errors,
+            upstream_resends,
             policy_denials,
             in_flight,
             client_connections,
@@ -268,6 +276,11 @@ impl Metrics {
                 kind: kind.to_owned(),
             })
             .inc();
+    }
+
+    /// Records a request sent again because the server did not process the first attempt.
+    pub fn upstream_resend(&self) {
+        self.upstream_resends.inc();
     }
 
     /// Records a policy denial.

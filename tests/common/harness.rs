@@ -207,6 +207,8 @@ impl Upstream {
 pub struct Gate {
     pub addr: SocketAddr,
     pub url: String,
+    /// The proxy being served (its metrics, for assertions).
+    pub proxy: Arc<Proxy>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -262,12 +264,13 @@ impl Gate {
             max_connections: cfg.max_connections,
             max_headers: cfg.max_headers,
         };
-        let task = tokio::spawn(server::run(listeners, proxy, opts, async move {
+        let task = tokio::spawn(server::run(listeners, proxy.clone(), opts, async move {
             let _ = rx.await;
         }));
         Gate {
             addr,
             url: format!("http://{addr}"),
+            proxy,
             stop: Some(tx),
             task: Some(task),
         }

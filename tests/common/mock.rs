@@ -192,6 +192,12 @@ pub struct MockOptions {
     /// order placement, batch cancel) instead of echoing; every other path still echoes.
     /// Off by default: other tests read the echo of `GET /api/v3/brokerage/accounts`.
     pub realistic: bool,
+    /// Offer only `http/1.1` by ALPN (every concurrent request then needs its own connection).
+    pub http1_only: bool,
+    /// h2: refuse every n-th request with RST_STREAM(REFUSED_STREAM) before processing it (not
+    /// recorded), as a server under load may (RFC 9113 section 8.7). A request is refused once:
+    /// a resend with the same `x-request-id` is served.
+    pub refuse_every: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -235,6 +241,13 @@ struct Inner {
     clock_offset: std::sync::atomic::AtomicI64,
     hosts: Vec<String>,
     connections: AtomicUsize,
+    /// Connections open now.
+    open: AtomicUsize,
+    /// Requests being handled now, and the most at once.
+    active: AtomicUsize,
+    peak: AtomicUsize,
+    /// Requests seen, for `refuse_every`.
+    seen: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -242,6 +255,8 @@ struct Inner {
 struct State {
     requests: Vec<Recorded>,
     nonces: HashSet<String>,
+    /// `x-request-id`s refused once by `refuse_every`.
+    refused: HashSet<String>,
     /// Orders placed through the realistic `POST /api/v3/brokerage/orders`, in order.
     orders: Vec<PlacedOrder>,
 }
@@ -275,8 +290,19 @@ impl MockCoinbase {
             opts,
             hosts: pki.hosts.clone(),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            seen: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
         });
+        let acceptor = if inner.opts.http1_only {
+            let mut cfg = (*pki.server_config()).clone();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            TlsAcceptor::from(Arc::new(cfg))
+        } else {
+            acceptor
+        };
         let task = tokio::spawn(accept_loop(listener, acceptor, inner.clone()));
         MockCoinbase { addr, inner, task }
     }
@@ -294,6 +320,21 @@ impl MockCoinbase {
     /// Number of TLS connections accepted (handshake completed).
     pub fn connections(&self) -> usize {
         self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// Number of TLS connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.inner.open.load(Ordering::SeqCst)
+    }
+
+    /// The most requests the mock was handling at once.
+    pub fn peak_concurrency(&self) -> usize {
+        self.inner.peak.load(Ordering::SeqCst)
+    }
+
+    /// Requests refused by `refuse_every`.
+    pub fn refused(&self) -> usize {
+        self.inner.lock().refused.len()
     }
 
     /// Number of distinct nonces seen on signature-valid tokens.
@@ -333,11 +374,25 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, inner: Arc<In
                 return;
             };
             inner.connections.fetch_add(1, Ordering::SeqCst);
-            let svc = service_fn(move |req| handle(inner.clone(), req));
+            inner.open.fetch_add(1, Ordering::SeqCst);
+            let svc = {
+                let inner = inner.clone();
+                service_fn(move |req: Request<Incoming>| {
+                    let inner = inner.clone();
+                    async move {
+                        if refuse(&inner, &req) {
+                            // hyper answers a service error with RST_STREAM of its h2 reason.
+                            return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                        }
+                        handle(inner, req).await.map_err(|never| match never {})
+                    }
+                })
+            };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;
+            inner.open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
@@ -406,12 +461,49 @@ fn version_str(v: Version) -> &'static str {
     }
 }
 
+/// Whether `refuse_every` refuses this request (h2 only, each `x-request-id` once).
+fn refuse(inner: &Inner, req: &Request<Incoming>) -> bool {
+    let Some(every) = inner.opts.refuse_every else {
+        return false;
+    };
+    let n = inner.seen.fetch_add(1, Ordering::SeqCst) + 1;
+    if req.version() != Version::HTTP_2 || !n.is_multiple_of(every) {
+        return false;
+    }
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    inner.lock().refused.insert(id)
+}
+
+/// Counts a request being handled, also when its future is dropped mid-way.
+struct Active(Arc<Inner>);
+
+impl Active {
+    fn enter(inner: &Arc<Inner>) -> Active {
+        let now = inner.active.fetch_add(1, Ordering::SeqCst) + 1;
+        inner.peak.fetch_max(now, Ordering::SeqCst);
+        Active(inner.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn handle(
     inner: Arc<Inner>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let now = inner.now();
-    let mut resp = handle_inner(inner, req).await;
+    let active = Active::enter(&inner);
+    let mut resp = handle_inner(inner.clone(), req).await;
+    drop(active);
     add_rate_limit_headers(&mut resp);
     // Every answer is dated by the mock's clock, as Coinbase's are by its own.
     if let Ok(v) = HeaderValue::from_str(&http_date(now)) {
@@ -555,6 +647,11 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
             HeaderValue::from_static("application/octet-stream"),
         );
         return resp;
+    }
+
+    // `/sleep/<ms>`: a slow endpoint, then the echo.
+    if let Some(ms) = number_after(&path, "/sleep/") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
     // Echo.
