@@ -28,6 +28,8 @@ pub enum ProxyError {
     NoRoute { path: String, prefixes: String },
     #[error("request body is larger than max_body_bytes ({limit} bytes)")]
     BodyTooLarge { limit: u64 },
+    #[error("the request body stopped arriving: nothing for {after:?} (body_timeout); send the whole body without pauses")]
+    BodyTimeout { after: std::time::Duration },
     #[error("could not sign the request")]
     Sign,
     #[error("cbgate has ws.max_sessions ({0}) WebSocket sessions open; retry later")]
@@ -52,6 +54,7 @@ impl ProxyError {
             }
             ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            ProxyError::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_body_timeout"),
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")

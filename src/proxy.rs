@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::forward::body_timeout::{BodyTimeout, Direction, TimedBody};
 use crate::forward::date_watch::DateWatch;
 use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
 use crate::forward::upstream::{SetupError, UpstreamClient};
@@ -40,6 +41,8 @@ pub struct Proxy {
     policy: Policy,
     clients: ClientGate,
     max_body_bytes: u64,
+    /// Longest silence inside a request or response body.
+    body_timeout: Duration,
     metrics: Metrics,
     readiness: Readiness,
     /// Watches the `Date` of every upstream response for a clock jump between measurements.
@@ -76,6 +79,7 @@ impl Proxy {
                 .map_err(|(k, m)| BuildError::Policy(format!("{k}: {m}")))?,
             clients: ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts),
             max_body_bytes: cfg.max_body_bytes,
+            body_timeout: cfg.body_timeout,
             metrics,
             readiness: Readiness::default(),
             clock_watch: DateWatch::default(),
@@ -220,8 +224,8 @@ impl Proxy {
         let request_id = parts.headers.get(&REQUEST_ID).cloned();
         strip_hop_by_hop(&mut parts.headers);
         strip_client_credentials(&mut parts.headers);
-        if let Some(id) = request_id {
-            parts.headers.insert(&REQUEST_ID, id);
+        if let Some(id) = &request_id {
+            parts.headers.insert(&REQUEST_ID, id.clone());
         }
         if let Some(token) = token {
             let mut value =
@@ -248,11 +252,17 @@ impl Proxy {
         // trips, the client reports a generic send error, so the flag says why.
         let too_large = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&too_large);
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let timeout_flag = Arc::clone(&timed_out);
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
+        let body = self.timed(body, Direction::Request, request_id.as_ref());
         let body = Limited::new(body, limit)
             .map_err(move |e| {
                 if e.is::<LengthLimitError>() {
                     flag.store(true, Ordering::Relaxed);
+                }
+                if e.is::<BodyTimeout>() {
+                    timeout_flag.store(true, Ordering::Relaxed);
                 }
                 e
             })
@@ -270,16 +280,35 @@ impl Proxy {
                     limit: self.max_body_bytes,
                 })
             }
+            Err(_) if timed_out.load(Ordering::Relaxed) => {
+                return Err(ProxyError::BodyTimeout {
+                    after: self.body_timeout,
+                })
+            }
             other => other?,
         };
         let (mut parts, body) = resp.into_parts();
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed_unsync(),
-        ))
+        let body = self.timed(body, Direction::Response, request_id.as_ref());
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    /// `body` with the `body_timeout` inactivity timer, counted in `cbgate_timeouts_total`.
+    fn timed(
+        &self,
+        body: Incoming,
+        direction: Direction,
+        request_id: Option<&HeaderValue>,
+    ) -> TimedBody<Incoming> {
+        TimedBody::new(
+            body,
+            self.body_timeout,
+            direction,
+            self.metrics.timeout_counter("proxy", direction.kind()),
+            request_id.cloned(),
+        )
     }
 
     fn route(&self, path: &str) -> Result<&Route, ProxyError> {

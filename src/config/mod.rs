@@ -310,6 +310,15 @@ pub struct Config {
     /// Time a client has to send the request head (slow-header defence).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in flight (HTTP/1.1
+    /// keep-alive and h2) before cbgate closes it (h2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest silence inside a body, in either direction: a client request body that stops
+    /// arriving, or an upstream response body that stops after its headers. The request
+    /// fails (client 408, or a reset response) and both connections are released.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     pub key: KeyConfig,
     pub upstream: UpstreamConfig,
     /// Routes, longest prefix wins. Replaces the built-in list when given.
@@ -334,6 +343,9 @@ pub struct Config {
     pub max_headers: usize,
     /// The admin listener (`/livez`, `/readyz`, `/metrics`).
     pub admin_listen: SocketAddr,
+    /// Open admin connections at most: its own small budget, so the admin port can never use
+    /// the file descriptors the proxy port needs. More get 503 and are closed.
+    pub admin_max_connections: usize,
     /// How long in-flight requests and streams may take to finish after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -348,6 +360,8 @@ impl Default for Config {
             listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8750)))],
             max_body_bytes: 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
             key: KeyConfig::default(),
             upstream: UpstreamConfig::default(),
             routes: default_routes(),
@@ -362,6 +376,7 @@ impl Default for Config {
             max_connections: 1024,
             max_headers: 100,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8751)),
+            admin_max_connections: 16,
             shutdown_timeout: Duration::from_secs(25),
             clock_check_interval: Duration::from_secs(300),
         }
@@ -479,6 +494,9 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be greater than 0"));
         }
+        if self.admin_max_connections == 0 {
+            return Err(invalid("admin_max_connections", "must be greater than 0"));
+        }
         if self.max_headers == 0 {
             return Err(invalid("max_headers", "must be greater than 0"));
         }
@@ -526,6 +544,8 @@ impl Config {
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("body_timeout", self.body_timeout),
             ("clock_check_interval", self.clock_check_interval),
         ] {
             if t.is_zero() {
@@ -584,6 +604,9 @@ mod tests {
         assert_eq!(c.ws.max_sessions, d.ws.max_sessions);
         assert_eq!(c.max_body_bytes, d.max_body_bytes);
         assert_eq!(c.header_read_timeout, d.header_read_timeout);
+        assert_eq!(c.idle_timeout, d.idle_timeout);
+        assert_eq!(c.body_timeout, d.body_timeout);
+        assert_eq!(c.admin_max_connections, d.admin_max_connections);
         assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);
         assert_eq!(c.upstream.request_timeout, d.upstream.request_timeout);
         assert_eq!(c.upstream.pool_idle_timeout, d.upstream.pool_idle_timeout);
