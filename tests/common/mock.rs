@@ -235,6 +235,8 @@ struct Inner {
     clock_offset: std::sync::atomic::AtomicI64,
     hosts: Vec<String>,
     connections: AtomicUsize,
+    /// `/stall-body` responses whose reader went away (stream reset or connection closed).
+    stalls_released: Arc<AtomicUsize>,
     state: Mutex<State>,
 }
 
@@ -275,6 +277,7 @@ impl MockCoinbase {
             opts,
             hosts: pki.hosts.clone(),
             connections: AtomicUsize::new(0),
+            stalls_released: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State::default()),
         });
         let task = tokio::spawn(accept_loop(listener, acceptor, inner.clone()));
@@ -294,6 +297,11 @@ impl MockCoinbase {
     /// Number of TLS connections accepted (handshake completed).
     pub fn connections(&self) -> usize {
         self.inner.connections.load(Ordering::SeqCst)
+    }
+
+    /// Number of `/stall-body` responses cbgate stopped reading (stream reset or closed).
+    pub fn stalls_released(&self) -> usize {
+        self.inner.stalls_released.load(Ordering::SeqCst)
     }
 
     /// Number of distinct nonces seen on signature-valid tokens.
@@ -504,6 +512,22 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
                     return;
                 }
             }
+        });
+        let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return resp;
+    }
+
+    // Headers and a first chunk, then silence until the reader goes away.
+    if path.contains("/stall-body") {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let released = Arc::clone(&inner.stalls_released);
+        tokio::spawn(async move {
+            if tx.send(Bytes::from_static(b"first\n")).await.is_ok() {
+                tx.closed().await;
+            }
+            released.fetch_add(1, Ordering::SeqCst);
         });
         let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
         resp.headers_mut()
