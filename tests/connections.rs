@@ -63,7 +63,7 @@ async fn h2_preface_and_unfinished_first_requests_do_not_hold_slots() {
     cfg.max_connections = 4;
     cfg.header_read_timeout = SHORT;
     let gate = Gate::start(cfg, None).await;
-    let mut conns = vec![
+    let mut conns = [
         // The 14 bytes that decide "maybe HTTP/2": hyper-util's version sniffing has no timer.
         stalled(gate.addr, b"PRI * HTTP/2.0").await,
         stalled(gate.addr, PREFACE).await,
@@ -203,6 +203,47 @@ async fn an_upstream_body_that_stops_is_cut_off_and_both_connections_released() 
     gate.stop().await;
 }
 
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_body_timeout() {
+    let up = Upstream::start(None).await;
+    let mut cfg = up.config();
+    cfg.max_connections = 1;
+    cfg.body_timeout = SHORT;
+    let gate = Gate::start(cfg, None).await;
+    // Far more than the socket buffers on both sides hold.
+    const TOTAL: usize = 64 << 20;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(16 * 1024).expect("rcvbuf");
+    let mut s = sock.connect(gate.addr).await.expect("connect");
+    s.write_all(
+        format!("GET /api/v3/brokerage/market/big/{TOTAL} HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("write");
+    // The client reads nothing for a while: cbgate gives up on it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was not closed");
+    assert!(got < TOTAL, "cut off: {got} of {TOTAL} bytes");
+    let out = served(gate.addr).await;
+    assert!(
+        out.starts_with("HTTP/1.1 404"),
+        "the slot is free again: {out}"
+    );
+    gate.stop().await;
+}
+
 /// An admin listener in-process, with a loaded key, the proxy marked listening.
 async fn admin(max: usize) -> (SocketAddr, TestKey) {
     let up = Upstream::start(None).await;
@@ -266,7 +307,7 @@ async fn admin_refuses_rebinding_hosts_and_cross_site_origins() {
 #[tokio::test]
 async fn admin_has_its_own_connection_limit_and_timeouts() {
     let (addr, _key) = admin(2).await;
-    let mut idle = vec![
+    let mut idle = [
         stalled(addr, b"").await,
         stalled(addr, b"GET /livez HTTP/1.1\r\nHost: local").await,
     ];

@@ -132,6 +132,8 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// Time a connection may stay open with no request in flight.
     pub idle_timeout: Duration,
+    /// Time a client may read nothing while cbgate has a response to write (`body_timeout`).
+    pub write_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
     /// Open client connections at most; more are answered 503 and closed.
@@ -152,6 +154,7 @@ impl ServeOptions {
         ServeOptions {
             header_read_timeout: cfg.header_read_timeout,
             idle_timeout: cfg.idle_timeout,
+            write_timeout: cfg.body_timeout,
             drain_timeout: cfg.shutdown_timeout,
             max_connections: cfg.max_connections,
             max_headers: cfg.max_headers,
@@ -273,6 +276,7 @@ struct Server<H> {
     stop: watch::Sender<bool>,
     header_timeouts: Counter,
     idle_timeouts: Counter,
+    write_timeouts: Counter,
 }
 
 impl<H, F> Server<H>
@@ -306,6 +310,7 @@ where
             refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
             header_timeouts: metrics.timeout_counter(role.label(), "header"),
             idle_timeouts: metrics.timeout_counter(role.label(), "idle"),
+            write_timeouts: metrics.timeout_counter(role.label(), "client_write"),
             opts,
             proxy,
             handler,
@@ -414,6 +419,13 @@ where
                     }))
                 }
             })
+        };
+        let io = WriteTimeout {
+            io,
+            timeout: self.opts.write_timeout,
+            stalled: None,
+            fired: self.write_timeouts.clone(),
+            role: self.role,
         };
         let conn = self
             .builder
@@ -547,6 +559,100 @@ impl HttpBody for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A client connection whose writes fail once the client has read nothing for `timeout`. A
+/// client that stops reading would otherwise hold its slot, and the upstream response, for
+/// ever: while the socket is full hyper stops polling the response body, so the body's own
+/// timeout never runs.
+struct WriteTimeout<I> {
+    io: I,
+    timeout: Duration,
+    /// Armed while a write is pending.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    fired: Counter,
+    role: Role,
+}
+
+impl<I> WriteTimeout<I> {
+    /// Called when the socket cannot take more: pending until `timeout` has passed since the
+    /// first refused write, then the error that ends the connection.
+    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.stalled = None;
+        self.fired.inc();
+        tracing::warn!(
+            listener = self.role.label(),
+            kind = "client_write",
+            after_ms = timeout.as_millis() as u64,
+            "closing a client connection: the client read nothing for body_timeout"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing for body_timeout",
+        )))
+    }
+
+    fn progress<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.poll_stall(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteTimeout<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.progress(r, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.progress(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.progress(r, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The smuggling guard's lingering close has its own, shorter, bound.
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
