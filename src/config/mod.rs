@@ -307,7 +307,8 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: u64,
-    /// Time a client has to send the request head (slow-header defence).
+    /// Time a new connection has to deliver its first complete request (protocol detection,
+    /// the h2 preface and SETTINGS, the request headers), and an HTTP/1 client each later head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// How long a client connection may stay open with no request in flight (HTTP/1.1
