@@ -246,11 +246,12 @@ async fn a_client_that_stops_reading_is_cut_off_after_body_timeout() {
 
 /// An admin listener in-process, with a loaded key, the proxy marked listening.
 async fn admin(max: usize) -> (SocketAddr, TestKey) {
-    let up = Upstream::start(None).await;
-    let mut cfg = up.config();
-    cfg.admin_max_connections = max;
-    cfg.header_read_timeout = SHORT;
-    cfg.idle_timeout = SHORT;
+    let cfg = cbgate::config::Config {
+        admin_max_connections: max,
+        header_read_timeout: SHORT,
+        idle_timeout: SHORT,
+        ..Default::default()
+    };
     let key = TestKey::generate(KeyForm::P256Sec1);
     let dir = tempfile::tempdir().expect("tempdir");
     let api_key = cbgate::sign::key::KeySource::File(key.write_json(dir.path()))
@@ -269,8 +270,6 @@ async fn admin(max: usize) -> (SocketAddr, TestKey) {
         opts,
         std::future::pending(),
     ));
-    // The mock is not needed past building the proxy.
-    std::mem::forget(up);
     (addr, key)
 }
 
