@@ -33,7 +33,9 @@ pub enum ProxyError {
     #[error("request body is larger than max_body_bytes ({limit} bytes)")]
     BodyTooLarge { limit: u64 },
     #[error("the request body did not arrive within {0:?} (upstream.request_timeout)")]
-    BodyTimeout(std::time::Duration),
+    BodyDeadline(std::time::Duration),
+    #[error("the request body stopped arriving: nothing for {after:?} (body_timeout); send the whole body without pauses")]
+    BodyTimeout { after: std::time::Duration },
     #[error("could not sign the request")]
     Sign,
     #[error("cbgate has ws.max_sessions ({0}) WebSocket sessions open; retry later")]
@@ -58,7 +60,9 @@ impl ProxyError {
             }
             ProxyError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-            ProxyError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            ProxyError::BodyDeadline(_) | ProxyError::BodyTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, "request_body_timeout")
+            }
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")

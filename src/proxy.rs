@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::forward::body_timeout::{BodyTimeout, Direction, TimedBody};
 use crate::forward::date_watch::DateWatch;
 use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
 use crate::forward::upstream::{SetupError, UpstreamClient, UpstreamError};
@@ -40,6 +41,8 @@ pub struct Proxy {
     policy: Policy,
     clients: ClientGate,
     max_body_bytes: u64,
+    /// Longest silence inside a request or response body.
+    body_timeout: Duration,
     metrics: Metrics,
     readiness: Readiness,
     /// Watches the `Date` of every upstream response for a clock jump between measurements.
@@ -76,6 +79,7 @@ impl Proxy {
                 .map_err(|(k, m)| BuildError::Policy(format!("{k}: {m}")))?,
             clients: ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts),
             max_body_bytes: cfg.max_body_bytes,
+            body_timeout: cfg.body_timeout,
             metrics,
             readiness: Readiness::default(),
             clock_watch: DateWatch::default(),
@@ -222,8 +226,8 @@ impl Proxy {
         let request_id = parts.headers.get(&REQUEST_ID).cloned();
         strip_hop_by_hop(&mut parts.headers);
         strip_client_credentials(&mut parts.headers);
-        if let Some(id) = request_id {
-            parts.headers.insert(&REQUEST_ID, id);
+        if let Some(id) = &request_id {
+            parts.headers.insert(&REQUEST_ID, id.clone());
         }
         // Path and query go upstream byte for byte, as the client sent them.
         let path_and_query = parts
@@ -241,8 +245,11 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         // The whole body is read before anything goes upstream: bodies are small (at most
         // max_body_bytes), the 413 is then exact and sent before Coinbase sees a byte, and a
-        // request the server did not process can be sent again.
-        let body = self.read_body(body).await?;
+        // request the server did not process can be sent again. A body that stops arriving
+        // for body_timeout ends the wait early.
+        let body = self
+            .read_body(self.timed(body, Direction::Request, request_id.as_ref()))
+            .await?;
 
         let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + self.client.request_timeout();
@@ -281,21 +288,41 @@ impl Proxy {
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
+        let body = self.timed(body, Direction::Response, request_id.as_ref());
         Ok(Response::from_parts(
             parts,
-            permit.hold(body.map_err(Into::into).boxed_unsync()),
+            permit.hold(body.boxed_unsync()),
         ))
     }
 
+    /// `body` with the `body_timeout` inactivity timer, counted in `cbgate_timeouts_total`.
+    fn timed(
+        &self,
+        body: Incoming,
+        direction: Direction,
+        request_id: Option<&HeaderValue>,
+    ) -> TimedBody<Incoming> {
+        TimedBody::new(
+            body,
+            self.body_timeout,
+            direction,
+            self.metrics.timeout_counter("proxy", direction.kind()),
+            request_id.cloned(),
+        )
+    }
+
     /// Reads the request body whole, up to `max_body_bytes`, within the request timeout.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
+    async fn read_body(&self, body: TimedBody<Incoming>) -> Result<Bytes, ProxyError> {
         let limit = usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX);
         let within = self.client.request_timeout();
         match tokio::time::timeout(within, Limited::new(body, limit).collect()).await {
-            Err(_) => Err(ProxyError::BodyTimeout(within)),
+            Err(_) => Err(ProxyError::BodyDeadline(within)),
             Ok(Ok(collected)) => Ok(collected.to_bytes()),
             Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge {
                 limit: self.max_body_bytes,
+            }),
+            Ok(Err(e)) if e.is::<BodyTimeout>() => Err(ProxyError::BodyTimeout {
+                after: self.body_timeout,
             }),
             Ok(Err(e)) => Err(ProxyError::BadRequest(format!(
                 "reading the request body failed: {e}"

@@ -58,6 +58,21 @@ pub fn run(
             Err(why) => format!("NO ({why})"),
         }
     );
+    let files = &hardening.open_files;
+    let needed = harden::descriptors_needed(&cfg);
+    let limit = |v: Option<u64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+    println!(
+        "open files: soft limit {} (hard {}{}); the connection limits need up to {needed}",
+        limit(files.soft),
+        limit(files.hard),
+        files
+            .raised_from
+            .map(|v| format!(", raised from {v}"))
+            .unwrap_or_default(),
+    );
+    if let Some(warning) = files.shortfall(needed) {
+        println!("warning: {warning}");
+    }
     if !args.online {
         return Ok(());
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use cbgate::config::{Config, ListenAddr, LogFormat};
+use cbgate::gate::client::ClientGate;
 use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::ops::reload::{self, KeyReloader};
 use cbgate::ops::{admin, clock, harden};
@@ -78,6 +79,16 @@ pub fn run(
     )?;
     let _log_guard = init_logging(&cfg);
     log_hardening(hardening);
+    let files = &hardening.open_files;
+    tracing::info!(
+        soft = files.soft,
+        hard = files.hard,
+        raised_from = files.raised_from,
+        "open-file limit (RLIMIT_NOFILE)"
+    );
+    if let Some(warning) = files.shortfall(harden::descriptors_needed(&cfg)) {
+        tracing::warn!("{warning}");
+    }
     if client_token.is_some() {
         tracing::info!("clients must send the cbgate-token header");
     }
@@ -138,20 +149,23 @@ pub fn run(
                 ))
             })?;
         tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics");
-        // The admin listener outlives the drain, so /readyz reports 503 while it lasts.
-        tokio::spawn(admin::run(admin, Arc::clone(&proxy), std::future::pending()));
+        // The admin listener outlives the drain, so /readyz reports 503 while it lasts. No
+        // client token there (probes), but the same Host and Origin checks.
+        let admin_gate = ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts).allow_ip_hosts();
+        tokio::spawn(admin::run(
+            admin,
+            Arc::clone(&proxy),
+            admin_gate,
+            ServeOptions::admin(&cfg),
+            std::future::pending(),
+        ));
         tokio::spawn(clock::run(Arc::clone(&proxy), cfg.clock_check_interval));
         let reloader = Arc::new(KeyReloader::new(
             key_file,
             allow_insecure,
         ));
         tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
-        let opts = ServeOptions {
-            header_read_timeout: cfg.header_read_timeout,
-            drain_timeout: cfg.shutdown_timeout,
-            max_connections: cfg.max_connections,
-            max_headers: cfg.max_headers,
-        };
+        let opts = ServeOptions::proxy(&cfg);
         let (drain, drain_started) = tokio::sync::oneshot::channel();
         let serving = server::run(listeners, proxy, opts, async {
             let _ = drain_started.await;

@@ -325,9 +325,19 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     /// Request bodies larger than this get 413.
     pub max_body_bytes: u64,
-    /// Time a client has to send the request head (slow-header defence).
+    /// Time a new connection has to deliver its first complete request (protocol detection,
+    /// the h2 preface and SETTINGS, the request headers), and an HTTP/1 client each later head.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in flight (HTTP/1.1
+    /// keep-alive and h2) before cbgate closes it (h2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest silence inside a body, in either direction: a client request body that stops
+    /// arriving, or an upstream response body that stops after its headers. The request
+    /// fails (client 408, or a reset response) and both connections are released.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
     pub key: KeyConfig,
     pub upstream: UpstreamConfig,
     /// Routes, longest prefix wins. Replaces the built-in list when given.
@@ -352,6 +362,9 @@ pub struct Config {
     pub max_headers: usize,
     /// The admin listener (`/livez`, `/readyz`, `/metrics`).
     pub admin_listen: SocketAddr,
+    /// Open admin connections at most: its own small budget, so the admin port can never use
+    /// the file descriptors the proxy port needs. More get 503 and are closed.
+    pub admin_max_connections: usize,
     /// How long in-flight requests and streams may take to finish after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -366,6 +379,8 @@ impl Default for Config {
             listen: vec![ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 8750)))],
             max_body_bytes: 1024 * 1024,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
             key: KeyConfig::default(),
             upstream: UpstreamConfig::default(),
             routes: default_routes(),
@@ -380,6 +395,7 @@ impl Default for Config {
             max_connections: 1024,
             max_headers: 100,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8751)),
+            admin_max_connections: 16,
             shutdown_timeout: Duration::from_secs(25),
             clock_check_interval: Duration::from_secs(300),
         }
@@ -502,6 +518,9 @@ impl Config {
         if self.max_connections == 0 {
             return Err(invalid("max_connections", "must be greater than 0"));
         }
+        if self.admin_max_connections == 0 {
+            return Err(invalid("admin_max_connections", "must be greater than 0"));
+        }
         if self.max_headers == 0 {
             return Err(invalid("max_headers", "must be greater than 0"));
         }
@@ -554,6 +573,8 @@ impl Config {
             ),
             ("upstream.queue_timeout", self.upstream.queue_timeout),
             ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("body_timeout", self.body_timeout),
             ("clock_check_interval", self.clock_check_interval),
         ] {
             if t.is_zero() {
@@ -663,6 +684,9 @@ mod tests {
         assert_eq!(c.ws.max_sessions, d.ws.max_sessions);
         assert_eq!(c.max_body_bytes, d.max_body_bytes);
         assert_eq!(c.header_read_timeout, d.header_read_timeout);
+        assert_eq!(c.idle_timeout, d.idle_timeout);
+        assert_eq!(c.body_timeout, d.body_timeout);
+        assert_eq!(c.admin_max_connections, d.admin_max_connections);
         assert_eq!(c.upstream.connect_timeout, d.upstream.connect_timeout);
         assert_eq!(c.upstream.request_timeout, d.upstream.request_timeout);
         assert_eq!(c.upstream.pool_idle_timeout, d.upstream.pool_idle_timeout);

@@ -46,6 +46,7 @@ pub struct ClientGate {
     token: Option<Zeroizing<String>>,
     allowed_origins: Vec<String>,
     allowed_hosts: Vec<String>,
+    ip_hosts: bool,
 }
 
 impl fmt::Debug for ClientGate {
@@ -54,6 +55,7 @@ impl fmt::Debug for ClientGate {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("allowed_origins", &self.allowed_origins)
             .field("allowed_hosts", &self.allowed_hosts)
+            .field("ip_hosts", &self.ip_hosts)
             .finish()
     }
 }
@@ -75,7 +77,16 @@ impl ClientGate {
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
+            ip_hosts: false,
         }
+    }
+
+    /// Also accepts any IP-address `Host` (for the admin listener, which Kubernetes httpGet
+    /// probes reach by the pod IP). DNS rebinding always carries a host *name*: a page whose
+    /// origin is an IP address is served from that address, so it cannot be the attacker's.
+    pub fn allow_ip_hosts(mut self) -> ClientGate {
+        self.ip_hosts = true;
+        self
     }
 
     /// Whether a client token is required.
@@ -140,7 +151,7 @@ impl ClientGate {
             return true;
         }
         if let Ok(ip) = name.parse::<IpAddr>() {
-            if ip.is_loopback() {
+            if ip.is_loopback() || self.ip_hosts {
                 return true;
             }
         }
@@ -235,6 +246,23 @@ mod tests {
             g.check(&origin_uri(), &two),
             Err(ClientError::HostCount)
         ));
+    }
+
+    #[test]
+    fn ip_hosts_pass_only_when_allowed() {
+        let g = ClientGate::new(None, &[], &[]).allow_ip_hosts();
+        for ok in ["10.0.0.1:8751", "[fd00::1]:8751", "127.0.0.1", "localhost"] {
+            assert!(
+                g.check(&origin_uri(), &headers(&[("host", ok)])).is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in ["attacker.example", "10.0.0.1.nip.io", "evil.example:8751"] {
+            assert!(
+                g.check(&origin_uri(), &headers(&[("host", bad)])).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,24 +1,42 @@
 //! Accepting clients: TCP and Unix-socket listeners, HTTP/1.1 and h2c (prior knowledge) on the
-//! same port, keep-alive, and graceful shutdown.
+//! same port, keep-alive, and graceful shutdown. The admin listener is served by the same code
+//! with its own budget ([`serve`]).
+//!
+//! Every phase of a client connection has a timeout. Each connection task runs one timer:
+//! until the first request reaches the service, `header_read_timeout` from accept (this covers
+//! hyper-util's protocol detection, which has no timer, the h2 preface and SETTINGS, and the
+//! first HEADERS); while no request is in flight, `idle_timeout`; while a request is in flight,
+//! none (its bodies have `body_timeout`, see `forward::body_timeout`). hyper's own HTTP/1
+//! `header_read_timeout` also covers every later request head.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{Request, Response};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// Largest request head accepted (HTTP/1 read buffer, HTTP/2 header list). It must not exceed
 /// what the smuggling guard inspects, or a head could hide a bad shape past the guard's view.
 const MAX_HEAD_BYTES: usize = crate::listen::sniff::MAX_HEAD;
+
+use crate::config::{Config, ListenAddr};
 
 /// One h2 client connection may hold at most 1/CLIENT_SHARE of `upstream.max_in_flight` as
 /// concurrent streams, so a single connection cannot take every upstream slot. A half keeps
@@ -31,10 +49,16 @@ const CLIENT_SHARE: usize = 2;
 pub fn client_streams(max_in_flight: usize) -> u32 {
     u32::try_from((max_in_flight / CLIENT_SHARE).max(1)).unwrap_or(u32::MAX)
 }
-
-use crate::config::ListenAddr;
 use crate::listen::sniff::SmuggleGuard;
 use crate::proxy::Proxy;
+use crate::{Body, BoxError};
+
+/// After cbgate closes an idle connection (h2: GOAWAY), how long the peer has to let it end.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Refusals (503, then a short lingering close) in progress at once per listener; past it a
+/// connection over the limit is closed at once, so a flood cannot hold descriptors this way.
+pub const REFUSING_AT_ONCE: usize = 32;
 
 /// A bound listener. Binding is separate from serving so that callers (and tests) can bind
 /// port 0 and learn the address before [`run`] starts.
@@ -112,11 +136,16 @@ impl Listener {
     }
 }
 
-/// Serving options that are not part of the proxy itself.
+/// Serving options for one listener (the proxy's or the admin's).
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    /// Time a client has to send a complete HTTP/1 request head.
+    /// Time a new connection has to deliver its first complete request (protocol detection,
+    /// h2 preface and SETTINGS, request headers); hyper also applies it to later HTTP/1 heads.
     pub header_read_timeout: Duration,
+    /// Time a connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Time a client may read nothing while cbgate has a response to write (`body_timeout`).
+    pub write_timeout: Duration,
     /// How long in-flight requests may take to finish after shutdown starts.
     pub drain_timeout: Duration,
     /// Open client connections at most; more are answered 503 and closed.
@@ -127,11 +156,46 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
+        ServeOptions::proxy(&Config::default())
+    }
+}
+
+impl ServeOptions {
+    /// The proxy listener's options.
+    pub fn proxy(cfg: &Config) -> ServeOptions {
         ServeOptions {
-            header_read_timeout: Duration::from_secs(10),
-            drain_timeout: Duration::from_secs(25),
-            max_connections: 1024,
-            max_headers: 100,
+            header_read_timeout: cfg.header_read_timeout,
+            idle_timeout: cfg.idle_timeout,
+            write_timeout: cfg.body_timeout,
+            drain_timeout: cfg.shutdown_timeout,
+            max_connections: cfg.max_connections,
+            max_headers: cfg.max_headers,
+        }
+    }
+
+    /// The admin listener's: the same timeouts, its own connection budget.
+    pub fn admin(cfg: &Config) -> ServeOptions {
+        ServeOptions {
+            max_connections: cfg.admin_max_connections,
+            ..ServeOptions::proxy(cfg)
+        }
+    }
+}
+
+/// Which listener a connection came in on: the `listener` label of metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The proxy port: requests go through the smuggling guard to [`Proxy::handle`].
+    Proxy,
+    /// The admin port (`/livez`, `/readyz`, `/metrics`).
+    Admin,
+}
+
+impl Role {
+    fn label(self) -> &'static str {
+        match self {
+            Role::Proxy => "proxy",
+            Role::Admin => "admin",
         }
     }
 }
@@ -149,84 +213,464 @@ pub async fn run(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(opts.header_read_timeout)
-        .max_headers(opts.max_headers)
-        // Caps the request head at 64 KiB (hyper's default is ~400 KiB): larger gets 431.
-        .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEAD_BYTES as u32)
-        // hyper's default is 200 per connection: 20 connections could open 4,000 streams.
-        .max_concurrent_streams(client_streams(proxy.upstream().max_in_flight()))
-        // h2 has no header read timeout: pings find clients that went away while holding a
-        // connection slot.
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(opts.max_connections));
-
-    let (tx, mut rx) = mpsc::channel::<Accepted>(64);
-    let mut unix_paths = Vec::new();
-    let accept_tasks: Vec<_> = listeners
-        .into_iter()
-        .map(|l| {
-            if let Listener::Unix { path, .. } = &l {
-                unix_paths.push(path.clone());
-            }
-            tokio::spawn(accept_loop(l, tx.clone()))
+    let drain_timeout = opts.drain_timeout;
+    let unix_paths: Vec<PathBuf> = listeners
+        .iter()
+        .filter_map(|l| match l {
+            Listener::Unix { path, .. } => Some(path.clone()),
+            Listener::Tcp(_) => None,
         })
         .collect();
-    drop(tx);
-
-    let graceful = GracefulShutdown::new();
-    proxy.readiness().set_listening();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = rx.recv() => match accepted {
-                Some(Accepted::Tcp(s)) => {
-                    let _ = s.set_nodelay(true);
-                    let s = SmuggleGuard::new(s).first_head_timeout(opts.header_read_timeout);
-                    admit(s, &slots, &builder, &proxy, &graceful);
+    let handler = {
+        let proxy = Arc::clone(&proxy);
+        move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move {
+                match proxy.handle(req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
                 }
-                Some(Accepted::Unix(s)) => {
-                    let s = SmuggleGuard::new(s).first_head_timeout(opts.header_read_timeout);
-                    admit(s, &slots, &builder, &proxy, &graceful);
-                }
-                None => break,
-            },
-            () = &mut shutdown => break,
+            }
         }
-    }
+    };
+    let server = Server::new(Role::Proxy, Arc::clone(&proxy), opts, handler);
+    proxy.readiness().set_listening();
+    server.accept_until(listeners, shutdown).await;
     // Not ready from here on, so the orchestrator stops sending traffic while we drain.
     proxy.readiness().set_shutting_down();
-    for t in &accept_tasks {
-        t.abort();
-    }
     for p in unix_paths {
         let _ = std::fs::remove_file(p);
     }
     tracing::info!(
-        connections = graceful.count(),
+        connections = server.open(),
         "shutting down: draining open connections"
     );
     // Upgraded (WebSocket) connections are outside hyper's graceful shutdown: close them too.
-    let drained = tokio::join!(
-        tokio::time::timeout(opts.drain_timeout, graceful.shutdown()),
-        proxy.ws().shutdown(opts.drain_timeout),
+    let (drained, ()) = tokio::join!(
+        server.drain(drain_timeout),
+        proxy.ws().shutdown(drain_timeout),
     );
-    if drained.0.is_err() {
-        tracing::warn!(after = ?opts.drain_timeout, "drain timeout: closing remaining connections");
+    if !drained {
+        tracing::warn!(after = ?drain_timeout, "drain timeout: closing remaining connections");
     }
 }
 
-async fn accept_loop(listener: Listener, tx: mpsc::Sender<Accepted>) {
+/// Serves `handler` on `listeners` for `role` (the admin listener) with the same connection
+/// limits, timeouts and drain as the proxy listener, until `shutdown` resolves.
+pub async fn serve<H, F>(
+    role: Role,
+    listeners: Vec<Listener>,
+    proxy: Arc<Proxy>,
+    opts: ServeOptions,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let drain_timeout = opts.drain_timeout;
+    let server = Server::new(role, proxy, opts, handler);
+    server.accept_until(listeners, shutdown).await;
+    server.drain(drain_timeout).await;
+}
+
+/// One listener's serving state, shared by its connection tasks.
+struct Server<H> {
+    role: Role,
+    builder: auto::Builder<TokioExecutor>,
+    slots: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    opts: ServeOptions,
+    proxy: Arc<Proxy>,
+    handler: H,
+    /// `true` once shutdown starts; every connection task holds a receiver, so
+    /// [`watch::Sender::closed`] resolves when the last one has ended.
+    stop: watch::Sender<bool>,
+    header_timeouts: Counter,
+    idle_timeouts: Counter,
+    write_timeouts: Counter,
+}
+
+impl<H, F> Server<H>
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    fn new(role: Role, proxy: Arc<Proxy>, opts: ServeOptions, handler: H) -> Arc<Server<H>> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(opts.header_read_timeout)
+            .max_headers(opts.max_headers)
+            // Caps the request head at 64 KiB (hyper's default is ~400 KiB): larger gets 431.
+            .max_buf_size(MAX_HEAD_BYTES)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            // hyper's default is 200 per connection: 20 connections could open 4,000 streams.
+            .max_concurrent_streams(client_streams(proxy.upstream().max_in_flight()))
+            // Pings find clients that went away while a request is in flight; idle ones are
+            // closed by idle_timeout, whether they answer pings or not.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let metrics = proxy.metrics();
+        Arc::new(Server {
+            role,
+            builder,
+            slots: Arc::new(Semaphore::new(opts.max_connections)),
+            refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
+            header_timeouts: metrics.timeout_counter(role.label(), "header"),
+            idle_timeouts: metrics.timeout_counter(role.label(), "idle"),
+            write_timeouts: metrics.timeout_counter(role.label(), "client_write"),
+            opts,
+            proxy,
+            handler,
+            stop: watch::Sender::new(false),
+        })
+    }
+
+    /// Open connections (for the drain log line).
+    fn open(&self) -> usize {
+        self.stop.receiver_count()
+    }
+
+    /// Accepts on every listener until `shutdown` resolves.
+    async fn accept_until(self: &Arc<Self>, listeners: Vec<Listener>, shutdown: impl Future) {
+        let (tx, mut rx) = mpsc::channel::<Accepted>(64);
+        let accept_tasks: Vec<_> = listeners
+            .into_iter()
+            .map(|l| tokio::spawn(accept_loop(l, tx.clone(), self.role)))
+            .collect();
+        drop(tx);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = rx.recv() => match accepted {
+                    Some(Accepted::Tcp(s)) => {
+                        let _ = s.set_nodelay(true);
+                        if self.role == Role::Proxy {
+                            self.admit(SmuggleGuard::new(s));
+                        } else {
+                            self.admit(s);
+                        }
+                    }
+                    Some(Accepted::Unix(s)) => {
+                        if self.role == Role::Proxy {
+                            self.admit(SmuggleGuard::new(s));
+                        } else {
+                            self.admit(s);
+                        }
+                    }
+                    None => break,
+                },
+                _ = &mut shutdown => break,
+            }
+        }
+        for t in &accept_tasks {
+            t.abort();
+        }
+    }
+
+    /// Asks every connection to finish (HTTP/1: after the current response; h2: GOAWAY) and
+    /// waits up to `timeout` for them; `false` when some were still open.
+    async fn drain(&self, timeout: Duration) -> bool {
+        self.stop.send_replace(true);
+        tokio::time::timeout(timeout, self.stop.closed())
+            .await
+            .is_ok()
+    }
+
+    /// Serves the connection if a slot is free; otherwise answers 503 and closes it, so a flood
+    /// of idle connections cannot exhaust file descriptors or memory.
+    fn admit<I>(self: &Arc<Self>, io: I)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(Arc::clone(self).serve_conn(io, permit));
+            }
+            Err(_) => {
+                self.proxy.metrics().connection_refused(self.role.label());
+                tracing::warn!(
+                    listener = self.role.label(),
+                    limit = self.opts.max_connections,
+                    "connection limit reached: refusing a client connection"
+                );
+                // Bounded too: past REFUSING_AT_ONCE the connection is just closed.
+                if let Ok(permit) = Arc::clone(&self.refusing).try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(io).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+
+    async fn serve_conn<I>(self: Arc<Self>, io: I, permit: OwnedSemaphorePermit)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let accepted = Instant::now();
+        let open = self.proxy.metrics().client_connection();
+        let mut stop = self.stop.subscribe();
+        let activity = Arc::new(Activity::default());
+        let svc = {
+            let server = Arc::clone(&self);
+            let activity = Arc::clone(&activity);
+            service_fn(move |req| {
+                let in_flight = activity.begin();
+                let resp = (server.handler)(req);
+                async move {
+                    // The request counts as in flight until its response body is dropped.
+                    Ok::<_, Infallible>(resp.await.map(|body| Tracked {
+                        inner: body,
+                        _in_flight: in_flight,
+                    }))
+                }
+            })
+        };
+        let io = WriteTimeout {
+            io,
+            timeout: self.opts.write_timeout,
+            stalled: None,
+            fired: self.write_timeouts.clone(),
+            role: self.role,
+        };
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        let sleep = tokio::time::sleep_until(accepted + self.opts.header_read_timeout);
+        tokio::pin!(sleep);
+        let mut first = true;
+        let mut closing = false;
+        let result = loop {
+            let busy = activity.busy();
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => break r,
+                () = activity.changed.notified() => {
+                    // A request started or the last one ended.
+                    first = false;
+                    if !activity.busy() {
+                        let wait = if closing { CLOSE_GRACE } else { self.opts.idle_timeout };
+                        sleep.as_mut().reset(Instant::now() + wait);
+                    }
+                }
+                _ = stop.changed(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                    if !activity.busy() {
+                        sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                    }
+                }
+                () = sleep.as_mut(), if !busy => {
+                    if closing {
+                        // The peer did not let the connection end: drop it.
+                        break Ok(());
+                    }
+                    let (kind, counter, limit) = if first {
+                        ("header", &self.header_timeouts, self.opts.header_read_timeout)
+                    } else {
+                        ("idle", &self.idle_timeouts, self.opts.idle_timeout)
+                    };
+                    counter.inc();
+                    tracing::info!(
+                        listener = self.role.label(),
+                        kind,
+                        after_ms = limit.as_millis() as u64,
+                        "closing a client connection: timeout"
+                    );
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                    sleep.as_mut().reset(Instant::now() + CLOSE_GRACE);
+                }
+            }
+        };
+        if let Err(e) = result {
+            if is_timeout(&e) {
+                // hyper's HTTP/1 header_read_timeout, on a later request head.
+                self.header_timeouts.inc();
+                tracing::info!(
+                    listener = self.role.label(),
+                    kind = "header",
+                    "closing a client connection: timeout"
+                );
+            } else {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        }
+        drop(permit);
+        drop(open);
+    }
+}
+
+/// Whether hyper ended a connection for its header read timeout.
+fn is_timeout(e: &BoxError) -> bool {
+    e.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_timeout)
+}
+
+/// Requests in flight on one connection; the connection task is told when the count changes.
+#[derive(Debug, Default)]
+struct Activity {
+    count: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
+        InFlight(Arc::clone(self))
+    }
+
+    fn busy(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One request in flight; dropped with its response body.
+#[derive(Debug)]
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.changed.notify_one();
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in flight until it is dropped.
+    struct Tracked {
+        #[pin]
+        inner: Body,
+        _in_flight: InFlight,
+    }
+}
+
+impl HttpBody for Tracked {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client connection whose writes fail once the client has read nothing for `timeout`. A
+/// client that stops reading would otherwise hold its slot, and the upstream response, for
+/// ever: while the socket is full hyper stops polling the response body, so the body's own
+/// timeout never runs.
+struct WriteTimeout<I> {
+    io: I,
+    timeout: Duration,
+    /// Armed while a write is pending.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    fired: Counter,
+    role: Role,
+}
+
+impl<I> WriteTimeout<I> {
+    /// Called when the socket cannot take more: pending until `timeout` has passed since the
+    /// first refused write, then the error that ends the connection.
+    fn poll_stall<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.timeout;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        std::task::ready!(sleep.as_mut().poll(cx));
+        self.stalled = None;
+        self.fired.inc();
+        tracing::warn!(
+            listener = self.role.label(),
+            kind = "client_write",
+            after_ms = timeout.as_millis() as u64,
+            "closing a client connection: the client read nothing for body_timeout"
+        );
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client read nothing for body_timeout",
+        )))
+    }
+
+    fn progress<T>(&mut self, r: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.poll_stall(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteTimeout<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.progress(r, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.progress(r, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.progress(r, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The smuggling guard's lingering close has its own, shorter, bound.
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+async fn accept_loop(listener: Listener, tx: mpsc::Sender<Accepted>, role: Role) {
     loop {
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
@@ -241,37 +685,18 @@ async fn accept_loop(listener: Listener, tx: mpsc::Sender<Accepted>) {
                 }
             }
             Err(e) => {
-                // Out of file descriptors and the like: back off rather than spin.
-                tracing::warn!(error = %e, "accept failed");
+                // Out of file descriptors (EMFILE, ENFILE) and the like: the pending connection
+                // stays queued, so back off briefly rather than spin on it, and keep serving.
+                tracing::warn!(listener = role.label(), error = %e, "accept failed; retrying in 100 ms");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-/// Serves the connection if a slot is free; otherwise answers 503 and closes it, so a flood of
-/// idle connections cannot exhaust file descriptors or memory.
-fn admit<I>(
-    io: I,
-    slots: &Arc<Semaphore>,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    match Arc::clone(slots).try_acquire_owned() {
-        Ok(permit) => serve(io, permit, builder, proxy, graceful),
-        Err(_) => {
-            tracing::warn!("max_connections reached: refusing a client connection");
-            tokio::spawn(refuse(io));
-        }
-    }
-}
-
 async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let body = r#"{"error":"too_many_connections","message":"cbgate has max_connections open client connections; retry later"}"#;
+    let body = r#"{"error":"too_many_connections","message":"cbgate has its maximum of open connections on this port (max_connections, admin_max_connections); retry later"}"#;
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          x-cbgate-error: too_many_connections\r\nconnection: close\r\ncontent-length: {}\r\n\r\n",
@@ -293,31 +718,4 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
         }
     })
     .await;
-}
-
-fn serve<I>(
-    io: I,
-    permit: OwnedSemaphorePermit,
-    builder: &Arc<auto::Builder<TokioExecutor>>,
-    proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let builder = Arc::clone(builder);
-    let proxy = Arc::clone(proxy);
-    let watcher = graceful.watcher();
-    let open = proxy.metrics().client_connection();
-    tokio::spawn(async move {
-        let svc = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(req).await }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(error = %e, "client connection ended with an error");
-        }
-        drop(permit);
-        drop(open);
-    });
 }

@@ -29,7 +29,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 /// The largest request head (request line and header fields) the guard inspects. Past it the
 /// guard steps aside and hyper answers 431 itself, which is safe only because hyper's HTTP/1
@@ -669,13 +669,6 @@ impl Sniffer {
     }
 }
 
-/// The deadline for the first request head.
-#[derive(Debug)]
-enum Deadline {
-    At(Instant),
-    Armed(Pin<Box<Sleep>>),
-}
-
 /// Lingering close after a refusal.
 #[derive(Debug)]
 struct Linger {
@@ -694,7 +687,6 @@ struct Linger {
 pub struct SmuggleGuard<I> {
     io: I,
     sniff: Sniffer,
-    deadline: Option<Deadline>,
     linger: Option<Linger>,
     /// Bytes discarded after a refusal.
     discarded: usize,
@@ -706,44 +698,14 @@ impl<I> SmuggleGuard<I> {
         SmuggleGuard {
             io,
             sniff: Sniffer::new(),
-            deadline: None,
             linger: None,
             discarded: 0,
         }
     }
 
-    /// Closes the connection (a read error) if no complete first request head arrives within
-    /// `timeout` of now. hyper's `header_read_timeout` covers later heads, but not the first:
-    /// hyper-util's auto builder first waits, without a timer, for the bytes that tell HTTP/1
-    /// from HTTP/2, and the guard holds those back until the head is complete.
-    pub fn first_head_timeout(mut self, timeout: Duration) -> SmuggleGuard<I> {
-        self.deadline = Some(Deadline::At(Instant::now() + timeout));
-        self
-    }
-
     /// The wrapped stream.
     pub fn get_ref(&self) -> &I {
         &self.io
-    }
-
-    /// Pending on the first-head deadline, or the timeout error once it has passed.
-    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.sniff.first {
-            self.deadline = None;
-        }
-        // The timer is created on first use, inside the connection's task.
-        if let Some(Deadline::At(at)) = self.deadline {
-            self.deadline = Some(Deadline::Armed(Box::pin(tokio::time::sleep_until(at))));
-        }
-        let Some(Deadline::Armed(sleep)) = &mut self.deadline else {
-            return Poll::Pending;
-        };
-        ready!(sleep.as_mut().poll(cx));
-        self.deadline = None;
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no complete request head within the header read timeout",
-        )))
     }
 
     /// Reads and drops what the client sends after a refused head, so that closing the
@@ -814,10 +776,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for SmuggleGuard<I> {
                 _ => {
                     let mut space = ReadBuf::new(this.sniff.space());
                     match Pin::new(&mut this.io).poll_read(cx, &mut space) {
-                        Poll::Pending => {
-                            ready!(this.poll_deadline(cx))?;
-                            return Poll::Pending;
-                        }
+                        // The connection task's timer bounds the wait for the first request
+                        // (`header_read_timeout`), hyper's own timer later heads.
+                        Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Ready(Ok(())) => {
                             let n = space.filled().len();
@@ -1222,28 +1183,5 @@ mod tests {
             f.advance(bad);
             assert_eq!(f, Frame::Passthrough, "{:?}", String::from_utf8_lossy(bad));
         }
-    }
-
-    #[tokio::test]
-    async fn first_head_deadline_closes_silent_and_slow_clients() {
-        use tokio::io::AsyncReadExt as _;
-        let (client, server) = tokio::io::duplex(1024);
-        let mut guard = SmuggleGuard::new(server).first_head_timeout(Duration::from_millis(50));
-        let mut buf = [0u8; 64];
-        let err = guard.read(&mut buf).await.expect_err("times out");
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        drop(client);
-
-        // Once the first head is through, the deadline no longer applies (hyper's own timer
-        // covers later heads).
-        let (mut client, server) = tokio::io::duplex(1024);
-        let mut guard = SmuggleGuard::new(server).first_head_timeout(Duration::from_millis(50));
-        tokio::io::AsyncWriteExt::write_all(&mut client, GET)
-            .await
-            .expect("write");
-        let n = guard.read(&mut buf).await.expect("head");
-        assert_eq!(&buf[..n], GET);
-        let more = tokio::time::timeout(Duration::from_millis(150), guard.read(&mut buf)).await;
-        assert!(more.is_err(), "still waiting, no timeout error");
     }
 }

@@ -1,7 +1,6 @@
 //! The admin listener (default `127.0.0.1:8751`), separate from the proxy port so that no
 //! Coinbase path is shadowed: `GET /livez`, `GET /readyz`, `GET /metrics`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -9,11 +8,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::error::ProxyError;
+use crate::gate::client::ClientGate;
+use crate::listen::server::{self, Listener, Role, ServeOptions};
 use crate::proxy::Proxy;
 use crate::Body;
 
@@ -111,29 +110,40 @@ fn upstream_detail(proxy: &Proxy) -> serde_json::Value {
     }
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` resolves.
-pub async fn run(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            () = &mut shutdown => return,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            continue;
-        };
+/// Serves the admin endpoints on `listener` until `shutdown` resolves, with the proxy
+/// listener's connection code: its own connection limit (`opts.max_connections`, from
+/// `admin_max_connections`), the header and idle timeouts, and `gate`'s Host and Origin checks
+/// (DNS rebinding, cross-site reads) before any endpoint answers.
+pub async fn run(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    gate: ClientGate,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let gate = Arc::new(gate);
+    let handler = {
         let proxy = Arc::clone(&proxy);
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&proxy, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        move |req: Request<Incoming>| {
+            let resp = match gate.check(req.uri(), req.headers()) {
+                Ok(()) => handle(&proxy, &req),
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin request refused");
+                    ProxyError::from(e).into_response()
+                }
+            };
+            std::future::ready(resp)
+        }
+    };
+    server::serve(
+        Role::Admin,
+        vec![Listener::Tcp(listener)],
+        proxy,
+        opts,
+        handler,
+        shutdown,
+    )
+    .await;
 }
 
 /// `cbgate health`: a blocking HTTP/1.0 GET of `path` on the admin listener. `Ok(body)` on 200;

@@ -34,6 +34,17 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabels {
+    listener: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: String,
 }
@@ -102,6 +113,8 @@ pub struct Metrics {
     policy_denials: Counter,
     in_flight: Gauge,
     client_connections: Gauge,
+    timeouts: Family<TimeoutLabels, Counter>,
+    connections_refused: Family<ListenerLabels, Counter>,
     key_reloads: Family<ResultLabels, Counter>,
     clock_offset: Gauge<f64, AtomicU64>,
     ws: Arc<WsCounters>,
@@ -133,6 +146,8 @@ impl Metrics {
         let policy_denials = Counter::default();
         let in_flight = Gauge::default();
         let client_connections = Gauge::default();
+        let timeouts = Family::<TimeoutLabels, Counter>::default();
+        let connections_refused = Family::<ListenerLabels, Counter>::default();
         let key_reloads = Family::<ResultLabels, Counter>::default();
         let clock_offset = Gauge::<f64, AtomicU64>::default();
         let build = Family::<BuildLabels, Gauge>::default();
@@ -187,6 +202,19 @@ impl Metrics {
             client_connections.clone(),
         );
         registry.register(
+            "timeouts",
+            "Connections closed or requests failed by a timeout, by listener (proxy, admin) and kind \
+             (header: no complete first request within header_read_timeout, or a later HTTP/1 head; \
+             idle: idle_timeout; request_body, upstream_body: body_timeout)",
+            timeouts.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections answered 503 because max_connections (proxy) or admin_max_connections \
+             (admin) were open",
+            connections_refused.clone(),
+        );
+        registry.register(
             "key_reloads",
             "Key reloads, by result (ok, failed)",
             key_reloads.clone(),
@@ -210,6 +238,8 @@ impl Metrics {
             policy_denials,
             in_flight,
             client_connections,
+            timeouts,
+            connections_refused,
             key_reloads,
             clock_offset,
             ws,
@@ -300,6 +330,26 @@ impl Metrics {
         GaugeGuard(self.client_connections.clone())
     }
 
+    /// The counter of timeouts of `kind` on `listener` (`proxy` or `admin`): increment it when
+    /// the timeout fires. Cheap to clone into a body or connection task.
+    pub fn timeout_counter(&self, listener: &str, kind: &str) -> Counter {
+        self.timeouts
+            .get_or_create(&TimeoutLabels {
+                listener: listener.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Records a connection refused for want of a free slot on `listener`.
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_owned(),
+            })
+            .inc();
+    }
+
     /// Records a key reload attempt.
     pub fn key_reload(&self, ok: bool) {
         self.key_reloads
@@ -355,6 +405,8 @@ mod tests {
         m.policy_denied();
         let _g = m.in_flight();
         m.key_reload(false);
+        m.timeout_counter("proxy", "idle").inc();
+        m.connection_refused("admin");
         m.clock_offset(-30.0);
         m.ws().subscribes_signed.fetch_add(2, Ordering::Relaxed);
         let text = m.render();
@@ -369,6 +421,8 @@ mod tests {
             "cbgate_in_flight_requests 1",
             "cbgate_client_connections 0",
             "cbgate_key_reloads_total{result=\"failed\"} 1",
+            "cbgate_timeouts_total{listener=\"proxy\",kind=\"idle\"} 1",
+            "cbgate_connections_refused_total{listener=\"admin\"} 1",
             "cbgate_clock_offset_seconds -30",
             "cbgate_build_info{version=",
             "cbgate_ws_sessions 0",

@@ -259,10 +259,8 @@ impl Gate {
         );
         let (tx, rx) = oneshot::channel();
         let opts = ServeOptions {
-            header_read_timeout: cfg.header_read_timeout,
             drain_timeout: Duration::from_secs(5),
-            max_connections: cfg.max_connections,
-            max_headers: cfg.max_headers,
+            ..ServeOptions::proxy(&cfg)
         };
         let task = tokio::spawn(server::run(listeners, proxy.clone(), opts, async move {
             let _ = rx.await;

@@ -248,6 +248,8 @@ struct Inner {
     peak: AtomicUsize,
     /// Requests seen, for `refuse_every`.
     seen: AtomicUsize,
+    /// `/stall-body` responses whose reader went away (stream reset or connection closed).
+    stalls_released: Arc<AtomicUsize>,
     state: Mutex<State>,
 }
 
@@ -294,6 +296,7 @@ impl MockCoinbase {
             active: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             seen: AtomicUsize::new(0),
+            stalls_released: Arc::new(AtomicUsize::new(0)),
             state: Mutex::new(State::default()),
         });
         let acceptor = if inner.opts.http1_only {
@@ -335,6 +338,11 @@ impl MockCoinbase {
     /// Requests refused by `refuse_every`.
     pub fn refused(&self) -> usize {
         self.inner.lock().refused.len()
+    }
+
+    /// Number of `/stall-body` responses cbgate stopped reading (stream reset or closed).
+    pub fn stalls_released(&self) -> usize {
+        self.inner.stalls_released.load(Ordering::SeqCst)
     }
 
     /// Number of distinct nonces seen on signature-valid tokens.
@@ -596,6 +604,22 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
                     return;
                 }
             }
+        });
+        let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return resp;
+    }
+
+    // Headers and a first chunk, then silence until the reader goes away.
+    if path.contains("/stall-body") {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let released = Arc::clone(&inner.stalls_released);
+        tokio::spawn(async move {
+            if tx.send(Bytes::from_static(b"first\n")).await.is_ok() {
+                tx.closed().await;
+            }
+            released.fetch_add(1, Ordering::SeqCst);
         });
         let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
         resp.headers_mut()
