@@ -196,6 +196,22 @@ async fn jwt_is_appended_when_absent_and_unsubscribe_is_signed_with_a_fresh_toke
 }
 
 #[tokio::test]
+async fn client_credential_fields_in_a_subscribe_are_removed() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+    let sub = r#"{"api_key":"client-key","type":"subscribe","passphrase":"pw","channel":"user","signature":"c2ln","timestamp":"1700000000","jwt":"client-jwt","product_ids":["BTC-USD"]}"#;
+    ws.send(Message::text(sub)).await.expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+    let subs = up.mock.subscriptions();
+    valid(&subs[0].auth);
+    let got = json(&subs[0].text);
+    assert_eq!(keys(&got), ["type", "channel", "jwt", "product_ids"]);
+    for secret in ["client-key", "pw", "c2ln", "client-jwt"] {
+        assert!(!subs[0].text.contains(secret), "{secret} reached Coinbase");
+    }
+}
+
+#[tokio::test]
 async fn other_frames_pass_byte_for_byte_both_ways() {
     let (_key, up, gate) = signed_setup(KeyForm::P256Pkcs8, 0).await;
     let mut ws = connect(&gate, "/ws").await;
@@ -1017,6 +1033,13 @@ impl Drop for InProc {
     }
 }
 
+/// The close frame the client receives within `limit` (what a timeout test waits for).
+async fn recv_close_within(ws: &mut Client, limit: Duration) -> Option<(u16, String)> {
+    tokio::time::timeout(limit, recv_close(ws))
+        .await
+        .expect("cbgate closes the session in time")
+}
+
 fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
     c.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -1199,7 +1222,9 @@ async fn a_session_without_a_subscribe_is_closed_after_subscribe_timeout() {
         "subscriptions"
     );
 
-    let (code, reason) = recv_close(&mut idle).await.expect("close code");
+    let (code, reason) = recv_close_within(&mut idle, TIMEOUT * 8)
+        .await
+        .expect("close code");
     assert!(started.elapsed() >= TIMEOUT);
     assert_eq!(code, 1008, "{reason}");
     assert!(
@@ -1253,7 +1278,9 @@ async fn a_session_where_nobody_sends_is_closed_after_idle_timeout() {
         tokio::time::sleep(IDLE / 4).await;
     }
     let quiet = Instant::now();
-    let (code, reason) = recv_close(&mut ws).await.expect("close code");
+    let (code, reason) = recv_close_within(&mut ws, IDLE * 8)
+        .await
+        .expect("close code");
     assert!(quiet.elapsed() >= IDLE / 2, "closed while messages flowed");
     assert_eq!(code, 1001, "{reason}");
     assert!(reason.contains("ws.idle_timeout"), "{reason}");

@@ -634,7 +634,14 @@ impl Session {
             () = async {
                 loop {
                     let last = Duration::from_millis(activity.last.load(Ordering::Relaxed));
-                    let quiet_until = started + last + self.idle_timeout;
+                    // Past the end of time (a huge configured timeout): never idle.
+                    let quiet_until = last
+                        .checked_add(self.idle_timeout)
+                        .and_then(|d| started.checked_add(d));
+                    let Some(quiet_until) = quiet_until else {
+                        std::future::pending::<()>().await;
+                        return;
+                    };
                     if Instant::now() >= quiet_until {
                         return;
                     }
