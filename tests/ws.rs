@@ -196,6 +196,22 @@ async fn jwt_is_appended_when_absent_and_unsubscribe_is_signed_with_a_fresh_toke
 }
 
 #[tokio::test]
+async fn client_credential_fields_in_a_subscribe_are_removed() {
+    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let mut ws = connect(&gate, "/ws/user").await;
+    let sub = r#"{"api_key":"client-key","type":"subscribe","passphrase":"pw","channel":"user","signature":"c2ln","timestamp":"1700000000","jwt":"client-jwt","product_ids":["BTC-USD"]}"#;
+    ws.send(Message::text(sub)).await.expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+    let subs = up.mock.subscriptions();
+    valid(&subs[0].auth);
+    let got = json(&subs[0].text);
+    assert_eq!(keys(&got), ["type", "channel", "jwt", "product_ids"]);
+    for secret in ["client-key", "pw", "c2ln", "client-jwt"] {
+        assert!(!subs[0].text.contains(secret), "{secret} reached Coinbase");
+    }
+}
+
+#[tokio::test]
 async fn other_frames_pass_byte_for_byte_both_ways() {
     let (_key, up, gate) = signed_setup(KeyForm::P256Pkcs8, 0).await;
     let mut ws = connect(&gate, "/ws").await;
@@ -274,7 +290,16 @@ async fn other_frames_pass_byte_for_byte_both_ways() {
 
 #[tokio::test]
 async fn five_megabyte_messages_pass_both_ways() {
-    let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    // Client messages are limited to 64 KiB by default; a larger limit is honoured.
+    cfg.ws.max_client_message_bytes = 8 * 1024 * 1024;
+    let gate = Gate::start(cfg, Some(&key)).await;
     let mut ws = connect(&gate, "/ws").await;
     let big: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
     ws.send(Message::binary(big.clone()))
@@ -508,6 +533,7 @@ async fn messages_over_max_message_bytes_close_with_1009() {
     .await;
     let mut cfg = up.config();
     cfg.ws.max_message_bytes = 1024 * 1024;
+    cfg.ws.max_client_message_bytes = 1024 * 1024;
     let gate = Gate::start(cfg, Some(&key)).await;
 
     // From the client: the client gets 1009, the upstream is told the client went away.
@@ -519,7 +545,7 @@ async fn messages_over_max_message_bytes_close_with_1009() {
     let _ = ws.send(Message::binary(vec![0u8; 1024 * 1024 + 1])).await;
     let (code, reason) = recv_close(&mut ws).await.expect("close code");
     assert_eq!(code, 1009, "{reason}");
-    assert!(reason.contains("max_message_bytes"), "{reason}");
+    assert!(reason.contains("max_client_message_bytes"), "{reason}");
     let frames = up
         .mock
         .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(_))))
@@ -948,4 +974,310 @@ async fn sessions_over_ws_max_sessions_get_503() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(admitted, "a freed session slot is reused");
+}
+
+/// cbgate in-process with its `Proxy` at hand, for tests that read the relay's counters.
+struct InProc {
+    proxy: Arc<Proxy>,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl InProc {
+    async fn start(cfg: Config, key: &TestKey) -> InProc {
+        cfg.validate().expect("valid test config");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api_key = KeySource::File(key.write_json(dir.path()))
+            .load()
+            .expect("key loads");
+        let proxy = Arc::new(Proxy::new(&cfg, Some(api_key)).expect("proxy"));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(server::run(
+            vec![Listener::Tcp(listener)],
+            Arc::clone(&proxy),
+            ServeOptions::default(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        InProc {
+            proxy,
+            addr,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    fn counters(&self) -> &cbgate::ops::metrics::WsCounters {
+        self.proxy.ws().counters()
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.server.abort();
+    }
+}
+
+/// The close frame the client receives within `limit` (what a timeout test waits for).
+async fn recv_close_within(ws: &mut Client, limit: Duration) -> Option<(u16, String)> {
+    tokio::time::timeout(limit, recv_close(ws))
+        .await
+        .expect("cbgate closes the session in time")
+}
+
+fn load(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Finding: every client text frame starting with `{` was parsed into a JSON tree, so one
+/// 60 MiB frame of `[0,0,...]` took 2.2 GiB. Client messages now have their own small limit.
+#[tokio::test]
+async fn a_large_nested_client_message_closes_with_1009_and_never_reaches_coinbase() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        on_subscribe: 1,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let cfg = up.config();
+    assert_eq!(cfg.ws.max_client_message_bytes, 64 * 1024, "the default");
+    let gate = InProc::start(cfg, &key).await;
+
+    // A subscribe of ordinary size is signed and relayed as before.
+    let (mut ws, _) = try_connect(gate.addr, "/ws", |_| {})
+        .await
+        .expect("upgrade");
+    ws.send(Message::text(
+        r#"{"type":"subscribe","channel":"level2","product_ids":["BTC-USD"]}"#,
+    ))
+    .await
+    .expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+
+    // 1 MiB of nested array: refused at the frame header, never buffered, never forwarded.
+    let mut big = String::from(r#"{"type":"x","a":["#);
+    while big.len() < 1024 * 1024 {
+        big.push_str("[0,0],");
+    }
+    big.push_str("0]}");
+    let _ = ws.send(Message::text(big)).await;
+    let (code, reason) = recv_close(&mut ws).await.expect("close code");
+    assert_eq!(code, 1009, "{reason}");
+    assert!(
+        reason.contains("ws.max_client_message_bytes (65536)"),
+        "{reason}"
+    );
+    let frames = up
+        .mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(_))))
+        .await;
+    assert!(
+        matches!(frames.last(), Some(Rec::Close(Some((1001, _))))),
+        "{frames:?}"
+    );
+    assert!(
+        frames
+            .iter()
+            .all(|r| !matches!(r, Rec::Text(t) if t.len() > 64 * 1024)),
+        "the oversized message reached the mock"
+    );
+    assert_eq!(load(&gate.counters().client_messages_too_big), 1);
+
+    // Coinbase's direction keeps its own (64 MiB) limit: 5 MiB still reach the client.
+    let (mut ws, _) = try_connect(gate.addr, "/ws", |_| {})
+        .await
+        .expect("upgrade");
+    ws.send(Message::text(format!("big:{}", 5 * 1024 * 1024)))
+        .await
+        .expect("send");
+    match recv_data(&mut ws).await {
+        Message::Binary(b) => assert_eq!(b.len(), 5 * 1024 * 1024),
+        other => panic!("expected 5 MiB, got {other:?}"),
+    }
+}
+
+/// Finding: `ws.max_sessions` was checked before the upstream handshake and counted after it,
+/// so 100 concurrent upgrades with a limit of 5 all got 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_upgrades_never_exceed_max_sessions() {
+    const TRIES: usize = 50;
+    const MAX: usize = 5;
+    let up = WsUpstream::start(WsMockOptions::default()).await;
+    let mut cfg = up.config();
+    cfg.ws.max_sessions = MAX;
+    let gate = Gate::start(cfg, None).await;
+    let addr = gate.addr;
+
+    let attempts: Vec<_> = (0..TRIES)
+        .map(|_| tokio::spawn(async move { try_connect(addr, "/ws", |_| {}).await }))
+        .collect();
+    let mut open = Vec::new();
+    let mut refused_count = 0;
+    for a in attempts {
+        match a.await.expect("join") {
+            Ok((ws, _)) => open.push(ws),
+            Err(WsError::Http(resp)) => {
+                assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+                refused_count += 1;
+            }
+            Err(e) => panic!("unexpected handshake error: {e}"),
+        }
+    }
+    assert_eq!(open.len(), MAX, "sessions admitted at once");
+    assert_eq!(refused_count, TRIES - MAX);
+    // The refused ones were refused before cbgate connected upstream.
+    assert_eq!(up.mock.upgrades().len(), MAX);
+    for ws in &mut open {
+        ws.send(Message::text("alive")).await.expect("send");
+        assert_eq!(recv_text(ws).await, "alive");
+    }
+
+    // Closed sessions free their slots: five new sessions are admitted.
+    for mut ws in open {
+        ws.close(None).await.expect("close");
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let mut again = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while again.len() < MAX {
+        assert!(Instant::now() < deadline, "freed slots were not reused");
+        match try_connect(addr, "/ws", |_| {}).await {
+            Ok((ws, _)) => again.push(ws),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    // And the limit still holds.
+    let (status, _, message) = refused(try_connect(addr, "/ws", |_| {}).await);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("max_sessions"), "{message}");
+}
+
+/// A slot reserved for an upgrade whose upstream fails is released again.
+#[tokio::test]
+async fn a_failed_upstream_releases_its_session_slot() {
+    let up = WsUpstream::start(WsMockOptions {
+        reject_status: Some(401),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    cfg.ws.max_sessions = 1;
+    let gate = Gate::start(cfg, None).await;
+    for _ in 0..3 {
+        let (status, _, message) = refused(try_connect(gate.addr, "/ws", |_| {}).await);
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{message}");
+    }
+    assert_eq!(up.mock.upgrades().len(), 3);
+}
+
+/// Finding: a session that never subscribes stayed open forever (Coinbase closes it in 5 s).
+#[tokio::test]
+async fn a_session_without_a_subscribe_is_closed_after_subscribe_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(600);
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    cfg.ws.subscribe_timeout = TIMEOUT;
+    let gate = InProc::start(cfg, &key).await;
+
+    // Talks, but never subscribes.
+    let started = Instant::now();
+    let (mut idle, _) = try_connect(gate.addr, "/ws", |_| {})
+        .await
+        .expect("upgrade");
+    idle.send(Message::text(r#"{"type":"heartbeat"}"#))
+        .await
+        .expect("send");
+    assert_eq!(recv_text(&mut idle).await, r#"{"type":"heartbeat"}"#);
+    // Subscribes in time.
+    let (mut active, _) = try_connect(gate.addr, "/ws", |_| {})
+        .await
+        .expect("upgrade");
+    active
+        .send(Message::text(r#"{"type":"subscribe","channel":"ticker"}"#))
+        .await
+        .expect("send");
+    assert_eq!(
+        json(&recv_text(&mut active).await)["channel"],
+        "subscriptions"
+    );
+
+    let (code, reason) = recv_close_within(&mut idle, TIMEOUT * 8)
+        .await
+        .expect("close code");
+    assert!(started.elapsed() >= TIMEOUT);
+    assert_eq!(code, 1008, "{reason}");
+    assert!(
+        reason.contains("no subscribe within ws.subscribe_timeout"),
+        "{reason}"
+    );
+    assert!(
+        idle.next().await.is_none(),
+        "connection closed after the close frame"
+    );
+    up.mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(Some((1001, _))))))
+        .await;
+    assert_eq!(load(&gate.counters().subscribe_timeouts), 1);
+
+    // The one that subscribed outlives the timeout.
+    tokio::time::sleep(TIMEOUT).await;
+    active
+        .send(Message::text("still here"))
+        .await
+        .expect("send");
+    assert_eq!(recv_text(&mut active).await, "still here");
+    assert_eq!(load(&gate.counters().subscribe_timeouts), 1);
+}
+
+#[tokio::test]
+async fn a_session_where_nobody_sends_is_closed_after_idle_timeout() {
+    const IDLE: Duration = Duration::from_millis(800);
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        ..WsMockOptions::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    cfg.ws.idle_timeout = IDLE;
+    let gate = InProc::start(cfg, &key).await;
+    let (mut ws, _) = try_connect(gate.addr, "/ws", |_| {})
+        .await
+        .expect("upgrade");
+    ws.send(Message::text(r#"{"type":"subscribe","channel":"ticker"}"#))
+        .await
+        .expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+
+    // Messages keep it open well past the idle timeout.
+    let busy = Instant::now();
+    while busy.elapsed() < IDLE * 2 {
+        ws.send(Message::text("tick")).await.expect("send");
+        assert_eq!(recv_text(&mut ws).await, "tick");
+        tokio::time::sleep(IDLE / 4).await;
+    }
+    let quiet = Instant::now();
+    let (code, reason) = recv_close_within(&mut ws, IDLE * 8)
+        .await
+        .expect("close code");
+    assert!(quiet.elapsed() >= IDLE / 2, "closed while messages flowed");
+    assert_eq!(code, 1001, "{reason}");
+    assert!(reason.contains("ws.idle_timeout"), "{reason}");
+    up.mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Close(Some((1001, _))))))
+        .await;
+    assert_eq!(load(&gate.counters().idle_timeouts), 1);
 }

@@ -173,18 +173,33 @@ pub fn default_ws_routes() -> Vec<WsRouteConfig> {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WsConfig {
-    /// Largest message accepted from either side (order book snapshots are several MB).
+    /// Largest message accepted from Coinbase (order book snapshots are several MB).
     pub max_message_bytes: usize,
+    /// Largest message accepted from a client. Coinbase's client messages (subscribe,
+    /// unsubscribe) are a few hundred bytes; a larger one closes the session with 1009.
+    pub max_client_message_bytes: usize,
     /// Open WebSocket sessions at most. An upgraded connection no longer counts against
     /// `max_connections`, so sessions have their own limit; more get 503.
     pub max_sessions: usize,
+    /// A session whose client sends no subscribe within this is closed (Coinbase closes such a
+    /// connection after 5 s itself).
+    #[serde(with = "humantime_serde")]
+    pub subscribe_timeout: Duration,
+    /// A session in which neither side sends anything for this long is closed. Coinbase closes
+    /// quiet channels within 60-90 s unless the client subscribes to `heartbeats` (one a
+    /// second), so a live session is never this quiet; a dead peer is.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 impl Default for WsConfig {
     fn default() -> Self {
         WsConfig {
             max_message_bytes: 64 * 1024 * 1024,
+            max_client_message_bytes: 64 * 1024,
             max_sessions: 256,
+            subscribe_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -561,6 +576,12 @@ impl Config {
         if self.ws.max_message_bytes == 0 {
             return Err(invalid("ws.max_message_bytes", "must be greater than 0"));
         }
+        if self.ws.max_client_message_bytes == 0 {
+            return Err(invalid(
+                "ws.max_client_message_bytes",
+                "must be greater than 0",
+            ));
+        }
         if self.ws.max_sessions == 0 {
             return Err(invalid("ws.max_sessions", "must be greater than 0"));
         }
@@ -576,6 +597,8 @@ impl Config {
             ("idle_timeout", self.idle_timeout),
             ("body_timeout", self.body_timeout),
             ("clock_check_interval", self.clock_check_interval),
+            ("ws.subscribe_timeout", self.ws.subscribe_timeout),
+            ("ws.idle_timeout", self.ws.idle_timeout),
         ] {
             if t.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
@@ -682,6 +705,9 @@ mod tests {
         assert_eq!(c.ws_routes, d.ws_routes);
         assert_eq!(c.ws.max_message_bytes, d.ws.max_message_bytes);
         assert_eq!(c.ws.max_sessions, d.ws.max_sessions);
+        assert_eq!(c.ws.max_client_message_bytes, d.ws.max_client_message_bytes);
+        assert_eq!(c.ws.subscribe_timeout, d.ws.subscribe_timeout);
+        assert_eq!(c.ws.idle_timeout, d.ws.idle_timeout);
         assert_eq!(c.max_body_bytes, d.max_body_bytes);
         assert_eq!(c.header_read_timeout, d.header_read_timeout);
         assert_eq!(c.idle_timeout, d.idle_timeout);
@@ -796,5 +822,24 @@ mod tests {
         assert!(e.to_string().contains("routes[0].upstream"), "{e}");
         let e = load_toml("[upstream]\nconnect_timeout = \"soon\"").expect_err("bad duration");
         assert!(e.to_string().contains("connect_timeout"), "{e}");
+    }
+
+    #[test]
+    fn zero_websocket_limits_are_refused_naming_the_key() {
+        for (toml, key) in [
+            (
+                "[ws]\nmax_client_message_bytes = 0",
+                "ws.max_client_message_bytes",
+            ),
+            ("[ws]\nsubscribe_timeout = \"0s\"", "ws.subscribe_timeout"),
+            ("[ws]\nidle_timeout = \"0s\"", "ws.idle_timeout"),
+        ] {
+            let e = load_toml(toml).expect_err(key);
+            assert!(e.to_string().contains(key), "{e}");
+        }
+        let c = load_toml("[ws]\nsubscribe_timeout = \"10s\"\nmax_client_message_bytes = 4096")
+            .expect("valid");
+        assert_eq!(c.ws.subscribe_timeout, Duration::from_secs(10));
+        assert_eq!(c.ws.max_client_message_bytes, 4096);
     }
 }

@@ -5,17 +5,25 @@
 //! WebSocket handshake), and only when Coinbase has accepted answers the client with 101; a
 //! failure before that is one of cbgate's JSON errors, so the client learns what went wrong.
 //!
+//! A session slot (`ws.max_sessions`) is reserved atomically before anything else happens and
+//! held until the session's task ends, whatever way it ends; an upgrade finding no free slot
+//! gets 503.
+//!
 //! The relay then runs one task per session with one message in flight per direction: read a
 //! message, await until it is written out to the other side, read the next. A slow reader
 //! therefore stops cbgate reading the other side (TCP back-pressure reaches the sender), and a
 //! session holds at most one message per direction (the message and its copy in tungstenite's
-//! write buffer, each at most `ws.max_message_bytes`) plus fixed-size socket buffers.
+//! write buffer: at most `ws.max_message_bytes` from Coinbase, `ws.max_client_message_bytes`
+//! from the client) plus fixed-size socket buffers. tungstenite checks each frame's length
+//! before reading its payload, so an oversized message is refused without being buffered.
 //!
 //! What passes and what changes:
 //! - A client text message that is a JSON object whose `type` is `subscribe` or `unsubscribe`
-//!   gets a fresh `jwt` (replacing any the client sent; the other fields keep their order).
-//!   Without a key it passes unchanged. The rewritten message is re-serialized JSON: compact
-//!   whitespace, same fields, values and order.
+//!   gets a fresh `jwt` (replacing any the client sent, in its place) and loses the client's
+//!   own credential fields (`api_key`, `signature`, `timestamp`, `passphrase`); the other
+//!   top-level fields keep their order and their values their exact text. Without a key it
+//!   passes unchanged. The message is recognised by a scan that looks at the `type` field only
+//!   and skips every other value without building it, so no client input becomes a JSON tree.
 //! - Every other message passes as it came: text, binary, ping and pong payloads, close code and
 //!   reason. Fragmented messages are reassembled by tungstenite and forwarded as one frame (a
 //!   control frame sent between two fragments therefore arrives before the message it interrupted).
@@ -26,8 +34,16 @@
 //!   same holds the other way. Should a relayed pong find cbgate's own answer still unsent, it
 //!   replaces it (tungstenite keeps one pending pong), and that side gets one pong.
 //! - Per-message compression is not negotiated with either side.
+//!
+//! When a session ends by itself:
+//! - a client message over `ws.max_client_message_bytes`: 1009 to the client;
+//! - no client subscribe within `ws.subscribe_timeout` (as Coinbase does): 1008 to the client;
+//! - no message read from either side, and none delivered, for `ws.idle_timeout`: 1001. One
+//!   message that takes longer than that to deliver to a peer that does not read also counts.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,7 +54,9 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -65,11 +83,20 @@ const WRITE_BUFFER_SLACK: usize = 1024;
 /// The largest close reason RFC 6455 allows (125-byte control payload minus the code).
 const MAX_CLOSE_REASON: usize = 123;
 
+/// How long the client may take to complete its upgrade once cbgate answered 101.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Room for the `"jwt":"..."` a signed subscribe gains (a token is well under 2 KiB).
+const JWT_ROOM: usize = 16 * 1024;
+
 /// Shared state of all WebSocket sessions: limits, shutdown signal, session count and counters.
 #[derive(Debug)]
 pub struct WsState {
     max_message_bytes: usize,
+    max_client_message_bytes: usize,
     max_sessions: usize,
+    subscribe_timeout: Duration,
+    idle_timeout: Duration,
     shared: Arc<Shared>,
 }
 
@@ -78,6 +105,7 @@ pub struct WsState {
 struct Shared {
     /// `true` once shutdown started; every session watches it.
     shutdown: watch::Sender<bool>,
+    /// Session slots reserved: sessions open or being opened. Never above `ws.max_sessions`.
     open: AtomicUsize,
     /// Notified whenever a session ends, so that shutdown can wait without polling.
     ended: Notify,
@@ -90,7 +118,10 @@ impl WsState {
     pub fn new(cfg: &WsConfig, counters: Arc<WsCounters>) -> WsState {
         WsState {
             max_message_bytes: cfg.max_message_bytes,
+            max_client_message_bytes: cfg.max_client_message_bytes,
             max_sessions: cfg.max_sessions,
+            subscribe_timeout: cfg.subscribe_timeout,
+            idle_timeout: cfg.idle_timeout,
             shared: Arc::new(Shared {
                 shutdown: watch::Sender::new(false),
                 open: AtomicUsize::new(0),
@@ -105,12 +136,18 @@ impl WsState {
         self.max_sessions
     }
 
-    /// The configured message size limit.
+    /// The configured limit on messages from Coinbase.
     pub fn max_message_bytes(&self) -> usize {
         self.max_message_bytes
     }
 
-    /// Sessions open now (upgrade accepted, relay not finished).
+    /// The configured limit on messages from a client.
+    pub fn max_client_message_bytes(&self) -> usize {
+        self.max_client_message_bytes
+    }
+
+    /// Sessions open now, counting those still connecting upstream (slot reserved, relay
+    /// not finished).
     pub fn open_sessions(&self) -> usize {
         self.shared.open.load(Ordering::Relaxed)
     }
@@ -129,6 +166,11 @@ impl WsState {
             .counters
             .messages_to_client
             .load(Ordering::Relaxed)
+    }
+
+    /// The relay's counters, as `/metrics` reports them.
+    pub fn counters(&self) -> &WsCounters {
+        &self.shared.counters
     }
 
     /// Subscribe and unsubscribe messages that cbgate signed since start.
@@ -166,17 +208,25 @@ impl WsState {
     }
 }
 
-/// Counts one open session for as long as it lives, whatever way its task ends.
+/// One reserved session slot, held for as long as the session lives and released on drop,
+/// whatever way it ends (upstream failure, upgrade never completed, session end, shutdown).
 struct SessionGuard(Arc<Shared>);
 
 impl SessionGuard {
-    fn new(shared: &Arc<Shared>) -> SessionGuard {
-        shared.open.fetch_add(1, Ordering::SeqCst);
+    /// Reserves a slot if fewer than `max` are taken. Compare-and-swap, so concurrent upgrades
+    /// can never take more than `max` between them.
+    fn try_reserve(shared: &Arc<Shared>, max: usize) -> Option<SessionGuard> {
+        shared
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
         shared
             .counters
             .open_sessions
             .fetch_add(1, Ordering::Relaxed);
-        SessionGuard(Arc::clone(shared))
+        Some(SessionGuard(Arc::clone(shared)))
     }
 }
 
@@ -229,16 +279,17 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
     has_token(http::header::UPGRADE, "websocket") && has_token(http::header::CONNECTION, "upgrade")
 }
 
-/// The tungstenite settings for both sides: the message and frame limit, and a write buffer
-/// that holds one message (the relay never queues a second one behind it).
-fn ws_config(max_message_bytes: usize) -> WebSocketConfig {
+/// The tungstenite settings for one side: `read_limit` for each message and frame read from
+/// it (checked before a frame's payload is buffered), and a write buffer that holds one
+/// message of up to `largest_write` bytes (the relay never queues a second one behind it).
+fn ws_config(read_limit: usize, largest_write: usize) -> WebSocketConfig {
     let base = WebSocketConfig::default();
     let max_write = base
         .write_buffer_size
-        .saturating_add(max_message_bytes)
+        .saturating_add(largest_write)
         .saturating_add(WRITE_BUFFER_SLACK);
-    base.max_message_size(Some(max_message_bytes))
-        .max_frame_size(Some(max_message_bytes))
+    base.max_message_size(Some(read_limit))
+        .max_frame_size(Some(read_limit))
         .max_write_buffer_size(max_write)
 }
 
@@ -297,9 +348,15 @@ pub async fn proxy(
 ) -> Result<Response<Body>, ProxyError> {
     let client_key = check_handshake(&req)?;
     let upstream = &route.upstream;
-    if state.open_sessions() >= state.max_sessions() {
+    // Reserved before any connection is made; dropped with this future on every early return.
+    let Some(guard) = SessionGuard::try_reserve(&state.shared, state.max_sessions()) else {
+        state
+            .shared
+            .counters
+            .sessions_refused
+            .fetch_add(1, Ordering::Relaxed);
         return Err(ProxyError::TooManySessions(state.max_sessions()));
-    }
+    };
 
     let tls = client
         .connect_http1(&upstream.host, upstream.port)
@@ -328,10 +385,16 @@ pub async fn proxy(
         }
     }
 
-    let config = ws_config(state.max_message_bytes());
+    // Coinbase sends up to `max_message_bytes` and is sent client messages (signed ones a
+    // token longer); the client the other way round.
+    let upstream_config = ws_config(
+        state.max_message_bytes(),
+        state.max_client_message_bytes().saturating_add(JWT_ROOM),
+    );
+    let client_config = ws_config(state.max_client_message_bytes(), state.max_message_bytes());
     let (upstream_ws, up_resp) = match tokio::time::timeout(
         client.request_timeout(),
-        tokio_tungstenite::client_async_with_config(up_req, tls, Some(config)),
+        tokio_tungstenite::client_async_with_config(up_req, tls, Some(upstream_config)),
     )
     .await
     {
@@ -367,9 +430,8 @@ pub async fn proxy(
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, p.clone());
     }
 
-    // Counted from now, so that a shutdown starting before the client's upgrade completes
-    // still waits for (and closes) this session.
-    let guard = SessionGuard::new(&state.shared);
+    // The slot was counted since the start, so a shutdown starting before the client's
+    // upgrade completes still waits for (and closes) this session.
     let on_upgrade = hyper::upgrade::on(&mut req);
     let session = Session {
         route: route.path.clone(),
@@ -377,16 +439,24 @@ pub async fn proxy(
         signer,
         shared: Arc::clone(&state.shared),
         max_message_bytes: state.max_message_bytes(),
+        max_client_message_bytes: state.max_client_message_bytes(),
+        subscribe_timeout: state.subscribe_timeout,
+        idle_timeout: state.idle_timeout,
     };
     tokio::spawn(async move {
         let _guard = guard;
         let mut upstream_ws = upstream_ws;
-        match on_upgrade.await {
+        let upgraded = match tokio::time::timeout(UPGRADE_TIMEOUT, on_upgrade).await {
+            Ok(Ok(upgraded)) => Ok(upgraded),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("not completed within {UPGRADE_TIMEOUT:?}")),
+        };
+        match upgraded {
             Ok(upgraded) => {
                 let client_ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
-                    Some(config),
+                    Some(client_config),
                 )
                 .await;
                 session.run(client_ws, upstream_ws).await;
@@ -446,8 +516,13 @@ enum End {
     Closed(Side, Option<CloseFrame>),
     /// Reading from or writing to this side failed.
     Failed(Side, WsError),
-    /// This side sent a message larger than `ws.max_message_bytes`.
+    /// This side sent a message larger than its limit (`ws.max_client_message_bytes` for the
+    /// client, `ws.max_message_bytes` for Coinbase).
     TooBig(Side, WsError),
+    /// The client sent no subscribe within `ws.subscribe_timeout`.
+    NoSubscribe,
+    /// Neither side sent anything for `ws.idle_timeout`.
+    Idle,
     /// cbgate could not mint a token for a subscribe message.
     SignFailed,
     /// cbgate is shutting down.
@@ -463,6 +538,8 @@ impl End {
             End::Failed(Side::Upstream, _) => "upstream_failed",
             End::TooBig(Side::Client, _) => "client_message_too_big",
             End::TooBig(Side::Upstream, _) => "upstream_message_too_big",
+            End::NoSubscribe => "subscribe_timeout",
+            End::Idle => "idle_timeout",
             End::SignFailed => "signing_failed",
             End::Shutdown => "shutdown",
         }
@@ -504,6 +581,26 @@ struct Session {
     signer: WsSigner,
     shared: Arc<Shared>,
     max_message_bytes: usize,
+    max_client_message_bytes: usize,
+    subscribe_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+/// What a session's two pumps and its timers share.
+struct Activity {
+    /// When the session started; `last` counts from here.
+    started: Instant,
+    /// Milliseconds after `started` of the last message read from or delivered to either side.
+    last: AtomicU64,
+    /// Whether the client has sent a subscribe.
+    subscribed: AtomicBool,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
 }
 
 impl Session {
@@ -519,10 +616,38 @@ impl Session {
         let to_client = AtomicU64::new(0);
         let signed = AtomicU64::new(0);
         let mut shutdown = self.shared.shutdown.subscribe();
+        let activity = Activity {
+            started,
+            last: AtomicU64::new(0),
+            subscribed: AtomicBool::new(false),
+        };
 
         let end = tokio::select! {
-            end = self.pump(Side::Client, &mut client_rx, &mut up_tx, &to_upstream, &signed) => end,
-            end = self.pump(Side::Upstream, &mut up_rx, &mut client_tx, &to_client, &signed) => end,
+            end = self.pump(Side::Client, &mut client_rx, &mut up_tx, &to_upstream, &signed, &activity) => end,
+            end = self.pump(Side::Upstream, &mut up_rx, &mut client_tx, &to_client, &signed, &activity) => end,
+            () = async {
+                tokio::time::sleep(self.subscribe_timeout).await;
+                if activity.subscribed.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            } => End::NoSubscribe,
+            () = async {
+                loop {
+                    let last = Duration::from_millis(activity.last.load(Ordering::Relaxed));
+                    // Past the end of time (a huge configured timeout): never idle.
+                    let quiet_until = last
+                        .checked_add(self.idle_timeout)
+                        .and_then(|d| started.checked_add(d));
+                    let Some(quiet_until) = quiet_until else {
+                        std::future::pending::<()>().await;
+                        return;
+                    };
+                    if Instant::now() >= quiet_until {
+                        return;
+                    }
+                    tokio::time::sleep_until(quiet_until.into()).await;
+                }
+            } => End::Idle,
             () = async {
                 // The sender lives in `Shared`, which this session holds, so this cannot fail;
                 // if it did, that would be no reason to end the session.
@@ -532,6 +657,17 @@ impl Session {
             } => End::Shutdown,
         };
 
+        // Counted when the session is ended, not once the close handshakes are done.
+        let counters = &self.shared.counters;
+        let limit_hit = match &end {
+            End::TooBig(Side::Client, _) => Some(&counters.client_messages_too_big),
+            End::NoSubscribe => Some(&counters.subscribe_timeouts),
+            End::Idle => Some(&counters.idle_timeouts),
+            _ => None,
+        };
+        if let Some(c) = limit_hit {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         let (client_finish, upstream_finish) = self.finishes(&end);
         let client_code = match &client_finish {
             Finish::Close(f) => f.as_ref().map(|f| u16::from(f.code)),
@@ -551,18 +687,28 @@ impl Session {
             _ => None,
         };
         // One line per session. Never payloads, tokens or close reasons (which peers write).
-        tracing::info!(
-            route = %self.route,
-            upstream = %self.host,
-            duration_ms = started.elapsed().as_millis() as u64,
-            to_upstream = to_upstream.load(Ordering::Relaxed),
-            to_client = to_client.load(Ordering::Relaxed),
-            signed = signed.load(Ordering::Relaxed),
-            end = end.label(),
-            close_code = closed_code,
-            detail,
-            "websocket session"
-        );
+        macro_rules! session_line {
+            ($level:ident) => {
+                tracing::$level!(
+                    route = %self.route,
+                    upstream = %self.host,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    to_upstream = to_upstream.load(Ordering::Relaxed),
+                    to_client = to_client.load(Ordering::Relaxed),
+                    signed = signed.load(Ordering::Relaxed),
+                    end = end.label(),
+                    close_code = closed_code,
+                    detail,
+                    "websocket session"
+                )
+            };
+        }
+        // A session cbgate ended for breaking a limit is worth a warning.
+        if limit_hit.is_some() {
+            session_line!(warn);
+        } else {
+            session_line!(info);
+        }
     }
 
     /// What each side gets, in the order (client, upstream).
@@ -586,12 +732,29 @@ impl Session {
                 Finish::Close(Some(close_frame(
                     CloseCode::Size,
                     &format!(
-                        "cbgate: message larger than ws.max_message_bytes ({})",
-                        self.max_message_bytes
+                        "cbgate: message larger than ws.max_client_message_bytes ({})",
+                        self.max_client_message_bytes
                     ),
                 ))),
                 away("cbgate: client went away"),
             ),
+            End::NoSubscribe => (
+                Finish::Close(Some(close_frame(
+                    CloseCode::Policy,
+                    &format!(
+                        "cbgate: no subscribe within ws.subscribe_timeout ({:?})",
+                        self.subscribe_timeout
+                    ),
+                ))),
+                away("cbgate: client sent no subscribe"),
+            ),
+            End::Idle => {
+                let reason = format!(
+                    "cbgate: no message for ws.idle_timeout ({:?})",
+                    self.idle_timeout
+                );
+                (away(&reason), away(&reason))
+            }
             End::TooBig(Side::Upstream, _) => (
                 Finish::Close(Some(close_frame(
                     CloseCode::Size,
@@ -622,6 +785,7 @@ impl Session {
         tx: &mut W,
         count: &AtomicU64,
         signed: &AtomicU64,
+        activity: &Activity,
     ) -> End
     where
         R: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -643,20 +807,26 @@ impl Session {
                 Some(Err(e)) => return End::Failed(from, e),
                 None => return End::Failed(from, WsError::ConnectionClosed),
             };
+            activity.touch();
             let msg = match (from, msg) {
-                (Side::Client, Message::Text(text)) => match sign_subscription(&text, &self.signer)
-                {
-                    Ok(Some(rewritten)) => {
-                        signed.fetch_add(1, Ordering::Relaxed);
-                        self.shared
-                            .counters
-                            .subscribes_signed
-                            .fetch_add(1, Ordering::Relaxed);
-                        Message::text(rewritten)
+                (Side::Client, Message::Text(text)) => {
+                    let kind = subscription_kind(&text);
+                    if kind == Some(SubKind::Subscribe) {
+                        activity.subscribed.store(true, Ordering::Relaxed);
                     }
-                    Ok(None) => Message::Text(text),
-                    Err(_) => return End::SignFailed,
-                },
+                    match kind.map(|_| sign_subscription(&text, &self.signer)) {
+                        Some(Ok(Some(rewritten))) => {
+                            signed.fetch_add(1, Ordering::Relaxed);
+                            self.shared
+                                .counters
+                                .subscribes_signed
+                                .fetch_add(1, Ordering::Relaxed);
+                            Message::text(rewritten)
+                        }
+                        None | Some(Ok(None)) => Message::Text(text),
+                        Some(Err(_)) => return End::SignFailed,
+                    }
+                }
                 // tungstenite's reader never yields raw frames.
                 (_, Message::Frame(_)) => continue,
                 (_, msg) => msg,
@@ -666,6 +836,7 @@ impl Session {
             if let Err(e) = tx.send(msg).await {
                 return End::Failed(to, e);
             }
+            activity.touch();
             count.fetch_add(1, Ordering::Relaxed);
             total.fetch_add(1, Ordering::Relaxed);
         }
@@ -694,35 +865,190 @@ where
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, work).await;
 }
 
-/// When `text` is a JSON object whose `type` is `subscribe` or `unsubscribe` and a key is
-/// configured, the same object with `jwt` set to a fresh token: a client-sent `jwt` is replaced
-/// in place, otherwise `jwt` is appended; the other fields keep their order.
-fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, ProxyError> {
+/// The two client messages cbgate signs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SubKind {
+    Subscribe,
+    Unsubscribe,
+}
+
+/// Top-level field names the rewrite treats specially.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Field {
+    Type,
+    Jwt,
+    // The client's own credentials (legacy Exchange-style auth): never forwarded next to
+    // cbgate's token.
+    ApiKey,
+    Signature,
+    Timestamp,
+    Passphrase,
+    #[serde(other)]
+    Other,
+}
+
+/// A `type` value: the kind when it is the string `subscribe` or `unsubscribe`, `None` for any
+/// other string. Anything but a string is an error, which makes the message not a subscription.
+struct TypeValue(Option<SubKind>);
+
+impl<'de> Deserialize<'de> for TypeValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TypeValue, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = TypeValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<TypeValue, E> {
+                Ok(TypeValue(match v {
+                    "subscribe" => Some(SubKind::Subscribe),
+                    "unsubscribe" => Some(SubKind::Unsubscribe),
+                    _ => None,
+                }))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Finds `type` in a JSON object, skipping every other value without building it (serde's
+/// `IgnoredAny`), so the scan allocates nothing however large or deep the input is.
+struct KindScan;
+
+impl<'de> Visitor<'de> for KindScan {
+    type Value = Option<SubKind>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<SubKind>, A::Error> {
+        // A repeated `type` counts as its last value, as for most JSON parsers.
+        let mut kind = None;
+        while let Some(field) = map.next_key::<Field>()? {
+            match field {
+                Field::Type => kind = map.next_value::<TypeValue>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(kind)
+    }
+}
+
+/// Whether `text` is a JSON object whose `type` is `subscribe` or `unsubscribe`.
+fn subscription_kind(text: &str) -> Option<SubKind> {
     // Cheap rejection of everything that cannot be an object (market data clients rarely send
-    // anything else, but binary-looking text should not be parsed for nothing).
+    // anything else, but binary-looking text should not be scanned for nothing).
     if !text.trim_start().starts_with('{') {
-        return Ok(None);
+        return None;
     }
-    let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(text) else {
-        return Ok(None);
-    };
-    if !matches!(
-        obj.get("type").and_then(Value::as_str),
-        Some("subscribe" | "unsubscribe")
-    ) {
-        return Ok(None);
+    let mut d = serde_json::Deserializer::from_str(text);
+    let kind = d.deserialize_map(KindScan).ok()?;
+    d.end().ok()?;
+    kind
+}
+
+/// A top-level key as written, borrowed from the input unless it holds escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
     }
+}
+
+/// Writes the object it visits to `out` with `jwt` set to `token` (in the place of the first
+/// client `jwt`, or last) and the client's credential fields left out. Other values are copied
+/// as their raw text (`RawValue` borrows it from the input), so nothing is parsed into a tree
+/// and the output is at most the input plus the token.
+struct Rewrite<'t> {
+    token: &'t str,
+    out: &'t mut Vec<u8>,
+}
+
+impl<'de> Visitor<'de> for Rewrite<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Rewrite { token, out } = self;
+        let mut first = true;
+        let mut jwt_written = false;
+        let mut put = |out: &mut Vec<u8>, key: &str, raw: &str| -> Result<(), A::Error> {
+            out.push(if first { b'{' } else { b',' });
+            first = false;
+            serde_json::to_writer(&mut *out, key).map_err(de::Error::custom)?;
+            out.push(b':');
+            out.extend_from_slice(raw.as_bytes());
+            Ok(())
+        };
+        let quoted = serde_json::to_string(token).map_err(de::Error::custom)?;
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match Field::deserialize(de::value::StrDeserializer::<A::Error>::new(&key))? {
+                Field::Jwt => {
+                    map.next_value::<IgnoredAny>()?;
+                    if !jwt_written {
+                        put(out, "jwt", &quoted)?;
+                        jwt_written = true;
+                    }
+                }
+                Field::ApiKey | Field::Signature | Field::Timestamp | Field::Passphrase => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Field::Type | Field::Other => {
+                    let raw = map.next_value::<&'de RawValue>()?;
+                    put(out, &key, raw.get())?;
+                }
+            }
+        }
+        if !jwt_written {
+            put(out, "jwt", &quoted)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// When a key is configured, the subscribe/unsubscribe `text` with `jwt` set to a fresh token
+/// and the client's credential fields removed; `None` without a key or when `text` is not a
+/// JSON object (it then passes unchanged).
+fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, ProxyError> {
     let Some(token) = signer.token()? else {
         return Ok(None);
     };
-    obj.insert("jwt".to_owned(), Value::String(token));
-    Ok(Some(Value::Object(obj).to_string()))
+    let mut out = Vec::with_capacity(text.len() + token.len() + 16);
+    let mut d = serde_json::Deserializer::from_str(text);
+    let rewritten = d.deserialize_map(Rewrite {
+        token: &token,
+        out: &mut out,
+    });
+    if rewritten.is_err() || d.end().is_err() {
+        return Ok(None);
+    }
+    // Made of the input's own (UTF-8) text and serde_json's output.
+    Ok(String::from_utf8(out).ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::sign::key::ApiKey;
+    use serde_json::Value;
 
     fn unsigned() -> WsSigner {
         WsSigner::new(Arc::new(Signer::new(None)))
@@ -780,23 +1106,66 @@ mod tests {
     }
 
     #[test]
-    fn other_messages_and_no_key_pass_unchanged() {
-        let s = signed_with_test_key();
+    fn only_subscribe_and_unsubscribe_objects_are_recognised() {
         for text in [
             "hello",
             "[1,2]",
+            r#"["subscribe"]"#,
             r#"{"type":"heartbeat"}"#,
             r#"{"type":"Subscribe"}"#,
             r#"{"type":["subscribe"]}"#,
             r#"{"type":"subscribe""#,
+            r#"{"type":"subscribe"} x"#,
+            r#"{"type":"subscribe","type":"x"}"#,
             "  ",
         ] {
-            assert_eq!(sign_subscription(text, &s).expect("ok"), None, "{text}");
+            assert_eq!(subscription_kind(text), None, "{text}");
+        }
+        for (text, kind) in [
+            (r#"{"type":"subscribe"}"#, SubKind::Subscribe),
+            (
+                r#" { "a" : [1, {"b": null}], "type" : "unsubscribe" } "#,
+                SubKind::Unsubscribe,
+            ),
+            (r#"{"typ\u0065":"subscr\u0069be"}"#, SubKind::Subscribe),
+        ] {
+            assert_eq!(subscription_kind(text), Some(kind), "{text}");
         }
         assert_eq!(
             sign_subscription(r#"{"type":"subscribe"}"#, &unsigned()).expect("ok"),
             None
         );
+    }
+
+    #[test]
+    fn credentials_are_dropped_values_kept_as_written_and_one_jwt_results() {
+        let s = signed_with_test_key();
+        let out = sign_subscription(
+            r#"{"api_key":"k","type":"subscribe","jwt":"a","signature":"s","x":[1, 2.50, "\u00e9"],"timestamp":"1","jwt":"b","passphrase":"p"}"#,
+            &s,
+        )
+        .expect("signs")
+        .expect("rewritten");
+        let v: serde_json::Map<String, Value> = serde_json::from_str(&out).expect("json");
+        assert_eq!(v.keys().collect::<Vec<_>>(), ["type", "jwt", "x"]);
+        assert!(out.contains(r#""x":[1, 2.50, "\u00e9"]"#), "{out}");
+        assert_eq!(out.matches("\"jwt\"").count(), 1, "{out}");
+        assert!(!["a", "b"].contains(&v["jwt"].as_str().expect("jwt")));
+    }
+
+    #[test]
+    fn the_scan_of_a_large_nested_message_builds_no_tree() {
+        // A million-element array: scanned, but not a subscription.
+        let mut text = String::from(r#"{"type":"x","a":["#);
+        text.push_str(&"0,".repeat(1 << 20));
+        text.push_str("0]}");
+        assert_eq!(subscription_kind(&text), None);
+        let text = text.replacen(r#""x""#, r#""subscribe""#, 1);
+        assert_eq!(subscription_kind(&text), Some(SubKind::Subscribe));
+        let out = sign_subscription(&text, &signed_with_test_key())
+            .expect("signs")
+            .expect("rewritten");
+        assert!(out.len() < text.len() + 2048);
     }
 
     #[test]
@@ -809,11 +1178,11 @@ mod tests {
 
     #[test]
     fn write_buffer_holds_one_full_message() {
-        let c = ws_config(5 << 20);
+        let c = ws_config(64 << 10, 5 << 20);
         assert!(c.max_write_buffer_size > (5 << 20) + 14);
-        assert_eq!(c.max_message_size, Some(5 << 20));
-        assert_eq!(c.max_frame_size, Some(5 << 20));
-        let c = ws_config(usize::MAX);
+        assert_eq!(c.max_message_size, Some(64 << 10));
+        assert_eq!(c.max_frame_size, Some(64 << 10));
+        let c = ws_config(1, usize::MAX);
         assert_eq!(c.max_write_buffer_size, usize::MAX);
     }
 }

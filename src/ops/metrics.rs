@@ -61,6 +61,14 @@ pub struct WsCounters {
     pub messages_to_upstream: AtomicU64,
     pub messages_to_client: AtomicU64,
     pub subscribes_signed: AtomicU64,
+    /// Upgrades refused because `ws.max_sessions` sessions were open.
+    pub sessions_refused: AtomicU64,
+    /// Sessions closed because the client sent a message over `ws.max_client_message_bytes`.
+    pub client_messages_too_big: AtomicU64,
+    /// Sessions closed because the client sent no subscribe within `ws.subscribe_timeout`.
+    pub subscribe_timeouts: AtomicU64,
+    /// Sessions closed because neither side sent anything for `ws.idle_timeout`.
+    pub idle_timeouts: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -91,6 +99,26 @@ impl Collector for WsCollector {
                 "ws_subscribes_signed",
                 "Subscribe/unsubscribe messages given a fresh JWT",
                 &c.subscribes_signed,
+            ),
+            (
+                "ws_sessions_refused",
+                "WebSocket upgrades refused at ws.max_sessions",
+                &c.sessions_refused,
+            ),
+            (
+                "ws_client_messages_too_big",
+                "WebSocket sessions closed for a client message over ws.max_client_message_bytes",
+                &c.client_messages_too_big,
+            ),
+            (
+                "ws_subscribe_timeouts",
+                "WebSocket sessions closed for no subscribe within ws.subscribe_timeout",
+                &c.subscribe_timeouts,
+            ),
+            (
+                "ws_idle_timeouts",
+                "WebSocket sessions closed after ws.idle_timeout without a message",
+                &c.idle_timeouts,
             ),
         ] {
             let counter = ConstCounter::new(v.load(Ordering::Relaxed));
@@ -409,6 +437,7 @@ mod tests {
         m.connection_refused("admin");
         m.clock_offset(-30.0);
         m.ws().subscribes_signed.fetch_add(2, Ordering::Relaxed);
+        m.ws().subscribe_timeouts.fetch_add(1, Ordering::Relaxed);
         let text = m.render();
         for needle in [
             "cbgate_requests_total{route=\"/api/v3/\",method=\"GET\",status=\"2xx\"} 1",
@@ -427,6 +456,8 @@ mod tests {
             "cbgate_build_info{version=",
             "cbgate_ws_sessions 0",
             "cbgate_ws_subscribes_signed_total 2",
+            "cbgate_ws_subscribe_timeouts_total 1",
+            "cbgate_ws_client_messages_too_big_total 0",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }

@@ -227,6 +227,9 @@ impl WsUpstream {
         }
         cfg.upstream.connect_timeout = Duration::from_secs(2);
         cfg.upstream.request_timeout = Duration::from_secs(5);
+        // Most tests exchange messages without subscribing, some for longer than the default
+        // 5 s on a loaded machine; the tests of the timeout itself set their own.
+        cfg.ws.subscribe_timeout = Duration::from_secs(60);
         cfg
     }
 }
