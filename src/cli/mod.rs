@@ -80,11 +80,14 @@ pub struct Common {
         short = 'c',
         env = "CBGATE_CONFIG",
         value_name = "FILE",
-        global = true
+        global = true,
+        allow_hyphen_values = true
     )]
     pub config: Option<PathBuf>,
     /// CDP API key JSON file (overrides key.file).
-    #[arg(long, value_name = "FILE", global = true)]
+    // Hyphen values are taken as the value, so a pasted PEM ("-----BEGIN ...") reaches our
+    // check, which refuses it unseen, instead of clap's error, which would quote it.
+    #[arg(long, value_name = "FILE", global = true, allow_hyphen_values = true)]
     pub key_file: Option<PathBuf>,
 }
 
@@ -93,7 +96,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub common: Common,
     /// Listen address, IP:PORT or unix:/path; repeat for several (overrides `listen`).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
     pub listen: Vec<String>,
 }
 
@@ -130,6 +133,32 @@ pub fn environment() -> Result<HashMap<String, String>, String> {
         }
     }
     Ok(env)
+}
+
+/// A clap (command-line) error as text, with every argument that looks like key material
+/// replaced: clap quotes unexpected arguments, and a pasted PEM or secret is one.
+pub fn redact_args(message: &str, args: &[String]) -> String {
+    const HIDDEN: &str = "(a value that looks like key material, not shown)";
+    let secretish: Vec<&str> = args
+        .iter()
+        .flat_map(|a| [a.as_str(), a.split_once('=').map_or("", |(_, v)| v)])
+        .filter(|a| !a.is_empty() && cbgate::config::looks_like_key_material(a))
+        .collect();
+    let mut out = message.to_owned();
+    for a in &secretish {
+        out = out.replace(a, HIDDEN);
+    }
+    // Clap may quote only part of an argument: then say nothing of it at all.
+    let leaks = secretish.iter().any(|a| {
+        let chars: Vec<char> = a.chars().collect();
+        chars
+            .windows(16)
+            .any(|w| out.contains(&w.iter().collect::<String>()))
+    });
+    if leaks {
+        return "error: a command-line argument looks like key material (not shown); put the key in a file and pass --key-file FILE (see cbgate --help)\n".to_owned();
+    }
+    out
 }
 
 /// Why a command failed: bad configuration (exit 2) or a runtime error (exit 1).
@@ -221,8 +250,24 @@ fn allow_insecure_key_mode(
 
 /// Reads `client_token_file`: private like the key file, at least 16 characters.
 fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
-    cbgate::sign::key::check_private_file(path)
-        .map_err(|e| anyhow::anyhow!("client_token_file: {e}"))?;
+    use cbgate::sign::key::KeyError;
+    cbgate::sign::key::check_private_file(path).map_err(|e| match e {
+        // key.allow_insecure_permissions is about the key file only: no such hint here.
+        KeyError::InsecurePermissions { path, mode } => anyhow::anyhow!(
+            "client_token_file {} has mode {mode:04o}: group or others can read or change it; run chmod 600 {}",
+            path.display(),
+            path.display()
+        ),
+        KeyError::FileMissing(path) => anyhow::anyhow!(
+            "client_token_file {} does not exist",
+            cbgate::config::shown(&path.to_string_lossy())
+        ),
+        KeyError::IsDirectory(path) => anyhow::anyhow!(
+            "client_token_file {} is a directory; give the path of the token file",
+            path.display()
+        ),
+        other => anyhow::anyhow!("client_token_file: {other}"),
+    })?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .with_context(|| format!("client_token_file {} cannot be read", path.display()))?,
