@@ -72,6 +72,8 @@ pub enum KeyError {
     EnvIncomplete(&'static str, &'static str),
     #[error("the key name is empty")]
     EmptyName,
+    #[error("the key name looks like key material (it is not shown): the name is organizations/.../apiKeys/... or the key id, and the secret goes in privateKey or COINBASE_API_SECRET; are the two swapped?")]
+    NameIsSecret,
     #[error("the secret is empty")]
     EmptySecret,
     #[error("the secret is a public key (PEM {0}); cbgate needs the private key from the downloaded key file")]
@@ -280,6 +282,23 @@ fn load_file(path: &Path) -> Result<ApiKey, KeyError> {
     key
 }
 
+/// Whether a key name is really a secret: a PEM, or base64 of an Ed25519 secret's 32 or 64
+/// bytes. (Not the general heuristic: a bare key id is a UUID, which is valid URL-safe base64.)
+fn name_is_secret(name: &str) -> bool {
+    name.contains("-----")
+        || name.contains("PRIVATE KEY")
+        || name.chars().any(char::is_control)
+        || [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+        ]
+        .iter()
+        .any(|e| {
+            e.decode(name.as_bytes())
+                .is_ok_and(|b| b.len() == 32 || b.len() == 64)
+        })
+}
+
 /// Names the paste mistake behind a key file that is not JSON.
 fn not_json(path: &Path, text: &str, e: &serde_json::Error) -> KeyError {
     let start = text.trim_start();
@@ -346,6 +365,9 @@ impl ApiKey {
         let name = name.trim().trim_matches('"').trim();
         if name.is_empty() {
             return Err(KeyError::EmptyName);
+        }
+        if name_is_secret(name) {
+            return Err(KeyError::NameIsSecret);
         }
         let secret = normalize(secret);
         if secret.is_empty() {
