@@ -245,10 +245,11 @@ fn no_input_echoes_the_secret(subcommand: &[&str]) {
                     String::from_utf8_lossy(&out.stderr)
                 );
                 let secret = &secrets[usize::from(what.ends_with("[1]"))];
-                let leak = std::panic::catch_unwind(|| assert_no_secret(&text, secret, what));
+                let leak = harness::find_secret(&text, secret);
                 let mut f = failures.lock().expect("lock");
-                if leak.is_err() {
-                    f.push(format!("{what}: output quotes the secret"));
+                if let Some(window) = leak {
+                    // The window is printed: it is a throwaway test key.
+                    f.push(format!("{what}: output quotes the secret ({window:?})"));
                 }
                 if timed_out {
                     f.push(format!("{what}: cbgate accepted it and kept running"));

@@ -569,9 +569,9 @@ pub fn secret_pieces(secret: &str) -> Vec<String> {
     pieces
 }
 
-/// Every window of 16 characters of `secret`, in each of its `secret_pieces`, must be absent
-/// from `haystack` (windows inside a PEM armour line, `-----BEGIN ...`, carry no secret).
-pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
+/// The first 16-character window of `secret` (in any of its `secret_pieces`) found in
+/// `haystack`; windows inside a PEM armour line (`-----BEGIN ...`) carry no secret.
+pub fn find_secret(haystack: &str, secret: &str) -> Option<String> {
     let unescaped = secret.replace("\\r\\n", "\n").replace("\\n", "\n");
     let armour: Vec<&str> = unescaped
         .lines()
@@ -582,13 +582,17 @@ pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
         let chars: Vec<char> = piece.chars().collect();
         for w in chars.windows(16) {
             let s: String = w.iter().collect();
-            if armour.iter().any(|a| a.contains(&s)) {
-                continue;
+            if !armour.iter().any(|a| a.contains(&s)) && haystack.contains(&s) {
+                return Some(s);
             }
-            assert!(
-                !haystack.contains(&s),
-                "{what} contains part of the secret: {s:?}"
-            );
         }
+    }
+    None
+}
+
+/// No 16-character window of `secret` appears in `haystack` (see `find_secret`).
+pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
+    if let Some(s) = find_secret(haystack, secret) {
+        panic!("{what} contains part of the secret: {s:?}");
     }
 }
