@@ -898,3 +898,14 @@ fn key_file_that_is_a_directory_is_named() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("mode"));
 }
+
+/// The whole key JSON pasted as the secret (COINBASE_API_SECRET) is named.
+#[test]
+fn a_json_document_as_the_secret_is_named() {
+    let secret = random_bytes_b64(64);
+    let doc = json!({ "id": "0f0e0d0c-a1b2", "privateKey": secret }).to_string();
+    let err = ApiKey::parse(NAME, &doc).expect_err("JSON as the secret");
+    assert_err_names(&err, "is a JSON document", &secret, "ApiKey::parse");
+    let err = load_from_env(&env_pair(NAME, &doc)).expect_err("JSON as the secret");
+    assert_err_names(&err, "--key-file", &secret, "env pair");
+}

@@ -390,12 +390,18 @@ impl de::Error for DeError {
     fn invalid_value(unexp: de::Unexpected<'_>, exp: &dyn de::Expected) -> Self {
         match unexp {
             // Numbers are never secret and help; text is not shown.
-            de::Unexpected::Signed(n) => {
-                DeError::new(Problem::Msg(format!("{n} is not {}", want(exp))))
-            }
-            de::Unexpected::Unsigned(n) => {
-                DeError::new(Problem::Msg(format!("{n} is not {}", want(exp))))
-            }
+            de::Unexpected::Signed(n) if n < 0 => DeError::new(Problem::Msg(format!(
+                "{n} is negative; expected {}, 0 or more",
+                want(exp)
+            ))),
+            de::Unexpected::Signed(n) => DeError::new(Problem::Msg(format!(
+                "{n} is out of range for {}",
+                want(exp)
+            ))),
+            de::Unexpected::Unsigned(n) => DeError::new(Problem::Msg(format!(
+                "{n} is out of range for {}",
+                want(exp)
+            ))),
             _ => DeError::new(Problem::Value(want(exp))),
         }
     }

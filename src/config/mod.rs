@@ -770,6 +770,50 @@ mod tests {
     }
 
     #[test]
+    fn key_material_is_told_from_paths_addresses_and_names() {
+        use base64::Engine as _;
+        for plain in [
+            "/etc/cbgate/cdp_api_key.json",
+            "/run/secrets/cbgate-token",
+            "127.0.0.1:8750",
+            "unix:/run/cbgate/cbgate.sock",
+            "https://api.coinbase.com",
+            "/api/v3/brokerage/orders/**",
+            "cbgate=debug,hyper=info",
+            "lisen",
+        ] {
+            assert!(!looks_like_key_material(plain), "{plain}");
+            assert_eq!(shown(plain), format!("{plain:?}"));
+        }
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![0x5au8; n]);
+        for secret in [
+            "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n".to_owned(),
+            "-----BEGIN EC PRIVATE KEY-----MHcCAQEE-----END EC PRIVATE KEY-----".to_owned(),
+            b64(32),
+            b64(64),
+            "0123456789abcdef0123456789abcdef".to_owned(),
+            "{\"name\": \"k\", \"privateKey\": \"x\"}".to_owned(),
+        ] {
+            assert!(looks_like_key_material(&secret), "{secret}");
+            assert!(!shown(&secret).contains(&secret[..16]), "{secret}");
+        }
+    }
+
+    #[test]
+    fn env_lists_split_on_commas_for_every_list_key() {
+        let env = HashMap::from([(
+            "CBGATE_ALLOWED_HOSTS".to_string(),
+            "gate.local, other.local".to_string(),
+        )]);
+        let c = Config::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+        .expect("load");
+        assert_eq!(c.allowed_hosts, vec!["gate.local", "other.local"]);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let e = load_toml("lisen = [\"127.0.0.1:1\"]").expect_err("unknown key");
         assert!(e.to_string().contains("lisen"), "{e}");

@@ -94,6 +94,8 @@ pub enum KeyError {
     BadPrivateKey(&'static str),
     #[error("the secret is neither a PEM private key nor valid base64 (truncated or mangled?)")]
     BadBase64,
+    #[error("the secret is a JSON document (a whole key file?); give the key file's path with --key-file or key.file, or only its privateKey value as the secret")]
+    SecretIsJson,
     #[error("the secret decodes to {0} bytes; an Ed25519 secret is 64 bytes (seed + public key) or 32 bytes (seed): truncated?")]
     WrongLength(usize),
     #[error("the 64-byte Ed25519 secret's public half does not match its seed; is this an Exchange/Prime HMAC secret? Those keys cannot sign JWTs")]
@@ -379,6 +381,8 @@ impl ApiKey {
         }
         let pair = if secret.contains("-----BEGIN") {
             parse_pem(secret.as_bytes())?
+        } else if secret.starts_with('{') {
+            return Err(KeyError::SecretIsJson);
         } else {
             parse_ed25519_base64(&secret)?
         };
