@@ -494,7 +494,11 @@ fn client_token_file_mode_message_gives_a_fix_that_works() {
     let token = token.to_str().expect("utf8");
     let (code, msg) = check(&[], &[("CBGATE_CLIENT_TOKEN_FILE", token)]);
     assert_eq!(code, Some(2), "{msg}");
-    assert!(msg.contains("has mode 0644"), "{msg}");
+    assert!(
+        msg.contains("environment variable CBGATE_CLIENT_TOKEN_FILE: file ")
+            && msg.contains("has mode 0644"),
+        "{msg}"
+    );
     assert!(msg.contains(&format!("chmod 600 {token}")), "{msg}");
     assert!(!msg.contains("allow_insecure_permissions"), "{msg}");
     // Even with the key setting on, the token file is still refused: the hint would not work.
@@ -507,4 +511,45 @@ fn client_token_file_mode_message_gives_a_fix_that_works() {
     );
     assert_eq!(code, Some(2));
     assert_sentence(&msg);
+}
+
+/// A missing path names the flag, variable or key that gave it.
+#[test]
+fn a_missing_path_names_the_setting_that_gave_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nope.json");
+    let missing = missing.to_str().expect("utf8");
+    let cfg = dir.path().join("cbgate.toml");
+    std::fs::write(&cfg, format!("[key]\nfile = {}\n", toml_string(missing))).expect("write");
+    for (args, env, want) in [
+        (
+            vec!["--key-file", missing],
+            vec![],
+            "cbgate: --key-file: key file",
+        ),
+        (
+            vec![],
+            vec![("CBGATE_KEY__FILE", missing)],
+            "cbgate: environment variable CBGATE_KEY__FILE: key file",
+        ),
+        (
+            vec!["--config", cfg.to_str().expect("utf8")],
+            vec![],
+            "cbgate: configuration key key.file: key file",
+        ),
+        (
+            vec![],
+            vec![("CBGATE_CLIENT_TOKEN_FILE", missing)],
+            "cbgate: environment variable CBGATE_CLIENT_TOKEN_FILE: file",
+        ),
+    ] {
+        let (code, msg) = check(&args, &env);
+        assert_eq!(code, Some(2), "{msg}");
+        assert!(
+            msg.starts_with(want) && msg.contains("does not exist"),
+            "want {want:?}: {msg}"
+        );
+        assert!(msg.contains(missing), "a short path is shown: {msg}");
+        assert_sentence(&msg);
+    }
 }

@@ -16,7 +16,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use cbgate::config::{Config, Sources};
 use cbgate::sign::jwt;
-use cbgate::sign::key::{ApiKey, KeySource};
+use cbgate::sign::key::{ApiKey, KeyError, KeySource};
 
 /// Exit code for bad configuration (flags, file, environment or key).
 pub const EXIT_CONFIG: u8 = 2;
@@ -214,7 +214,14 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     let key = match source {
         None => None,
         Some(src) => {
-            let key = src.load_with(allow_insecure).map_err(config_err)?;
+            let key = src.load_with(allow_insecure).map_err(|e| match e {
+                // Say which setting named the path: the flag, the variable or the file key.
+                KeyError::FileMissing(_) | KeyError::IsDirectory(_) => config_err(anyhow::anyhow!(
+                    "{}: {e}",
+                    setting_origin(sources, "key.file", Some("--key-file"))
+                )),
+                e => config_err(e),
+            })?;
             jwt::self_test(&key)
                 .map_err(|e| config_err(anyhow::anyhow!("key self-test failed: {e}")))?;
             Some(key)
@@ -222,7 +229,10 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     };
     let client_token = match &cfg.client_token_file {
         None => None,
-        Some(path) => Some(load_client_token(path).map_err(config_err)?),
+        Some(path) => Some(load_client_token(path).map_err(|e| {
+            let origin = setting_origin(sources, "client_token_file", None);
+            config_err(anyhow::anyhow!("{origin}: {e:#}"))
+        })?),
     };
     Ok(Loaded {
         cfg,
@@ -231,6 +241,16 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         allow_insecure,
         client_token,
     })
+}
+
+/// Which layer set a path setting, for messages: the flag, else the variable, else the file.
+fn setting_origin(sources: &Sources, key: &str, flag: Option<&str>) -> String {
+    let var = format!("CBGATE_{}", key.replace('.', "__").to_ascii_uppercase());
+    match flag {
+        Some(f) if key == "key.file" && sources.key_file.is_some() => f.to_owned(),
+        _ if sources.env.contains_key(&var) => format!("environment variable {var}"),
+        _ => format!("configuration key {key}"),
+    }
 }
 
 /// Whether the key file's mode may be ignored: when configured so, or when the file is a
@@ -250,32 +270,31 @@ fn allow_insecure_key_mode(
 
 /// Reads `client_token_file`: private like the key file, at least 16 characters.
 fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
-    use cbgate::sign::key::KeyError;
     cbgate::sign::key::check_private_file(path).map_err(|e| match e {
         // key.allow_insecure_permissions is about the key file only: no such hint here.
         KeyError::InsecurePermissions { path, mode } => anyhow::anyhow!(
-            "client_token_file {} has mode {mode:04o}: group or others can read or change it; run chmod 600 {}",
+            "file {} has mode {mode:04o}: group or others can read or change it; run chmod 600 {}",
             path.display(),
             path.display()
         ),
         KeyError::FileMissing(path) => anyhow::anyhow!(
-            "client_token_file {} does not exist",
+            "file {} does not exist",
             cbgate::config::shown(&path.to_string_lossy())
         ),
         KeyError::IsDirectory(path) => anyhow::anyhow!(
-            "client_token_file {} is a directory; give the path of the token file",
+            "file {} is a directory; give the path of the token file",
             path.display()
         ),
-        other => anyhow::anyhow!("client_token_file: {other}"),
+        other => anyhow::anyhow!("{other}"),
     })?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
-            .with_context(|| format!("client_token_file {} cannot be read", path.display()))?,
+            .with_context(|| format!("file {} cannot be read", path.display()))?,
     );
     let token = Zeroizing::new(text.trim().to_owned());
     if token.chars().count() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
         anyhow::bail!(
-            "client_token_file {}: the token must be at least 16 printable characters without spaces",
+            "file {}: the token must be at least 16 printable characters without spaces",
             path.display()
         );
     }
