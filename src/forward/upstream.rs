@@ -357,7 +357,9 @@ fn describe_tls_error(host: &str, e: &io::Error) -> String {
             C::Revoked => "certificate has been revoked".to_owned(),
             other => certificate_sentence(other),
         },
-        Some(other) => other.to_string(),
+        // rustls words several reasons as enum variant names ("received fatal alert:
+        // HandshakeFailure"): turn those into words.
+        Some(other) => humanize(&other.to_string()),
         None if e.kind() == io::ErrorKind::UnexpectedEof => {
             "connection closed during the TLS handshake (is this a TLS port?)".to_owned()
         }
@@ -393,6 +395,27 @@ fn certificate_sentence(c: &rustls::CertificateError) -> String {
         }
         _ => format!("certificate rejected ({})", words(&name)),
     }
+}
+
+/// Rewrites each `CamelCase` or `Wrapper(CamelCase)` word of a message as plain words.
+fn humanize(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|w| {
+            let core = w.trim_end_matches([')', ',', '.']);
+            let inner = core.rsplit('(').next().unwrap_or(core);
+            let camel = inner.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && inner.chars().skip(1).any(|c| c.is_ascii_uppercase())
+                && inner.chars().any(|c| c.is_ascii_lowercase())
+                && inner.chars().all(|c| c.is_ascii_alphanumeric());
+            if camel {
+                words(inner)
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `CaUsedAsEndEntity` -> `ca used as end entity`.
@@ -464,5 +487,30 @@ impl hyper::rt::Write for TlsConn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_variant_names_become_words() {
+        assert_eq!(
+            humanize("received fatal alert: HandshakeFailure"),
+            "received fatal alert: handshake failure"
+        );
+        assert_eq!(
+            humanize("peer is incompatible: Tls12NotOffered"),
+            "peer is incompatible: tls12 not offered"
+        );
+        assert_eq!(
+            humanize("invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))"),
+            "invalid peer certificate: ca used as end entity"
+        );
+        assert_eq!(
+            humanize("connection closed (is this TLS?)"),
+            "connection closed (is this TLS?)"
+        );
     }
 }
