@@ -621,7 +621,12 @@ impl<'de> de::Deserializer<'de> for De {
 pub(crate) fn toml_syntax(text: &str, e: &toml::de::Error) -> String {
     let (line, column) = match e.span() {
         Some(span) => {
-            let before = &text[..span.start.min(text.len())];
+            // A span that is not on a character boundary (never seen) must not panic.
+            let mut start = span.start.min(text.len());
+            while !text.is_char_boundary(start) {
+                start -= 1;
+            }
+            let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
             (line, column)
