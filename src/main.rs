@@ -12,7 +12,17 @@ use cli::{Cli, Command, Failure, EXIT_CONFIG};
 fn main() -> ExitCode {
     // Before any secret is read: no core files, not dumpable, memory locked where allowed.
     let hardening = harden::apply();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let args: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            eprint!("{}", cli::redact_args(&e.render().to_string(), &args));
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_CONFIG));
+        }
+    };
     let env = match cli::environment() {
         Ok(env) => env,
         Err(e) => {

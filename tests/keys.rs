@@ -72,42 +72,13 @@ fn assert_same_key(loaded: &ApiKey, key: &TestKey, how: &str) {
     assert_no_secret(&format!("{loaded:?}"), &key.secret);
 }
 
-/// The pieces of `secret` that must never appear in output: the whole text and, for PEM, the
-/// base64 body line by line and joined (a decoder error could echo either).
-fn secret_pieces(secret: &str) -> Vec<String> {
-    let mut pieces = vec![secret.to_owned()];
-    if secret.contains("-----BEGIN") {
-        let unescaped = secret.replace("\\r\\n", "\n").replace("\\n", "\n");
-        let body: Vec<&str> = unescaped
-            .lines()
-            .map(|l| l.trim().trim_matches(['"', '\'']))
-            .filter(|l| !l.is_empty() && !l.starts_with("-----"))
-            .collect();
-        pieces.extend(body.iter().map(|l| (*l).to_owned()));
-        pieces.push(body.concat());
-        // Echoed as a .env file or a JSON string would hold it.
-        pieces.push(unescaped.replace('\n', "\\n"));
-        pieces.push(unescaped);
-    }
-    pieces
-}
-
 /// Fails if `msg` contains any 16-character window of the secret (or of its PEM body lines).
 fn assert_no_secret(msg: &str, secret: &str) {
     assert!(
         secret.chars().count() >= 16,
         "test bug: secret {secret:?} is too short to check for leaks"
     );
-    for piece in secret_pieces(secret) {
-        let chars: Vec<char> = piece.chars().collect();
-        for w in chars.windows(16) {
-            let w: String = w.iter().collect();
-            assert!(
-                !msg.contains(&w),
-                "output quotes the secret (window {w:?}): {msg}"
-            );
-        }
-    }
+    common::harness::assert_no_secret(msg, secret, "output");
 }
 
 /// The error names the problem (contains `phrase`), is one line, and neither its Display nor
@@ -799,4 +770,142 @@ fn assert_no_secret_catches_quoted_fragments() {
         assert!(caught, "leak not caught: {msg}");
     }
     assert_no_secret("the secret is an RSA key", &key.secret);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Paste mistakes: each named, with the fix, without the secret
+// ---------------------------------------------------------------------------
+
+/// A PEM pasted into the JSON with its real line breaks (JSON strings cannot hold them).
+#[test]
+fn pem_with_raw_newlines_inside_the_json_string_is_named() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = format!(
+        "{{\n  \"name\": \"{}\",\n  \"privateKey\": \"{}\"\n}}\n",
+        key.name, key.secret
+    );
+    let path = write_private(dir.path(), "cdp_api_key.json", text.as_bytes());
+    assert_file_rejected(&path, "has real line breaks", &key.secret);
+    let err = KeySource::File(path).load().expect_err("raw newlines");
+    assert!(err.to_string().contains("as \\n"), "names the fix: {err}");
+}
+
+/// The bare PEM saved as the key file is named as such.
+#[test]
+fn bare_pem_as_the_key_file_is_named() {
+    let key = TestKey::generate(KeyForm::Ed25519Pkcs8);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write_private(dir.path(), "key.pem", key.secret.as_bytes());
+    assert_file_rejected(&path, "holds a bare PEM key", &key.secret);
+}
+
+/// A PEM whose line breaks were lost (one line, or spaces) is reflowed and loads.
+#[test]
+fn pem_with_lost_newlines_loads_to_the_same_key() {
+    for form in [KeyForm::P256Sec1, KeyForm::P256Pkcs8, KeyForm::Ed25519Pkcs8] {
+        let key = TestKey::generate(form);
+        for (how, damaged) in [
+            ("newlines stripped", key.secret.replace('\n', "")),
+            ("newlines as spaces", key.secret.replace('\n', " ")),
+        ] {
+            let loaded = ApiKey::parse(&key.name, &damaged)
+                .unwrap_or_else(|e| panic!("{form:?}, {how}: rejected: {e}"));
+            assert_same_key(&loaded, &key, &format!("{form:?}, {how}"));
+            let loaded = load_from_env(&env_pair(&key.name, &damaged))
+                .unwrap_or_else(|e| panic!("{form:?}, {how}: env pair rejected: {e}"));
+            assert_same_key(&loaded, &key, &format!("{form:?}, {how}, env pair"));
+        }
+    }
+}
+
+/// An Exchange/Prime key file ({"key", "secret", "passphrase"}) is named, with what to do.
+#[test]
+fn exchange_key_json_is_named() {
+    let secret = random_bytes_b64(64);
+    let dir = tempfile::tempdir().expect("tempdir");
+    for body in [
+        json!({ "key": "0123456789abcdef0123456789abcdef", "secret": secret, "passphrase": "p4ssphr4se" }),
+        json!({ "key": "0123456789abcdef0123456789abcdef", "secret": secret }),
+        json!({ "name": NAME, "privateKey": secret, "passphrase": "p4ssphr4se" }),
+    ] {
+        let path = write_json(dir.path(), &body);
+        assert_file_rejected(&path, "Coinbase Exchange API key", &secret);
+        let msg = KeySource::File(path)
+            .load()
+            .expect_err("exchange")
+            .to_string();
+        assert!(msg.contains("CDP API key"), "{msg}");
+        assert!(msg.contains("Coinbase Developer Platform"), "{msg}");
+        assert!(msg.contains("kind = \"exchange\""), "{msg}");
+        assert!(!msg.contains("p4ssphr4se"), "{msg}");
+    }
+}
+
+/// A 32-hex-character secret is an HMAC-style secret, not a CDP key.
+#[test]
+fn hex_hmac_secret_is_named() {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).expect("random");
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    assert_secret_rejected(&hex, "32 hex characters: an HMAC-style API secret");
+    let msg = ApiKey::parse(NAME, &hex).expect_err("hex").to_string();
+    assert!(msg.contains("Coinbase Developer Platform"), "{msg}");
+}
+
+/// The secret given as the key name (the two variables swapped, or the name field) is refused
+/// without printing it: the name is shown by `check` and logged by `serve`.
+#[test]
+fn a_key_name_that_is_key_material_is_refused_unseen() {
+    let good = TestKey::generate(KeyForm::Ed25519B64_64);
+    for secret in [
+        TestKey::generate(KeyForm::P256Sec1).secret,
+        TestKey::generate(KeyForm::Ed25519B64_64).secret,
+    ] {
+        let err = ApiKey::parse(&secret, &good.secret).expect_err("secret as name");
+        assert_err_names(
+            &err,
+            "key name looks like key material",
+            &secret,
+            "ApiKey::parse",
+        );
+        let out = cbgate(
+            ["check"],
+            &[
+                ("COINBASE_API_KEY", secret.as_str()),
+                ("COINBASE_API_SECRET", good.secret.as_str()),
+            ],
+        );
+        assert_check_fails(&out, "key name looks like key material", &secret);
+    }
+    // Real names pass: the path form and a bare id.
+    ApiKey::parse(NAME, &good.secret).expect("path-shaped name");
+    ApiKey::parse(&good.name, &good.secret).expect("id-shaped name");
+}
+
+/// `--key-file` naming a directory says so (it used to report the directory's mode).
+#[test]
+fn key_file_that_is_a_directory_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_file_rejected(dir.path(), "is a directory", "no secret lives in here");
+    let out = cbgate(
+        [
+            OsStr::new("check"),
+            "--key-file".as_ref(),
+            dir.path().as_ref(),
+        ],
+        &[],
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("mode"));
+}
+
+/// The whole key JSON pasted as the secret (COINBASE_API_SECRET) is named.
+#[test]
+fn a_json_document_as_the_secret_is_named() {
+    let secret = random_bytes_b64(64);
+    let doc = json!({ "id": "0f0e0d0c-a1b2", "privateKey": secret }).to_string();
+    let err = ApiKey::parse(NAME, &doc).expect_err("JSON as the secret");
+    assert_err_names(&err, "is a JSON document", &secret, "ApiKey::parse");
+    let err = load_from_env(&env_pair(NAME, &doc)).expect_err("JSON as the secret");
+    assert_err_names(&err, "--key-file", &secret, "env pair");
 }

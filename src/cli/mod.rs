@@ -16,7 +16,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use cbgate::config::{Config, Sources};
 use cbgate::sign::jwt;
-use cbgate::sign::key::{ApiKey, KeySource};
+use cbgate::sign::key::{ApiKey, KeyError, KeySource};
 
 /// Exit code for bad configuration (flags, file, environment or key).
 pub const EXIT_CONFIG: u8 = 2;
@@ -83,7 +83,13 @@ pub struct HealthArgs {
 #[derive(Args, Debug, Default)]
 pub struct ConfigArg {
     /// TOML configuration file (see config/cbgate.toml).
-    #[arg(long, short = 'c', env = "CBGATE_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "CBGATE_CONFIG",
+        value_name = "FILE",
+        allow_hyphen_values = true
+    )]
     pub config: Option<PathBuf>,
 }
 
@@ -93,7 +99,9 @@ pub struct Common {
     #[command(flatten)]
     pub config: ConfigArg,
     /// CDP API key JSON file (overrides key.file).
-    #[arg(long, value_name = "FILE")]
+    // Hyphen values are taken as the value, so a pasted PEM ("-----BEGIN ...") reaches our
+    // check, which refuses it unseen, instead of clap's error, which would quote it.
+    #[arg(long, value_name = "FILE", allow_hyphen_values = true)]
     pub key_file: Option<PathBuf>,
 }
 
@@ -102,7 +110,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub common: Common,
     /// Listen address, IP:PORT or unix:/path; repeat for several (overrides `listen`).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", allow_hyphen_values = true)]
     pub listen: Vec<String>,
     /// Admin listener address, IP:PORT (overrides `admin_listen`; default 127.0.0.1:8751).
     #[arg(long, value_name = "ADDR")]
@@ -142,6 +150,32 @@ pub fn environment() -> Result<HashMap<String, String>, String> {
         }
     }
     Ok(env)
+}
+
+/// A clap (command-line) error as text, with every argument that looks like key material
+/// replaced: clap quotes unexpected arguments, and a pasted PEM or secret is one.
+pub fn redact_args(message: &str, args: &[String]) -> String {
+    const HIDDEN: &str = "(a value that looks like key material, not shown)";
+    let secretish: Vec<&str> = args
+        .iter()
+        .flat_map(|a| [a.as_str(), a.split_once('=').map_or("", |(_, v)| v)])
+        .filter(|a| !a.is_empty() && cbgate::config::looks_like_key_material(a))
+        .collect();
+    let mut out = message.to_owned();
+    for a in &secretish {
+        out = out.replace(a, HIDDEN);
+    }
+    // Clap may quote only part of an argument: then say nothing of it at all.
+    let leaks = secretish.iter().any(|a| {
+        let chars: Vec<char> = a.chars().collect();
+        chars
+            .windows(16)
+            .any(|w| out.contains(&w.iter().collect::<String>()))
+    });
+    if leaks {
+        return "error: a command-line argument looks like key material (not shown); put the key in a file and pass --key-file FILE (see cbgate --help)\n".to_owned();
+    }
+    out
 }
 
 /// Why a command failed: bad configuration (exit 2), a runtime error (exit 1), or a second stop
@@ -207,7 +241,14 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     let key = match source {
         None => None,
         Some(src) => {
-            let key = src.load_with(allow_insecure).map_err(config_err)?;
+            let key = src.load_with(allow_insecure).map_err(|e| match e {
+                // Say which setting named the path: the flag, the variable or the file key.
+                KeyError::FileMissing(_) | KeyError::IsDirectory(_) => config_err(anyhow::anyhow!(
+                    "{}: {e}",
+                    setting_origin(sources, "key.file", Some("--key-file"))
+                )),
+                e => config_err(e),
+            })?;
             jwt::self_test(&key)
                 .map_err(|e| config_err(anyhow::anyhow!("key self-test failed: {e}")))?;
             Some(key)
@@ -215,7 +256,10 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     };
     let client_token = match &cfg.client_token_file {
         None => None,
-        Some(path) => Some(load_client_token(path).map_err(config_err)?),
+        Some(path) => Some(load_client_token(path).map_err(|e| {
+            let origin = setting_origin(sources, "client_token_file", None);
+            config_err(anyhow::anyhow!("{origin}: {e:#}"))
+        })?),
     };
     Ok(Loaded {
         cfg,
@@ -224,6 +268,16 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         allow_insecure,
         client_token,
     })
+}
+
+/// Which layer set a path setting, for messages: the flag, else the variable, else the file.
+fn setting_origin(sources: &Sources, key: &str, flag: Option<&str>) -> String {
+    let var = format!("CBGATE_{}", key.replace('.', "__").to_ascii_uppercase());
+    match flag {
+        Some(f) if key == "key.file" && sources.key_file.is_some() => f.to_owned(),
+        _ if sources.env.contains_key(&var) => format!("environment variable {var}"),
+        _ => format!("configuration key {key}"),
+    }
 }
 
 /// Whether the key file's mode may be ignored: when configured so, or when the file is a
@@ -243,16 +297,31 @@ fn allow_insecure_key_mode(
 
 /// Reads `client_token_file`: private like the key file, at least 16 characters.
 fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
-    cbgate::sign::key::check_private_file(path)
-        .map_err(|e| anyhow::anyhow!("client_token_file: {e}"))?;
+    cbgate::sign::key::check_private_file(path).map_err(|e| match e {
+        // key.allow_insecure_permissions is about the key file only: no such hint here.
+        KeyError::InsecurePermissions { path, mode } => anyhow::anyhow!(
+            "file {} has mode {mode:04o}: group or others can read or change it; run chmod 600 {}",
+            path.display(),
+            path.display()
+        ),
+        KeyError::FileMissing(path) => anyhow::anyhow!(
+            "file {} does not exist",
+            cbgate::config::shown(&path.to_string_lossy())
+        ),
+        KeyError::IsDirectory(path) => anyhow::anyhow!(
+            "file {} is a directory; give the path of the token file",
+            path.display()
+        ),
+        other => anyhow::anyhow!("{other}"),
+    })?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
-            .with_context(|| format!("client_token_file {} cannot be read", path.display()))?,
+            .with_context(|| format!("file {} cannot be read", path.display()))?,
     );
     let token = Zeroizing::new(text.trim().to_owned());
     if token.chars().count() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
         anyhow::bail!(
-            "client_token_file {}: the token must be at least 16 printable characters without spaces",
+            "file {}: the token must be at least 16 printable characters without spaces",
             path.display()
         );
     }

@@ -49,7 +49,8 @@ fn token_target(cfg: &Config, target: &str) -> anyhow::Result<(Upstream, String)
         let router = Router::new(&cfg.routes).map_err(anyhow::Error::msg)?;
         let route = router.find(target).with_context(|| {
             format!(
-                "no route for {target}; routes: {}",
+                "no route for {}; routes: {}",
+                cbgate::config::shown(target),
                 router.prefixes().join(", ")
             )
         })?;
@@ -62,7 +63,8 @@ fn token_target(cfg: &Config, target: &str) -> anyhow::Result<(Upstream, String)
     } else {
         format!("https://{target}")
     };
-    let url = url::Url::parse(&full).with_context(|| format!("{target:?} is not a path or URL"))?;
+    let url = url::Url::parse(&full)
+        .with_context(|| format!("{} is not a path or URL", cbgate::config::shown(target)))?;
     let base = format!("{}://{}", url.scheme(), url.host_str().unwrap_or_default())
         + &url.port().map(|p| format!(":{p}")).unwrap_or_default();
     let upstream = Upstream::parse(&base).map_err(anyhow::Error::msg)?;

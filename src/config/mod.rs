@@ -9,28 +9,69 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod load;
 pub mod pattern;
 
-/// A configuration error; Display names the key or file at fault.
+/// A configuration error; Display names the key, variable, flag or file at fault, and never
+/// quotes the configuration's text or a value that may be a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration: {0}")]
-    // Not marked as the source: the message already includes it, and `{:#}` would repeat it.
-    Load(config::ConfigError),
-    #[error("configuration file {0} does not exist")]
+    /// A file, variable or flag is wrong; the message is the whole sentence.
+    #[error("{0}")]
+    Load(String),
+    #[error("configuration file {} does not exist", load::shown_path(.0))]
     FileMissing(PathBuf),
     #[error("configuration key {key}: {message}")]
     Invalid { key: String, message: String },
 }
 
-impl From<config::ConfigError> for ConfigError {
-    fn from(e: config::ConfigError) -> Self {
-        ConfigError::Load(e)
+/// Whether `s` looks like key material (a PEM, a base64 or hex blob, a key JSON) rather than
+/// a file path, an address or a name: such a value is never printed.
+pub fn looks_like_key_material(s: &str) -> bool {
+    use base64::Engine as _;
+    if s.len() > 512
+        || s.chars().any(char::is_control)
+        || s.contains("-----")
+        || s.contains("PRIVATE KEY")
+        || s.contains("privateKey")
+    {
+        return true;
+    }
+    let compact: String = s
+        .trim()
+        .trim_matches(['"', '\''])
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    if compact.len() < 20 {
+        return false;
+    }
+    if compact.len() >= 32 && compact.chars().all(|c| c.is_ascii_hexdigit()) {
+        return true;
+    }
+    // A dot-less path that happens to be valid base64 is hidden too: a harmless false alarm.
+    let engines = [
+        &base64::engine::general_purpose::STANDARD,
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ];
+    engines
+        .iter()
+        .any(|e| e.decode(compact.as_bytes()).is_ok_and(|b| b.len() >= 16))
+}
+
+/// `s` quoted for a message, or a note that it is not shown because it looks like key material.
+pub fn shown(s: &str) -> String {
+    if looks_like_key_material(s) {
+        "(a value that looks like key material, not shown)".to_owned()
+    } else {
+        format!("{s:?}")
     }
 }
 
@@ -61,7 +102,7 @@ impl std::str::FromStr for ListenAddr {
         }
         s.parse::<SocketAddr>()
             .map(ListenAddr::Tcp)
-            .map_err(|_| format!("{s:?} is not IP:PORT or unix:/path"))
+            .map_err(|_| format!("{} is not IP:PORT or unix:/path", shown(s)))
     }
 }
 
@@ -93,10 +134,11 @@ pub struct BaseUrl {
 impl BaseUrl {
     /// Parses `SCHEME://host[:port]` (a trailing `/` is allowed; no path, query or user info).
     pub fn parse(url: &str, scheme: &str) -> Result<BaseUrl, String> {
-        let u = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let u = url::Url::parse(url).map_err(|e| format!("{} is not a URL: {e}", shown(url)))?;
         if u.scheme() != scheme {
             return Err(format!(
-                "{url:?} must use {scheme}: cbgate only talks to Coinbase over verified TLS"
+                "{} must use {scheme}: cbgate only talks to Coinbase over verified TLS",
+                shown(url)
             ));
         }
         if !(u.path().is_empty() || u.path() == "/")
@@ -105,13 +147,13 @@ impl BaseUrl {
             || !u.username().is_empty()
             || u.password().is_some()
         {
-            return Err(format!("{url:?} must be only scheme, host and port"));
+            return Err(format!("{} must be only scheme, host and port", shown(url)));
         }
         let host = match u.host() {
             Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
             Some(url::Host::Ipv4(ip)) => ip.to_string(),
             Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
-            None => return Err(format!("{url:?} has no host")),
+            None => return Err(format!("{} has no host", shown(url))),
         };
         Ok(BaseUrl {
             host,
@@ -456,56 +498,117 @@ const NOT_KEYS: &[&str] = &[
     "CBGATE_WS_MAX_MESSAGES",
 ];
 
+/// What a path setting holding key material is told.
+const NOT_A_PATH: &str =
+    "the value is not a file path (it looks like key material: put the key in a file and give its path)";
+
+/// Reads and parses the configuration file; names `--config` or `CBGATE_CONFIG` when the
+/// value is not a path at all.
+fn file_layer(path: &Path, sources: &Sources) -> Result<load::Node, ConfigError> {
+    let from_env = sources
+        .env
+        .get("CBGATE_CONFIG")
+        .is_some_and(|v| Path::new(v) == path);
+    let name = if from_env {
+        "CBGATE_CONFIG"
+    } else {
+        "--config"
+    };
+    if looks_like_key_material(&path.to_string_lossy()) {
+        return Err(ConfigError::Load(format!("{name}: {NOT_A_PATH}")));
+    }
+    if !path.exists() {
+        return Err(ConfigError::FileMissing(path.to_owned()));
+    }
+    let shown_file = load::shown_path(path);
+    // The file may be a key file given by mistake: wipe the text once parsed.
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::InvalidData => "it is not UTF-8 text".to_owned(),
+            std::io::ErrorKind::IsADirectory => "it is a directory".to_owned(),
+            k => k.to_string(),
+        };
+        ConfigError::Load(format!(
+            "configuration file {shown_file} cannot be read: {why}"
+        ))
+    })?);
+    let doc: toml::Table = toml::from_str(&text).map_err(|e| {
+        let start = text.trim_start();
+        let hint = if text.contains("-----BEGIN") || text.contains("privateKey") {
+            " (it looks like a key file: give it with --key-file or key.file)"
+        } else if start.starts_with('{') {
+            " (it looks like JSON; the configuration file is TOML)"
+        } else {
+            ""
+        };
+        ConfigError::Load(format!(
+            "configuration file {shown_file} is not valid TOML: {}{hint}",
+            load::toml_syntax(&text, &e)
+        ))
+    })?;
+    Ok(load::Node::from_toml(
+        toml::Value::Table(doc),
+        &load::Origin::File(path.to_owned()),
+    ))
+}
+
 impl Config {
     /// Builds the configuration from its layers and checks it.
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
-        let mut b = config::Config::builder();
-        if let Some(path) = &sources.file {
-            if !path.exists() {
-                return Err(ConfigError::FileMissing(path.clone()));
-            }
-            b = b.add_source(
-                config::File::from(path.as_path())
-                    .format(config::FileFormat::Toml)
-                    .required(true),
-            );
-        }
-        let env: config::Map<String, String> = sources
-            .env
-            .iter()
-            .filter(|(k, _)| k.starts_with("CBGATE_") && !NOT_KEYS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        b = b.add_source(
-            config::Environment::with_prefix("CBGATE")
-                .prefix_separator("_")
-                .separator("__")
-                .list_separator(",")
-                .with_list_parse_key("listen")
-                .try_parsing(true)
-                .source(Some(env)),
-        );
+        let mut root = match &sources.file {
+            Some(path) => file_layer(path, sources)?,
+            None => load::Node::table(load::Origin::Text),
+        };
+        load::env_tree(&sources.env, NOT_KEYS, &mut root).map_err(ConfigError::Load)?;
         if !sources.listen.is_empty() {
-            b = b.set_override("listen", sources.listen.clone())?;
+            let flag = load::Origin::Flag("--listen");
+            root.set(&["listen".into()], load::Node::list(&sources.listen, flag));
         }
         if let Some(a) = &sources.admin_listen {
-            b = b.set_override("admin_listen", a.as_str())?;
+            let value = load::Node::text(a.clone(), load::Origin::Flag("--admin-listen"));
+            root.set(&["admin_listen".into()], value);
         }
         if let Some(f) = &sources.key_file {
-            b = b.set_override("key.file", f.to_string_lossy().into_owned())?;
+            let value = load::Node::text(
+                f.to_string_lossy().into_owned(),
+                load::Origin::Flag("--key-file"),
+            );
+            root.set(&["key".into(), "file".into()], value);
         }
-        let cfg: Config = b.build()?.try_deserialize()?;
-        cfg.validate()?;
-        Ok(cfg)
+        Config::from_tree(root)
     }
 
     /// Parses and checks a TOML document alone (no environment, no flags): the file layer, for
     /// `cbgate check` of a document and for fuzzing the loader.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()?
-            .try_deserialize()?;
+        let doc: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigError::Load(format!(
+                "configuration is not valid TOML: {}",
+                load::toml_syntax(text, &e)
+            ))
+        })?;
+        Config::from_tree(load::Node::from_toml(
+            toml::Value::Table(doc),
+            &load::Origin::Text,
+        ))
+    }
+
+    fn from_tree(root: load::Node) -> Result<Config, ConfigError> {
+        // No configuration value is a secret: key material here is a paste mistake.
+        if let Some((key, origin)) = root.find_key_material("") {
+            let problem = if key.ends_with("file") {
+                NOT_A_PATH
+            } else {
+                "the value looks like key material and is not shown; cbgate reads the key only \
+                 from key.file or COINBASE_API_KEY + COINBASE_API_SECRET"
+            };
+            return Err(ConfigError::Load(load::at_origin(&origin, &key, problem)));
+        }
+        let cfg = Config::deserialize(load::De {
+            node: root,
+            path: String::new(),
+        })
+        .map_err(|e| ConfigError::Load(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -556,7 +659,7 @@ impl Config {
             if !r.prefix.starts_with('/') {
                 return Err(invalid(
                     format!("{key}.prefix"),
-                    format!("{:?} must start with /", r.prefix),
+                    format!("{} must start with /", shown(&r.prefix)),
                 ));
             }
             BaseUrl::parse(&r.upstream, "https")
@@ -567,7 +670,7 @@ impl Config {
             if !r.path.starts_with('/') {
                 return Err(invalid(
                     format!("{key}.path"),
-                    format!("{:?} must start with /", r.path),
+                    format!("{} must start with /", shown(&r.path)),
                 ));
             }
             BaseUrl::parse(&r.upstream, "wss")
@@ -628,7 +731,7 @@ impl Config {
         for host in self.upstream.resolve.keys() {
             if host.is_empty() || host.contains([':', '/', ' ']) {
                 return Err(invalid(
-                    format!("upstream.resolve.{host}"),
+                    format!("upstream.resolve.{}", shown(host)),
                     "must be a bare host name",
                 ));
             }
@@ -805,6 +908,50 @@ mod tests {
             Some(&"127.0.0.1:8443".parse().expect("addr"))
         );
         assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn key_material_is_told_from_paths_addresses_and_names() {
+        use base64::Engine as _;
+        for plain in [
+            "/etc/cbgate/cdp_api_key.json",
+            "/run/secrets/cbgate-token",
+            "127.0.0.1:8750",
+            "unix:/run/cbgate/cbgate.sock",
+            "https://api.coinbase.com",
+            "/api/v3/brokerage/orders/**",
+            "cbgate=debug,hyper=info",
+            "lisen",
+        ] {
+            assert!(!looks_like_key_material(plain), "{plain}");
+            assert_eq!(shown(plain), format!("{plain:?}"));
+        }
+        let b64 = |n: usize| base64::engine::general_purpose::STANDARD.encode(vec![0x5au8; n]);
+        for secret in [
+            "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n".to_owned(),
+            "-----BEGIN EC PRIVATE KEY-----MHcCAQEE-----END EC PRIVATE KEY-----".to_owned(),
+            b64(32),
+            b64(64),
+            "0123456789abcdef0123456789abcdef".to_owned(),
+            "{\"name\": \"k\", \"privateKey\": \"x\"}".to_owned(),
+        ] {
+            assert!(looks_like_key_material(&secret), "{secret}");
+            assert!(!shown(&secret).contains(&secret[..16]), "{secret}");
+        }
+    }
+
+    #[test]
+    fn env_lists_split_on_commas_for_every_list_key() {
+        let env = HashMap::from([(
+            "CBGATE_ALLOWED_HOSTS".to_string(),
+            "gate.local, other.local".to_string(),
+        )]);
+        let c = Config::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+        .expect("load");
+        assert_eq!(c.allowed_hosts, vec!["gate.local", "other.local"]);
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub fn segment_problem(decoded: &[u8]) -> Option<&'static str> {
 /// such as `/v2/accounts/{id}/transactions` would otherwise be accepted and never match.
 pub fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
     let Some(rest) = p.strip_prefix('/') else {
-        return Err(format!("{p:?} must start with /"));
+        return Err(format!("{} must start with /", super::shown(p)));
     };
     // Paths are matched without a trailing `/`; so are patterns.
     let rest = rest.strip_suffix('/').unwrap_or(rest);
@@ -75,9 +75,14 @@ pub fn parse_pattern(p: &str) -> Result<Vec<Segment>, String> {
         out.push(match *s {
             "*" => Segment::One,
             "**" if i + 1 == parts.len() => Segment::Rest,
-            "**" => return Err(format!("{p:?}: ** is only allowed as the last segment")),
+            "**" => {
+                return Err(format!(
+                    "{}: ** is only allowed as the last segment",
+                    super::shown(p)
+                ))
+            }
             lit if lit.contains('*') => {
-                return Err(format!("{p:?}: * must be a whole segment"));
+                return Err(format!("{}: * must be a whole segment", super::shown(p)));
             }
             "" => {
                 return Err(format!(
@@ -108,7 +113,7 @@ pub fn parse_methods(list: &[String]) -> Result<Vec<String>, String> {
         }
         let upper = m.to_ascii_uppercase();
         if upper.is_empty() || http::Method::from_bytes(upper.as_bytes()).is_err() {
-            return Err(format!("{m:?} is not an HTTP method"));
+            return Err(format!("{} is not an HTTP method", super::shown(m)));
         }
         methods.push(upper);
     }

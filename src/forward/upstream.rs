@@ -41,7 +41,7 @@ use crate::Body;
 /// Setting up the upstream client failed (bad `upstream.ca_file`).
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("upstream.ca_file {path}: {reason}")]
+    #[error("upstream.ca_file {path} {reason}")]
     CaFile { path: PathBuf, reason: String },
     #[error("TLS setup: {0}")]
     Tls(#[from] rustls::Error),
@@ -150,12 +150,16 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupE
             .collect::<Result<_, _>>()
             .map_err(|e| ca_err(pem_error(&e)))?;
         if certs.is_empty() {
-            return Err(ca_err("holds no PEM CERTIFICATE".into()));
+            return Err(ca_err(
+                "holds no PEM certificate (a private key or other PEM block is not a CA \
+                 certificate; give the CA's -----BEGIN CERTIFICATE----- file)"
+                    .into(),
+            ));
         }
         for c in certs {
             roots
                 .add(c)
-                .map_err(|e| ca_err(format!("bad certificate: {e}")))?;
+                .map_err(|e| ca_err(format!("holds a certificate that cannot be used: {e}")))?;
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -170,9 +174,10 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, SetupE
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     match e {
         rustls::pki_types::pem::Error::Io(io) if io.kind() == io::ErrorKind::NotFound => {
-            "file does not exist".into()
+            "does not exist".into()
         }
-        other => other.to_string(),
+        rustls::pki_types::pem::Error::Io(io) => format!("cannot be read: {}", io.kind()),
+        _ => "is not a PEM file (bad base64 or a missing END line)".into(),
     }
 }
 
@@ -555,15 +560,83 @@ fn describe_tls_error(host: &str, e: &io::Error) -> String {
                 "certificate is not valid yet (check the system clock)".to_owned()
             }
             C::Revoked => "certificate has been revoked".to_owned(),
-            other => format!("certificate rejected: {other:?}"),
+            other => certificate_sentence(other),
         },
-        Some(other) => other.to_string(),
+        // rustls words several reasons as enum variant names ("received fatal alert:
+        // HandshakeFailure"): turn those into words.
+        Some(other) => humanize(&other.to_string()),
         None if e.kind() == io::ErrorKind::UnexpectedEof => {
             "connection closed during the TLS handshake (is this a TLS port?)".to_owned()
         }
         None => e.to_string(),
     };
     format!("TLS handshake with {host} failed: {what}")
+}
+
+/// A certificate problem rustls only words as a Rust variant name, as a phrase.
+fn certificate_sentence(c: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as C;
+    // webpki's reasons arrive wrapped as `Other(OtherError(Name))`; the name is all there is.
+    let debug = format!("{c:?}");
+    let name = debug
+        .trim_end_matches(')')
+        .rsplit('(')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    match (c, name.as_str()) {
+        (_, "CaUsedAsEndEntity") => {
+            "certificate rejected: the server presented a CA certificate as its own; \
+             it must present a server certificate issued by that CA"
+                .to_owned()
+        }
+        (_, "EndEntityUsedAsCa") => {
+            "certificate rejected: a server certificate is used as a CA in the chain".to_owned()
+        }
+        (C::BadEncoding, _) => "certificate rejected: it is not valid DER".to_owned(),
+        (C::BadSignature, _) => "certificate rejected: its signature does not verify".to_owned(),
+        (C::InvalidPurpose | C::InvalidPurposeContext { .. }, _) => {
+            "certificate rejected: it is not meant for a TLS server".to_owned()
+        }
+        _ => format!("certificate rejected ({})", words(&name)),
+    }
+}
+
+/// Rewrites each `CamelCase` or `Wrapper(CamelCase)` word of a message as plain words.
+fn humanize(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|w| {
+            let core = w.trim_end_matches([')', ',', '.']);
+            let inner = core.rsplit('(').next().unwrap_or(core);
+            let camel = inner.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                && inner.chars().skip(1).any(|c| c.is_ascii_uppercase())
+                && inner.chars().any(|c| c.is_ascii_lowercase())
+                && inner.chars().all(|c| c.is_ascii_alphanumeric());
+            if camel {
+                words(inner)
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `CaUsedAsEndEntity` -> `ca used as end entity`.
+fn words(camel: &str) -> String {
+    let mut out = String::new();
+    for ch in camel.chars().filter(|c| c.is_ascii_alphanumeric()) {
+        if ch.is_ascii_uppercase() && !out.is_empty() {
+            out.push(' ');
+        }
+        out.push(ch.to_ascii_lowercase());
+    }
+    if out.is_empty() {
+        "reason unknown".to_owned()
+    } else {
+        out
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -621,5 +694,30 @@ impl hyper::rt::Write for TlsConn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_variant_names_become_words() {
+        assert_eq!(
+            humanize("received fatal alert: HandshakeFailure"),
+            "received fatal alert: handshake failure"
+        );
+        assert_eq!(
+            humanize("peer is incompatible: Tls12NotOffered"),
+            "peer is incompatible: tls12 not offered"
+        );
+        assert_eq!(
+            humanize("invalid peer certificate: Other(OtherError(CaUsedAsEndEntity))"),
+            "invalid peer certificate: ca used as end entity"
+        );
+        assert_eq!(
+            humanize("connection closed (is this TLS?)"),
+            "connection closed (is this TLS?)"
+        );
     }
 }

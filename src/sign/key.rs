@@ -42,8 +42,10 @@ impl Algorithm {
 /// holds any byte of the secret.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("key file {0} does not exist")]
+    #[error("key file {} does not exist", crate::config::shown(&.0.to_string_lossy()))]
     FileMissing(PathBuf),
+    #[error("key file {0} is a directory; give the path of the CDP key JSON file in it")]
+    IsDirectory(PathBuf),
     #[error("{path} has mode {mode:04o}: group or others can read or change it; run chmod 600 {path} (or set key.allow_insecure_permissions = true)")]
     InsecurePermissions { path: PathBuf, mode: u32 },
     #[error("key file {path} cannot be read: {reason}")]
@@ -54,6 +56,14 @@ pub enum KeyError {
         line: usize,
         column: usize,
     },
+    #[error("key file {0} is not valid JSON: it holds a bare PEM key; cbgate needs the CDP key JSON {{\"name\": ..., \"privateKey\": ...}}, or COINBASE_API_KEY (the key name) and COINBASE_API_SECRET (the PEM)")]
+    BarePem(PathBuf),
+    #[error("key file {0} is not valid JSON: the PEM in \"privateKey\" has real line breaks, which a JSON string cannot hold; write each line break as \\n, or download the key file again")]
+    RawNewlines(PathBuf),
+    #[error("key file {0} holds a Coinbase Exchange API key (key, secret, passphrase: HMAC-signed), not a CDP API key; create a CDP API key on the Coinbase Developer Platform (portal.cdp.coinbase.com); support for Exchange keys is planned as kind = \"exchange\"")]
+    ExchangeKey(PathBuf),
+    #[error("the secret is {0} hex characters: an HMAC-style API secret (a legacy Coinbase or Exchange key), not a CDP key; cbgate needs a CDP API key (ECDSA or Ed25519) from the Coinbase Developer Platform (portal.cdp.coinbase.com)")]
+    HexSecret(usize),
     #[error("key file {path} has no {field} field")]
     MissingField { path: PathBuf, field: &'static str },
     #[error("key file {path}: field {field} must be a string")]
@@ -62,6 +72,8 @@ pub enum KeyError {
     EnvIncomplete(&'static str, &'static str),
     #[error("the key name is empty")]
     EmptyName,
+    #[error("the key name looks like key material (it is not shown): the name is organizations/.../apiKeys/... or the key id, and the secret goes in privateKey or COINBASE_API_SECRET; are the two swapped?")]
+    NameIsSecret,
     #[error("the secret is empty")]
     EmptySecret,
     #[error("the secret is a public key (PEM {0}); cbgate needs the private key from the downloaded key file")]
@@ -74,12 +86,16 @@ pub enum KeyError {
     WrongCurve(&'static str),
     #[error("the secret is a PEM block of an unsupported kind ({0}); expected EC PRIVATE KEY or PRIVATE KEY")]
     UnsupportedPem(&'static str),
-    #[error("the secret's PEM block is malformed (bad base64 or missing END line)")]
+    #[error("the secret's PEM block is malformed (missing END line: truncated?)")]
+    NoEndLine,
+    #[error("the secret's PEM block is malformed (its base64 body is damaged)")]
     BadPem,
     #[error("the secret's {0} PEM block does not hold a usable private key")]
     BadPrivateKey(&'static str),
     #[error("the secret is neither a PEM private key nor valid base64 (truncated or mangled?)")]
     BadBase64,
+    #[error("the secret is a JSON document (a whole key file?); give the key file's path with --key-file or key.file, or only its privateKey value as the secret")]
+    SecretIsJson,
     #[error("the secret decodes to {0} bytes; an Ed25519 secret is 64 bytes (seed + public key) or 32 bytes (seed): truncated?")]
     WrongLength(usize),
     #[error("the 64-byte Ed25519 secret's public half does not match its seed; is this an Exchange/Prime HMAC secret? Those keys cannot sign JWTs")]
@@ -207,6 +223,9 @@ pub fn check_private_file(path: &Path) -> Result<(), KeyError> {
             }
         }
     })?;
+    if meta.is_dir() {
+        return Err(KeyError::IsDirectory(path.to_owned()));
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::InsecurePermissions {
@@ -221,6 +240,8 @@ fn load_file(path: &Path) -> Result<ApiKey, KeyError> {
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             KeyError::FileMissing(path.to_owned())
+        } else if e.kind() == std::io::ErrorKind::IsADirectory {
+            KeyError::IsDirectory(path.to_owned())
         } else {
             KeyError::FileUnreadable {
                 path: path.to_owned(),
@@ -229,11 +250,13 @@ fn load_file(path: &Path) -> Result<ApiKey, KeyError> {
         }
     })?);
     // Parse into a Value first: serde's typed errors can quote the offending value.
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| KeyError::NotJson {
-        path: path.to_owned(),
-        line: e.line(),
-        column: e.column(),
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| not_json(path, &text, &e))?;
+    // An Exchange/Prime key file: {"key", "secret", "passphrase"} (a CDP file has "name").
+    let has = |f: &str| value.get(f).is_some();
+    if has("passphrase") || (has("key") && !has("name") && !has("id") && !has("privateKey")) {
+        return Err(KeyError::ExchangeKey(path.to_owned()));
+    }
     let field = |names: [&'static str; 2], label: &'static str| -> Result<&str, KeyError> {
         for n in names {
             if let Some(v) = value.get(n) {
@@ -259,6 +282,45 @@ fn load_file(path: &Path) -> Result<ApiKey, KeyError> {
         }
     }
     key
+}
+
+/// Whether a key name is really a secret: a PEM, or base64 of an Ed25519 secret's 32 or 64
+/// bytes. (Not the general heuristic: a bare key id is a UUID, which is valid URL-safe base64.)
+fn name_is_secret(name: &str) -> bool {
+    name.contains("-----")
+        || name.contains("PRIVATE KEY")
+        || name.chars().any(char::is_control)
+        || [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+        ]
+        .iter()
+        .any(|e| {
+            e.decode(name.as_bytes())
+                .is_ok_and(|b| b.len() == 32 || b.len() == 64)
+        })
+}
+
+/// Names the paste mistake behind a key file that is not JSON.
+fn not_json(path: &Path, text: &str, e: &serde_json::Error) -> KeyError {
+    let start = text.trim_start();
+    if start.starts_with("-----BEGIN") {
+        return KeyError::BarePem(path.to_owned());
+    }
+    if let (true, Some(b), Some(end)) = (
+        start.starts_with('{'),
+        text.find("-----BEGIN"),
+        text.find("-----END"),
+    ) {
+        if b < end && text[b..end].contains('\n') {
+            return KeyError::RawNewlines(path.to_owned());
+        }
+    }
+    KeyError::NotJson {
+        path: path.to_owned(),
+        line: e.line(),
+        column: e.column(),
+    }
 }
 
 /// Undoes what .env files, shells and JSON escaping do to a secret: surrounding whitespace and
@@ -306,12 +368,21 @@ impl ApiKey {
         if name.is_empty() {
             return Err(KeyError::EmptyName);
         }
+        if name_is_secret(name) {
+            return Err(KeyError::NameIsSecret);
+        }
         let secret = normalize(secret);
         if secret.is_empty() {
             return Err(KeyError::EmptySecret);
         }
+        let hex = secret.trim();
+        if (hex.len() == 32 || hex.len() == 64) && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(KeyError::HexSecret(hex.len()));
+        }
         let pair = if secret.contains("-----BEGIN") {
             parse_pem(secret.as_bytes())?
+        } else if secret.starts_with('{') {
+            return Err(KeyError::SecretIsJson);
         } else {
             parse_ed25519_base64(&secret)?
         };
@@ -364,6 +435,48 @@ impl ApiKey {
 }
 
 fn parse_pem(text: &[u8]) -> Result<KeyPairKind, KeyError> {
+    match parse_pem_once(text) {
+        Err(KeyError::BadPem) if !contains(text, b"-----END") => Err(KeyError::NoEndLine),
+        // Line breaks lost on the way (pasted into one line, or turned into spaces): the
+        // armour lines still delimit the body, so rewrap it and try again.
+        Err(KeyError::BadPem) => match reflow(text) {
+            Some(fixed) if fixed.as_bytes() != text => parse_pem_once(fixed.as_bytes()),
+            _ => Err(KeyError::BadPem),
+        },
+        other => other,
+    }
+}
+
+/// The first PEM block rebuilt with its body on 64-character lines, or `None` without
+/// matching BEGIN and END lines.
+fn reflow(text: &[u8]) -> Option<Zeroizing<String>> {
+    let s = std::str::from_utf8(text).ok()?;
+    let begin = s.find("-----BEGIN ")? + "-----BEGIN ".len();
+    let label_len = s[begin..].find("-----")?;
+    let label = &s[begin..begin + label_len];
+    let body_start = begin + label_len + "-----".len();
+    let end_line = format!("-----END {label}-----");
+    let body_end = body_start + s[body_start..].find(&end_line)?;
+    let body: Zeroizing<String> = Zeroizing::new(
+        s[body_start..body_end]
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect(),
+    );
+    let mut out = Zeroizing::new(String::with_capacity(s.len() + body.len() / 64 + 8));
+    out.push_str("-----BEGIN ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    for chunk in body.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).ok()?);
+        out.push('\n');
+    }
+    out.push_str(&end_line);
+    out.push('\n');
+    Some(out)
+}
+
+fn parse_pem_once(text: &[u8]) -> Result<KeyPairKind, KeyError> {
     let mut rest = text;
     let (kind, der) = match rustls_pki_types::pem::from_buf(&mut rest) {
         Ok(Some((kind, der))) => (kind, Zeroizing::new(der)),

@@ -550,17 +550,50 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
     (r.status, r.text())
 }
 
-/// Every window of 16 characters of `secret` (PEM armour lines aside) must be absent.
-pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
-    let chars: Vec<char> = secret.chars().collect();
-    for w in chars.windows(16) {
-        let s: String = w.iter().collect();
-        if s.contains("-----") || s.contains('\n') {
-            continue;
+/// The texts of `secret` that must never appear in output: the text itself and, for a PEM, each
+/// body line, the body joined (newlines lost), and the `\n`-escaped form a .env file or a JSON
+/// string holds.
+pub fn secret_pieces(secret: &str) -> Vec<String> {
+    let mut pieces = vec![secret.to_owned()];
+    if secret.contains("-----BEGIN") {
+        let unescaped = secret.replace("\\r\\n", "\n").replace("\\n", "\n");
+        let body: Vec<&str> = unescaped
+            .lines()
+            .map(|l| l.trim().trim_matches(['"', '\'']))
+            .filter(|l| !l.is_empty() && !l.starts_with("-----"))
+            .collect();
+        pieces.extend(body.iter().map(|l| (*l).to_owned()));
+        pieces.push(body.concat());
+        pieces.push(unescaped.replace('\n', "\\n"));
+        pieces.push(unescaped);
+    }
+    pieces
+}
+
+/// The first 16-character window of `secret` (in any of its `secret_pieces`) found in
+/// `haystack`; windows inside a PEM armour line (`-----BEGIN ...`) carry no secret.
+pub fn find_secret(haystack: &str, secret: &str) -> Option<String> {
+    let unescaped = secret.replace("\\r\\n", "\n").replace("\\n", "\n");
+    let armour: Vec<&str> = unescaped
+        .lines()
+        .map(|l| l.trim().trim_matches(['"', '\'']))
+        .filter(|l| l.starts_with("-----") && l.ends_with("-----"))
+        .collect();
+    for piece in secret_pieces(secret) {
+        let chars: Vec<char> = piece.chars().collect();
+        for w in chars.windows(16) {
+            let s: String = w.iter().collect();
+            if !armour.iter().any(|a| a.contains(&s)) && haystack.contains(&s) {
+                return Some(s);
+            }
         }
-        assert!(
-            !haystack.contains(&s),
-            "{what} contains part of the secret: {s:?}"
-        );
+    }
+    None
+}
+
+/// No 16-character window of `secret` appears in `haystack` (see `find_secret`).
+pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
+    if let Some(s) = find_secret(haystack, secret) {
+        panic!("{what} contains part of the secret: {s:?}");
     }
 }
