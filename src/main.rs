@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             cli::completions::run(shell);
             Ok(())
         }
+        Some(Command::Man { dir }) => cli::man::run(dir.as_deref()).map_err(Failure::Runtime),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

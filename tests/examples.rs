@@ -742,7 +742,7 @@ async fn systemd_example_is_hardened_and_its_command_line_starts() {
         ),
         (
             "ExecStart",
-            "/usr/local/bin/cbgate serve --config /etc/cbgate/cbgate.toml --key-file %d/cdp_api_key.json",
+            "/usr/bin/cbgate serve --config /etc/cbgate/cbgate.toml --key-file %d/cdp_api_key.json",
         ),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
     ] {
@@ -803,7 +803,7 @@ async fn systemd_example_is_hardened_and_its_command_line_starts() {
         let copy = dir.path().join("cbgate.service");
         std::fs::write(
             &copy,
-            unit.replace("/usr/local/bin/cbgate", env!("CARGO_BIN_EXE_cbgate")),
+            unit.replace("/usr/bin/cbgate", env!("CARGO_BIN_EXE_cbgate")),
         )
         .expect("write unit");
         let out = Command::new("systemd-analyze")

@@ -4,6 +4,7 @@
 pub mod check;
 pub mod completions;
 pub mod health;
+pub mod man;
 pub mod serve;
 pub mod token;
 
@@ -54,6 +55,13 @@ pub enum Command {
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+    /// Print the man page cbgate(1) (roff), for packaging: `cbgate man > cbgate.1`.
+    #[command(hide = true)]
+    Man {
+        /// Write cbgate.1 and a page for each subcommand (cbgate-serve.1, ...) into DIR instead.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
 }
 
