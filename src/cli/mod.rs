@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod completions;
+pub mod halt;
 pub mod health;
 pub mod serve;
 pub mod token;
@@ -49,6 +50,13 @@ pub enum Command {
     /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
     /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
     Health(HealthArgs),
+    /// Kill switch: refuse every new or edited order (cancels and reads still pass) until
+    /// `cbgate resume`; survives a restart. Talks to the running cbgate's admin listener.
+    Halt(halt::HaltArgs),
+    /// Lift the kill switch: orders pass again (subject to [guard]).
+    Resume(halt::AdminArgs),
+    /// Show whether trading is halted, why and since when.
+    Status(halt::AdminArgs),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
@@ -164,6 +172,8 @@ pub struct Loaded {
     /// The key file's mode is not checked (configured, or a systemd credential).
     pub allow_insecure: bool,
     pub client_token: Option<Zeroizing<String>>,
+    /// The admin control token (`admin_token_file`).
+    pub admin_token: Option<Zeroizing<String>>,
 }
 
 /// Flags that override configuration keys (only `serve` has them).
@@ -215,12 +225,17 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         None => None,
         Some(path) => Some(load_client_token(path).map_err(config_err)?),
     };
+    let admin_token = match &cfg.admin_token_file {
+        None => None,
+        Some(path) => Some(load_admin_token(path).map_err(config_err)?),
+    };
     Ok(Loaded {
         cfg,
         key,
         key_file,
         allow_insecure,
         client_token,
+        admin_token,
     })
 }
 
@@ -241,16 +256,24 @@ fn allow_insecure_key_mode(
 
 /// Reads `client_token_file`: private like the key file, at least 16 characters.
 fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
-    cbgate::sign::key::check_private_file(path)
-        .map_err(|e| anyhow::anyhow!("client_token_file: {e}"))?;
+    load_token_file("client_token_file", path)
+}
+
+/// Reads `admin_token_file`, with the same rules as `client_token_file`.
+pub fn load_admin_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    load_token_file("admin_token_file", path)
+}
+
+fn load_token_file(key: &str, path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    cbgate::sign::key::check_private_file(path).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
-            .with_context(|| format!("client_token_file {} cannot be read", path.display()))?,
+            .with_context(|| format!("{key} {} cannot be read", path.display()))?,
     );
     let token = Zeroizing::new(text.trim().to_owned());
     if token.chars().count() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
         anyhow::bail!(
-            "client_token_file {}: the token must be at least 16 printable characters without spaces",
+            "{key} {}: the token must be at least 16 printable characters without spaces",
             path.display()
         );
     }

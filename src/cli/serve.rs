@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use cbgate::config::{Config, ListenAddr, LogFormat};
+use cbgate::gate::halt::Halt;
 use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::ops::reload::{self, KeyReloader};
 use cbgate::ops::{admin, clock, harden};
@@ -68,6 +69,7 @@ pub fn run(
         key_file,
         allow_insecure,
         client_token,
+        admin_token,
     } = load(
         &args.common,
         Overrides {
@@ -98,11 +100,27 @@ pub fn run(
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
+    let halt = match &cfg.state_dir {
+        Some(dir) => Halt::open(dir).map_err(config_err)?,
+        None => {
+            tracing::warn!("no state_dir (nor STATE_DIRECTORY, XDG_STATE_HOME, HOME): a halt will not survive a restart");
+            Halt::in_memory()
+        }
+    };
+    if let Some(h) = halt.current() {
+        tracing::warn!(
+            reason = h.reason,
+            since = h.since_rfc3339(),
+            "trading is HALTED (from state_dir): orders are refused until `cbgate resume`"
+        );
+    }
     runtime.block_on(async move {
         let proxy = Arc::new(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
-                .with_client_token(client_token, &cfg),
+                .with_client_token(client_token, &cfg)
+                .with_admin_token(admin_token)
+                .with_halt(halt),
         );
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
@@ -137,7 +155,7 @@ pub fn run(
                     cfg.admin_listen
                 ))
             })?;
-        tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics");
+        tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics /status /halt /resume");
         // The admin listener outlives the drain, so /readyz reports 503 while it lasts.
         tokio::spawn(admin::run(admin, Arc::clone(&proxy), std::future::pending()));
         tokio::spawn(clock::run(Arc::clone(&proxy), cfg.clock_check_interval));

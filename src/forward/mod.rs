@@ -3,5 +3,6 @@
 
 pub mod date_watch;
 pub mod headers;
+pub mod price;
 pub mod upstream;
 pub mod ws;

@@ -99,6 +99,8 @@ pub struct Metrics {
     jwt_sign_duration: Histogram,
     upstream_errors: Family<KindLabels, Counter>,
     policy_denials: Counter,
+    guard_denials: Counter,
+    halted: Gauge,
     in_flight: Gauge,
     client_connections: Gauge,
     key_reloads: Family<ResultLabels, Counter>,
@@ -129,6 +131,8 @@ impl Metrics {
         let jwt_sign_duration = Histogram::new(exponential_buckets(0.000_005, 2.0, 14));
         let upstream_errors = Family::<KindLabels, Counter>::default();
         let policy_denials = Counter::default();
+        let guard_denials = Counter::default();
+        let halted = Gauge::default();
         let in_flight = Gauge::default();
         let client_connections = Gauge::default();
         let key_reloads = Family::<ResultLabels, Counter>::default();
@@ -170,6 +174,16 @@ impl Metrics {
             policy_denials.clone(),
         );
         registry.register(
+            "guard_denials",
+            "Orders refused by a [guard] limit or while halted",
+            guard_denials.clone(),
+        );
+        registry.register(
+            "halted",
+            "1 while the kill switch is on (orders refused), else 0",
+            halted.clone(),
+        );
+        registry.register(
             "in_flight_requests",
             "Requests in progress",
             in_flight.clone(),
@@ -200,6 +214,8 @@ impl Metrics {
             jwt_sign_duration,
             upstream_errors,
             policy_denials,
+            guard_denials,
+            halted,
             in_flight,
             client_connections,
             key_reloads,
@@ -273,6 +289,16 @@ impl Metrics {
     /// Records a policy denial.
     pub fn policy_denied(&self) {
         self.policy_denials.inc();
+    }
+
+    /// Counts an order the guard or the kill switch refused.
+    pub fn guard_denied(&self) {
+        self.guard_denials.inc();
+    }
+
+    /// Sets `cbgate_halted`.
+    pub fn set_halted(&self, halted: bool) {
+        self.halted.set(i64::from(halted));
     }
 
     /// Tracks requests in progress; the guard decrements on drop.
