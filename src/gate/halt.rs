@@ -124,7 +124,8 @@ impl Halt {
             .is_some()
     }
 
-    /// Halts now. Already halted: keeps the first halt's time and takes the new reason.
+    /// Halts now. Already halted: keeps the first halt's time, and its reason unless a new one
+    /// is given.
     /// Memory is set before the file is written; on a write error cbgate stays halted (the
     /// error says the halt will not survive a restart).
     pub fn halt(&self, reason: &str) -> Result<HaltState, HaltError> {
@@ -134,15 +135,13 @@ impl Halt {
             .filter(|c| !c.is_control())
             .take(MAX_REASON_CHARS)
             .collect();
-        let reason = if reason.trim().is_empty() {
-            "halted by the operator".to_owned()
-        } else {
-            reason.trim().to_owned()
+        let before = self.current();
+        let reason = match (reason.trim(), &before) {
+            ("", Some(b)) => b.reason.clone(),
+            ("", None) => "halted by the operator".to_owned(),
+            (r, _) => r.to_owned(),
         };
-        let since_unix = self
-            .current()
-            .map(|h| h.since_unix)
-            .unwrap_or_else(now_unix);
+        let since_unix = before.map(|h| h.since_unix).unwrap_or_else(now_unix);
         let state = HaltState { reason, since_unix };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
         if let Some(dir) = &self.dir {
@@ -262,7 +261,9 @@ mod tests {
             0o600
         );
         let again = Halt::open(&dir).expect("reopen");
-        assert_eq!(again.current(), Some(s));
+        assert_eq!(again.current(), Some(s.clone()));
+        let kept = again.halt("").expect("halt again");
+        assert_eq!(kept, s, "a repeated halt keeps time and reason");
         assert!(again.resume().expect("resume").is_some());
         assert!(!file.exists());
         assert!(!Halt::open(&dir).expect("reopen").is_halted());

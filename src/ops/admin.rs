@@ -161,14 +161,16 @@ async fn halt(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     .await;
     let bytes = match body {
         Ok(Ok(c)) => c.to_bytes(),
-        _ => return control_error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!(
+        _ => {
+            return control_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
                 "the /halt body must arrive within {} s and be at most {CONTROL_BODY_LIMIT} bytes",
                 CONTROL_BODY_TIMEOUT.as_secs()
             ),
-        ),
+            )
+        }
     };
     #[derive(serde::Deserialize, Default)]
     #[serde(deny_unknown_fields, default)]
@@ -181,13 +183,15 @@ async fn halt(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
     } else {
         match serde_json::from_slice(&bytes) {
             Ok(a) => a,
-            Err(e) => return control_error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &format!(
+            Err(e) => {
+                return control_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
                     "the /halt body must be {{\"reason\": \"...\", \"cancel_open\": true}}: {e}"
                 ),
-            ),
+                )
+            }
         }
     };
     let persisted = proxy.halt(&ask.reason);
