@@ -624,3 +624,29 @@ async fn halt_cancel_open_cancels_exactly_the_open_orders() {
     );
     stop(p).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_endpoints_on_a_non_loopback_admin_listener_need_a_token() {
+    // Configured as if exposed (e.g. for Kubernetes probes); actually served on loopback here.
+    let cfg = cbgate::config::Config {
+        admin_listen: "0.0.0.0:8751".parse().expect("addr"),
+        ..Default::default()
+    };
+    let proxy = std::sync::Arc::new(cbgate::proxy::Proxy::new(&cfg, None).expect("proxy"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = listener.local_addr().expect("addr");
+    let task = tokio::spawn(cbgate::ops::admin::run(
+        listener,
+        std::sync::Arc::clone(&proxy),
+        std::future::pending(),
+    ));
+    let r = admin_call(admin, "POST", "/halt", None, "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert_eq!(r.json()["error"], "admin_token_required");
+    assert!(!proxy.halt_state().is_halted());
+    // The probes stay open.
+    assert_eq!(http_get(admin, "/livez").await.0, StatusCode::OK);
+    task.abort();
+}
