@@ -618,6 +618,9 @@ impl Config {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("listen")
+                .with_list_parse_key("guard.products")
+                .with_list_parse_key("guard.sides")
+                .with_list_parse_key("guard.order_types")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -854,6 +857,32 @@ mod tests {
             let e = load_toml(text).expect_err(text);
             assert!(e.to_string().contains(key), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn guard_from_the_environment() {
+        let env = HashMap::from([
+            (
+                "CBGATE_GUARD__PRODUCTS".to_string(),
+                "BTC-USD,ETH-USD".to_string(),
+            ),
+            (
+                "CBGATE_GUARD__MAX_ORDER_QUOTE".to_string(),
+                "2500.5".to_string(),
+            ),
+            ("CBGATE_GUARD__SIDES".to_string(), "BUY".to_string()),
+        ]);
+        let c = Config::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+        .expect("load");
+        assert_eq!(c.guard.products, ["BTC-USD", "ETH-USD"]);
+        assert_eq!(c.guard.sides, ["BUY"]);
+        assert_eq!(
+            c.guard.max_order_quote,
+            Some("2500.5".parse().expect("dec"))
+        );
     }
 
     #[test]

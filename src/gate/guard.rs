@@ -155,6 +155,14 @@ static FAMILIES: &[&[Endpoint]] = &[ADVANCED_TRADE];
 /// The guarded endpoint a request goes to, if any. `path` is matched as the policy matches it
 /// (percent-decoded, case-folded, without a trailing `/`), so no spelling slips past.
 pub fn endpoint(method: &Method, path: &str) -> Option<&'static Endpoint> {
+    // Most requests are reads: skip the path normalisation (an allocation) for them.
+    if !FAMILIES
+        .iter()
+        .flat_map(|f| f.iter())
+        .any(|e| e.method == method)
+    {
+        return None;
+    }
     let form = crate::gate::policy::match_form(path);
     FAMILIES
         .iter()
