@@ -217,6 +217,46 @@ async fn each_limit_passes_just_under_and_refuses_just_over() {
             .len(),
         1
     );
+    // The buffered body goes upstream byte for byte.
+    assert_eq!(
+        posts[0].body,
+        Bytes::from(limit("BTC-USD", "0.02", "49999.99"))
+    );
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_bodies_are_read_with_a_cap() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = realistic(&key).await;
+    let mut cfg = up.config();
+    cfg.guard.max_order_quote = Some(dec("1000"));
+    let gate = Gate::start(cfg, Some(&key)).await;
+    // Over the guard's 64 KiB order cap (but under max_body_bytes): 400, not buffered on.
+    let padding = "x".repeat(cbgate::gate::guard::ORDER_BODY_LIMIT);
+    let big = order(
+        "BTC-USD",
+        "BUY",
+        "limit_limit_gtc",
+        json!({"base_size": "0.01", "limit_price": "1", "pad": padding}),
+    );
+    let r = post(&gate.url, ORDERS, &big).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+    assert_eq!(r.cbgate_error(), Some("invalid_order"));
+    assert!(r.text().contains("65536"), "{}", r.text());
+    gate.stop().await;
+    // Under a smaller max_body_bytes, the usual 413.
+    let mut cfg = up.config();
+    cfg.guard.max_order_quote = Some(dec("1000"));
+    cfg.max_body_bytes = 1000;
+    let gate = Gate::start(cfg, Some(&key)).await;
+    let req = Request::post(format!("{}{ORDERS}", gate.url))
+        .header("transfer-encoding", "chunked")
+        .body(Full::new(Bytes::from(big)))
+        .expect("request");
+    let r = harness::send(&h1_client(), req).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text());
+    assert!(up.mock.requests_to("POST", ORDERS).is_empty());
     gate.stop().await;
 }
 
