@@ -15,6 +15,8 @@ use http_body_util::{BodyExt as _, Full};
 
 use crate::forward::upstream::{ConnectStage, UpstreamError};
 use crate::gate::client::ClientError;
+use crate::gate::guard::Refusal;
+use crate::gate::halt::HaltState;
 use crate::gate::policy::Denied;
 use crate::Body;
 
@@ -48,6 +50,22 @@ pub enum ProxyError {
     PolicyDenied(#[from] Denied),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    #[error("{0}")]
+    GuardDenied(String),
+    #[error("{0}")]
+    InvalidOrder(String),
+    #[error("{}", Refusal::Halted(.0.clone()))]
+    Halted(HaltState),
+}
+
+impl From<Refusal> for ProxyError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Denied(m) => ProxyError::GuardDenied(m),
+            Refusal::BadOrder(m) => ProxyError::InvalidOrder(m),
+            Refusal::Halted(h) => ProxyError::Halted(h),
+        }
+    }
 }
 
 impl ProxyError {
@@ -77,6 +95,9 @@ impl ProxyError {
             ProxyError::Client(ClientError::HostCount) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy_denied"),
+            ProxyError::GuardDenied(_) => (StatusCode::FORBIDDEN, "guard_denied"),
+            ProxyError::InvalidOrder(_) => (StatusCode::BAD_REQUEST, "invalid_order"),
+            ProxyError::Halted(_) => (StatusCode::LOCKED, "halted"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Other { .. } | UpstreamError::Unprocessed { .. } => {
@@ -96,7 +117,26 @@ impl ProxyError {
     /// The JSON response for this error.
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
-        json_error(status, code, &self.to_string())
+        let message = self.to_string();
+        let mut resp = json_error(status, code, &message);
+        // Order refusals come in Advanced Trade's error shape, which order clients parse.
+        if let ProxyError::GuardDenied(_) | ProxyError::InvalidOrder(_) | ProxyError::Halted(_) =
+            &self
+        {
+            let mut body = serde_json::json!({
+                "error": code,
+                "message": message,
+                "error_details": message,
+            });
+            if let ProxyError::Halted(h) = &self {
+                body["halted_since"] = h.since_rfc3339().into();
+                body["reason"] = h.reason.clone().into();
+            }
+            *resp.body_mut() = Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed_unsync();
+        }
+        resp
     }
 }
 

@@ -36,6 +36,9 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => cli::token::run(args, env),
         Some(Command::Check(args)) => cli::check::run(args, env, &hardening),
         Some(Command::Health(args)) => cli::health::run(args, env),
+        Some(Command::Halt(args)) => cli::halt::halt(args, env),
+        Some(Command::Resume(args)) => cli::halt::resume(args, env),
+        Some(Command::Status(args)) => cli::halt::status(args, env),
         Some(Command::Completions { shell }) => {
             cli::completions::run(shell);
             Ok(())

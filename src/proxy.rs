@@ -21,6 +21,8 @@ use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
 use crate::forward::upstream::{SetupError, UpstreamClient, UpstreamError};
 use crate::forward::ws::{self, WsState};
 use crate::gate::client::ClientGate;
+use crate::gate::guard::Guard;
+use crate::gate::halt::{Halt, HaltState};
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router};
 use crate::ops::metrics::Metrics;
@@ -47,6 +49,12 @@ pub struct Proxy {
     readiness: Readiness,
     /// Watches the `Date` of every upstream response for a clock jump between measurements.
     clock_watch: DateWatch,
+    /// The kill switch and the pre-trade limits.
+    guard: Guard,
+    /// The token `/halt`, `/resume` and `/status` require (`admin_token_file`).
+    admin_token: Option<Zeroizing<String>>,
+    /// Whether the admin listener is on loopback (control without a token is allowed only then).
+    admin_loopback: bool,
 }
 
 /// Building the proxy failed.
@@ -83,6 +91,9 @@ impl Proxy {
             metrics,
             readiness: Readiness::default(),
             clock_watch: DateWatch::default(),
+            guard: Guard::new(&cfg.guard),
+            admin_token: None,
+            admin_loopback: cfg.admin_listen.ip().is_loopback(),
         })
     }
 
@@ -90,6 +101,50 @@ impl Proxy {
     pub fn with_client_token(mut self, token: Option<Zeroizing<String>>, cfg: &Config) -> Proxy {
         self.clients = ClientGate::new(token, &cfg.allowed_origins, &cfg.allowed_hosts);
         self
+    }
+
+    /// Requires `token` as `Authorization: Bearer` on the admin control endpoints.
+    pub fn with_admin_token(mut self, token: Option<Zeroizing<String>>) -> Proxy {
+        self.admin_token = token;
+        self
+    }
+
+    /// The admin control token, if configured, and whether the admin listener is loopback.
+    pub fn admin_control(&self) -> (Option<&str>, bool) {
+        (
+            self.admin_token.as_ref().map(|t| t.as_str()),
+            self.admin_loopback,
+        )
+    }
+
+    /// Uses `halt` as the kill switch (e.g. one persisted in `state_dir`).
+    pub fn with_halt(mut self, halt: Halt) -> Proxy {
+        self.metrics.set_halted(halt.is_halted());
+        self.guard = self.guard.with_halt(halt);
+        self
+    }
+
+    /// The kill switch's state.
+    pub fn halt_state(&self) -> &Halt {
+        self.guard.halt()
+    }
+
+    /// Halts trading (see [`Halt::halt`]) and updates `cbgate_halted`.
+    pub fn halt(&self, reason: &str) -> Result<HaltState, crate::gate::halt::HaltError> {
+        self.metrics.set_halted(true);
+        let r = self.guard.halt().halt(reason);
+        tracing::warn!(reason, "trading halted: orders are refused");
+        r
+    }
+
+    /// Resumes trading (see [`Halt::resume`]) and updates `cbgate_halted`.
+    pub fn resume(&self) -> Result<Option<HaltState>, crate::gate::halt::HaltError> {
+        let r = self.guard.halt().resume();
+        self.metrics.set_halted(self.guard.halt().is_halted());
+        if r.is_ok() {
+            tracing::warn!("trading resumed");
+        }
+        r
     }
 
     /// The signing state: current key (rotatable) and clock correction.
@@ -184,6 +239,7 @@ impl Proxy {
     fn count_error(&self, e: &ProxyError) {
         match e {
             ProxyError::PolicyDenied(_) => self.metrics.policy_denied(),
+            ProxyError::GuardDenied(_) | ProxyError::Halted(_) => self.metrics.guard_denied(),
             ProxyError::Upstream(u) => self.metrics.upstream_error(u.kind()),
             _ => {}
         }
@@ -249,6 +305,14 @@ impl Proxy {
         // for body_timeout ends the wait early.
         let body = self
             .read_body(self.timed(body, Direction::Request, request_id.as_ref()))
+            .await?;
+        // Halt and the pre-trade guard decide on the body as it will be sent, before signing.
+        let prices = crate::forward::price::ProductPrices {
+            client: &self.client,
+            router: &self.router,
+        };
+        self.guard
+            .admit(&parts.method, parts.uri.path(), &body, &prices)
             .await?;
 
         let sent = Instant::now();

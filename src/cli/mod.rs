@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod completions;
+pub mod halt;
 pub mod health;
 pub mod man;
 pub mod serve;
@@ -50,6 +51,13 @@ pub enum Command {
     /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
     /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
     Health(HealthArgs),
+    /// Kill switch: refuse every new or edited order (cancels and reads still pass) until
+    /// `cbgate resume`; survives a restart. Talks to the running cbgate's admin listener.
+    Halt(halt::HaltArgs),
+    /// Lift the kill switch: orders pass again (subject to [guard]).
+    Resume(halt::AdminArgs),
+    /// Show whether trading is halted, why and since when.
+    Status(halt::AdminArgs),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
@@ -208,6 +216,8 @@ pub struct Loaded {
     /// The key file's mode is not checked (configured, or a systemd credential).
     pub allow_insecure: bool,
     pub client_token: Option<Zeroizing<String>>,
+    /// The admin control token (`admin_token_file`).
+    pub admin_token: Option<Zeroizing<String>>,
 }
 
 /// Flags that override configuration keys (only `serve` has them).
@@ -269,12 +279,17 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
             config_err(anyhow::anyhow!("{origin}: {e:#}"))
         })?),
     };
+    let admin_token = match &cfg.admin_token_file {
+        None => None,
+        Some(path) => Some(load_admin_token(path).map_err(config_err)?),
+    };
     Ok(Loaded {
         cfg,
         key,
         key_file,
         allow_insecure,
         client_token,
+        admin_token,
     })
 }
 
@@ -305,6 +320,17 @@ fn allow_insecure_key_mode(
 
 /// Reads `client_token_file`: private like the key file, at least 16 characters.
 fn load_client_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    load_token_file(path)
+}
+
+/// Reads `admin_token_file`, with the same rules as `client_token_file`; the error names it.
+pub fn load_admin_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
+    load_token_file(path).map_err(|e| anyhow::anyhow!("admin_token_file: {e:#}"))
+}
+
+/// A token file: private like the key file, at least 16 printable characters. The caller
+/// names the setting that gave the path.
+fn load_token_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
     cbgate::sign::key::check_private_file(path).map_err(|e| match e {
         // key.allow_insecure_permissions is about the key file only: no such hint here.
         KeyError::InsecurePermissions { path, mode } => anyhow::anyhow!(

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 
 use cbgate::config::{Config, ListenAddr, LogFormat};
 use cbgate::gate::client::ClientGate;
+use cbgate::gate::halt::Halt;
 use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::ops::reload::{self, KeyReloader};
 use cbgate::ops::{admin, clock, harden};
@@ -69,6 +70,7 @@ pub fn run(
         key_file,
         allow_insecure,
         client_token,
+        admin_token,
     } = load(
         &args.common,
         Overrides {
@@ -109,11 +111,27 @@ pub fn run(
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
+    let halt = match &cfg.state_dir {
+        Some(dir) => Halt::open(dir).map_err(config_err)?,
+        None => {
+            tracing::warn!("no state_dir (nor STATE_DIRECTORY, XDG_STATE_HOME, HOME): a halt will not survive a restart");
+            Halt::in_memory()
+        }
+    };
+    if let Some(h) = halt.current() {
+        tracing::warn!(
+            reason = h.reason,
+            since = h.since_rfc3339(),
+            "trading is HALTED (from state_dir): orders are refused until `cbgate resume`"
+        );
+    }
     let result = runtime.block_on(async move {
         let proxy = Arc::new(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
-                .with_client_token(client_token, &cfg),
+                .with_client_token(client_token, &cfg)
+                .with_admin_token(admin_token)
+                .with_halt(halt),
         );
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
@@ -148,7 +166,7 @@ pub fn run(
                     cfg.admin_listen
                 ))
             })?;
-        tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics");
+        tracing::info!(admin_listen = %cfg.admin_listen, "admin endpoints: /livez /readyz /metrics /status /halt /resume");
         // The admin listener outlives the drain, so /readyz reports 503 while it lasts. No
         // client token there (probes), but the same Host and Origin checks.
         let admin_gate = ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts).allow_ip_hosts();

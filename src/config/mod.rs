@@ -347,6 +347,179 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// The order types `[guard].order_types` may name, and the Advanced Trade
+/// `order_configuration` keys each covers. A name in `order_types` is either a type (`limit`:
+/// every key of that type) or one exact key (`limit_limit_gtc`).
+pub const ORDER_TYPES: &[(&str, &[&str])] = &[
+    ("market", &["market_market_ioc", "market_market_fok"]),
+    (
+        "limit",
+        &[
+            "limit_limit_gtc",
+            "limit_limit_gtd",
+            "limit_limit_fok",
+            "sor_limit_ioc",
+        ],
+    ),
+    (
+        "stop_limit",
+        &["stop_limit_stop_limit_gtc", "stop_limit_stop_limit_gtd"],
+    ),
+    ("bracket", &["trigger_bracket_gtc", "trigger_bracket_gtd"]),
+    ("twap", &["twap_limit_gtd"]),
+];
+
+/// `[guard]`: pre-trade limits checked on every order-creating or -editing request before it
+/// is signed. Every limit is off by default; a refused order never reaches Coinbase. The same
+/// struct is meant to be reused per client later (`[clients.NAME.guard]`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Product ids that may be traded, e.g. `["BTC-USD", "ETH-USD"]`; empty: every product.
+    pub products: Vec<String>,
+    /// Largest order size in the base currency (e.g. BTC for BTC-USD); a string or a number.
+    #[serde(deserialize_with = "opt_decimal")]
+    pub max_order_base: Option<rust_decimal::Decimal>,
+    /// Largest order notional in the quote currency (e.g. USD for BTC-USD): size x limit price,
+    /// the `quote_size`, or size x the product's current price for a market order in base size.
+    #[serde(deserialize_with = "opt_decimal")]
+    pub max_order_quote: Option<rust_decimal::Decimal>,
+    /// Sides allowed, `BUY` and/or `SELL`; empty: both.
+    pub sides: Vec<String>,
+    /// Order types allowed (see [`ORDER_TYPES`]); empty: all cbgate knows. A configuration
+    /// cbgate does not know is refused while the guard is on.
+    pub order_types: Vec<String>,
+    /// Only post-only limit orders pass (they can never take liquidity).
+    pub require_post_only: bool,
+    /// Orders (creates and edits) per rolling minute at most; unset: no limit.
+    pub max_orders_per_minute: Option<u32>,
+    /// How long a product price fetched to value a market order is reused.
+    #[serde(with = "humantime_serde")]
+    pub price_max_age: Duration,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            products: Vec::new(),
+            max_order_base: None,
+            max_order_quote: None,
+            sides: Vec::new(),
+            order_types: Vec::new(),
+            require_post_only: false,
+            max_orders_per_minute: None,
+            price_max_age: Duration::from_secs(2),
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Whether any limit is set (otherwise order bodies are not even read).
+    pub fn is_active(&self) -> bool {
+        !self.products.is_empty()
+            || self.max_order_base.is_some()
+            || self.max_order_quote.is_some()
+            || !self.sides.is_empty()
+            || !self.order_types.is_empty()
+            || self.require_post_only
+            || self.max_orders_per_minute.is_some()
+    }
+
+    /// Checks the values; `prefix` is the table's key (`guard`, later `clients.NAME.guard`).
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        for p in &self.products {
+            if p.is_empty()
+                || p.len() > 64
+                || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                return Err(invalid(
+                    format!("{prefix}.products"),
+                    format!("{p:?} is not a product id such as \"BTC-USD\""),
+                ));
+            }
+        }
+        for (name, v) in [
+            ("max_order_base", self.max_order_base),
+            ("max_order_quote", self.max_order_quote),
+        ] {
+            if v.is_some_and(|d| d <= rust_decimal::Decimal::ZERO) {
+                return Err(invalid(
+                    format!("{prefix}.{name}"),
+                    "must be greater than 0 (leave it unset for no limit)",
+                ));
+            }
+        }
+        for s in &self.sides {
+            if !s.eq_ignore_ascii_case("BUY") && !s.eq_ignore_ascii_case("SELL") {
+                return Err(invalid(
+                    format!("{prefix}.sides"),
+                    format!("{s:?} is not BUY or SELL"),
+                ));
+            }
+        }
+        for t in &self.order_types {
+            let known = ORDER_TYPES
+                .iter()
+                .any(|(name, keys)| name == t || keys.contains(&t.as_str()));
+            if !known {
+                let names: Vec<&str> = ORDER_TYPES.iter().map(|(n, _)| *n).collect();
+                return Err(invalid(
+                    format!("{prefix}.order_types"),
+                    format!(
+                        "{t:?} is not an order type: use {} or an order_configuration key such as limit_limit_gtc",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        if self.max_orders_per_minute == Some(0) {
+            return Err(invalid(
+                format!("{prefix}.max_orders_per_minute"),
+                "must be greater than 0 (leave it unset for no limit)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An optional exact decimal from a TOML string (`"0.5"`), integer or float. A float is taken
+/// in its shortest round-trip spelling, which is what was written for any value with up to 15
+/// significant digits, so `0.1` is exactly 0.1 and not 0.1000000000000000055...
+fn opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<rust_decimal::Decimal>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<rust_decimal::Decimal>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a decimal number, e.g. \"0.5\" or 100")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            s.trim()
+                .parse::<rust_decimal::Decimal>()
+                .map(Some)
+                .map_err(|_| E::custom(format!("{s:?} is not a decimal number")))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            Ok(Some(n.into()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Some(n.into()))
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+            self.visit_str(&n.to_string())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(V)
+        }
+    }
+    d.deserialize_any(V)
+}
+
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -428,6 +601,15 @@ pub struct Config {
     /// How often Coinbase's clock is measured (also once at start).
     #[serde(with = "humantime_serde")]
     pub clock_check_interval: Duration,
+    /// Pre-trade limits on Advanced Trade orders.
+    pub guard: GuardConfig,
+    /// Where cbgate keeps state that must survive a restart (the kill switch). Default:
+    /// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/cbgate`, else
+    /// `~/.local/state/cbgate`; with none of them, the halt state lives in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// File holding the token `cbgate halt`/`resume`/`status` send as `Authorization: Bearer`
+    /// to the admin listener's `/halt`, `/resume` and `/status`.
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -455,6 +637,9 @@ impl Default for Config {
             admin_max_connections: 16,
             shutdown_timeout: Duration::from_secs(25),
             clock_check_interval: Duration::from_secs(300),
+            guard: GuardConfig::default(),
+            state_dir: None,
+            admin_token_file: None,
         }
     }
 }
@@ -575,7 +760,12 @@ impl Config {
             );
             root.set(&["key".into(), "file".into()], value);
         }
-        Config::from_tree(root)
+        let mut cfg = Config::parse_tree(root)?;
+        if cfg.state_dir.is_none() {
+            cfg.state_dir = default_state_dir(&sources.env);
+        }
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Parses and checks a TOML document alone (no environment, no flags): the file layer, for
@@ -594,6 +784,14 @@ impl Config {
     }
 
     fn from_tree(root: load::Node) -> Result<Config, ConfigError> {
+        let cfg = Config::parse_tree(root)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The tree as typed structs, before `validate` (which `load` runs after it fills in
+    /// defaults that come from the environment).
+    fn parse_tree(root: load::Node) -> Result<Config, ConfigError> {
         // No configuration value is a secret: key material here is a paste mistake.
         if let Some((key, origin)) = root.find_key_material("") {
             let problem = if key.ends_with("file") {
@@ -604,13 +802,11 @@ impl Config {
             };
             return Err(ConfigError::Load(load::at_origin(&origin, &key, problem)));
         }
-        let cfg = Config::deserialize(load::De {
+        Config::deserialize(load::De {
             node: root,
             path: String::new(),
         })
-        .map_err(|e| ConfigError::Load(e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
+        .map_err(|e| ConfigError::Load(e.to_string()))
     }
 
     /// Checks what serde cannot: non-empty lists, sane numbers, well-formed upstream URLs.
@@ -728,6 +924,13 @@ impl Config {
                 "must not exceed upstream.max_connections_per_host",
             ));
         }
+        self.guard.validate("guard")?;
+        if self.state_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
+            return Err(invalid(
+                "state_dir",
+                "must be an absolute path, e.g. /var/lib/cbgate",
+            ));
+        }
         for host in self.upstream.resolve.keys() {
             if host.is_empty() || host.contains([':', '/', ' ']) {
                 return Err(invalid(
@@ -738,6 +941,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The default `state_dir` from the environment map: systemd's `$STATE_DIRECTORY` (its first
+/// entry), else `$XDG_STATE_HOME/cbgate`, else `$HOME/.local/state/cbgate`. Relative values are
+/// ignored, as the XDG spec says.
+fn default_state_dir(env: &HashMap<String, String>) -> Option<PathBuf> {
+    let abs = |v: &str| {
+        let p = PathBuf::from(v);
+        (!v.is_empty() && p.is_absolute()).then_some(p)
+    };
+    if let Some(d) = env
+        .get("STATE_DIRECTORY")
+        .and_then(|v| abs(v.split(':').next().unwrap_or("")))
+    {
+        return Some(d);
+    }
+    if let Some(d) = env.get("XDG_STATE_HOME").and_then(|v| abs(v)) {
+        return Some(d.join("cbgate"));
+    }
+    env.get("HOME")
+        .and_then(|v| abs(v))
+        .map(|h| h.join(".local/state/cbgate"))
 }
 
 #[cfg(test)]
@@ -844,6 +1069,86 @@ mod tests {
             c.key.allow_insecure_permissions,
             d.key.allow_insecure_permissions
         );
+        assert_eq!(c.guard, d.guard);
+        assert_eq!(c.state_dir, d.state_dir);
+        assert_eq!(c.admin_token_file, d.admin_token_file);
+    }
+
+    #[test]
+    fn guard_decimals_are_exact_and_limits_are_checked() {
+        let c = load_toml(
+            "[guard]\nmax_order_base = \"0.1\"\nmax_order_quote = 0.1\nproducts = [\"BTC-USD\"]\nmax_orders_per_minute = 5\n",
+        )
+        .expect("load");
+        let tenth: rust_decimal::Decimal = "0.1".parse().expect("decimal");
+        assert_eq!(c.guard.max_order_base, Some(tenth));
+        assert_eq!(c.guard.max_order_quote, Some(tenth));
+        assert!(c.guard.is_active());
+        for (text, key) in [
+            (
+                "[guard]\nmax_orders_per_minute = 0",
+                "guard.max_orders_per_minute",
+            ),
+            ("[guard]\nmax_order_quote = \"-1\"", "guard.max_order_quote"),
+            ("[guard]\nmax_order_base = \"lots\"", "max_order_base"),
+            ("[guard]\nsides = [\"HOLD\"]", "guard.sides"),
+            ("[guard]\norder_types = [\"iceberg\"]", "guard.order_types"),
+            ("[guard]\nproducts = [\"BTC USD\"]", "guard.products"),
+            ("state_dir = \"relative\"", "state_dir"),
+        ] {
+            let e = load_toml(text).expect_err(text);
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn guard_from_the_environment() {
+        let env = HashMap::from([
+            (
+                "CBGATE_GUARD__PRODUCTS".to_string(),
+                "BTC-USD,ETH-USD".to_string(),
+            ),
+            (
+                "CBGATE_GUARD__MAX_ORDER_QUOTE".to_string(),
+                "2500.5".to_string(),
+            ),
+            ("CBGATE_GUARD__SIDES".to_string(), "BUY".to_string()),
+        ]);
+        let c = Config::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+        .expect("load");
+        assert_eq!(c.guard.products, ["BTC-USD", "ETH-USD"]);
+        assert_eq!(c.guard.sides, ["BUY"]);
+        assert_eq!(
+            c.guard.max_order_quote,
+            Some("2500.5".parse().expect("dec"))
+        );
+    }
+
+    #[test]
+    fn state_dir_default_follows_systemd_then_xdg_then_home() {
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let all = env(&[
+            ("STATE_DIRECTORY", "/var/lib/cbgate:/var/lib/other"),
+            ("XDG_STATE_HOME", "/x"),
+            ("HOME", "/home/u"),
+        ]);
+        assert_eq!(default_state_dir(&all), Some("/var/lib/cbgate".into()));
+        let xdg = env(&[("XDG_STATE_HOME", "/x"), ("HOME", "/home/u")]);
+        assert_eq!(default_state_dir(&xdg), Some("/x/cbgate".into()));
+        let home = env(&[("XDG_STATE_HOME", "rel"), ("HOME", "/home/u")]);
+        assert_eq!(
+            default_state_dir(&home),
+            Some("/home/u/.local/state/cbgate".into())
+        );
+        assert_eq!(default_state_dir(&HashMap::new()), None);
     }
 
     #[test]

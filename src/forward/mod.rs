@@ -4,5 +4,6 @@
 pub mod body_timeout;
 pub mod date_watch;
 pub mod headers;
+pub mod price;
 pub mod upstream;
 pub mod ws;

@@ -1,6 +1,9 @@
 //! Gate: what decides whether a request may go, in the order the proxy asks: the client check
-//! (token, Origin, Host), the route, the policy ceiling. Imports `config` and `sign` only.
+//! (token, Origin, Host), the route, the policy ceiling, then for orders the kill switch
+//! and the pre-trade guard. Imports `config` and `sign` only.
 
 pub mod client;
+pub mod guard;
+pub mod halt;
 pub mod policy;
 pub mod route;

@@ -136,7 +136,7 @@ fn ceiling_allows(permission: Permission, method: &Method, path: &str) -> bool {
 
 /// The form paths are matched in: percent-decoded, ASCII-lowercased, no trailing `/` (except
 /// for the root itself).
-fn match_form(path: &str) -> String {
+pub fn match_form(path: &str) -> String {
     let mut p = percent_decode_str(path)
         .decode_utf8_lossy()
         .to_ascii_lowercase();

@@ -1,5 +1,9 @@
 //! The admin listener (default `127.0.0.1:8751`), separate from the proxy port so that no
-//! Coinbase path is shadowed: `GET /livez`, `GET /readyz`, `GET /metrics`.
+//! Coinbase path is shadowed: `GET /livez`, `GET /readyz`, `GET /metrics`, and the kill switch:
+//! `POST /halt` (JSON body `{"reason": "...", "cancel_open": true}`, both optional),
+//! `POST /resume`, `GET /status`. The kill-switch endpoints need `Authorization: Bearer
+//! <admin token>` when `admin_token_file` is set, and are refused without one unless the admin
+//! listener is on loopback.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,7 +56,165 @@ fn response(status: StatusCode, content_type: &'static str, body: String) -> Res
 }
 
 /// Answers one admin request.
-pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
+pub async fn handle(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    if let "/halt" | "/resume" | "/status" = req.uri().path() {
+        return control(proxy, req).await;
+    }
+    probes(proxy, &req)
+}
+
+/// The largest `/halt` body read.
+const CONTROL_BODY_LIMIT: usize = 16 * 1024;
+/// How long a `/halt` body may take to arrive.
+const CONTROL_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    response(status, "application/json", v.to_string())
+}
+
+fn control_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(
+        status,
+        &serde_json::json!({ "error": code, "message": message }),
+    )
+}
+
+/// What `/status` reports, and `/halt` and `/resume` answer with.
+pub fn halt_status(proxy: &Proxy) -> serde_json::Value {
+    let h = proxy.halt_state();
+    let state_dir = h.dir().map(|d| d.display().to_string());
+    match h.current() {
+        Some(s) => serde_json::json!({
+            "halted": true,
+            "reason": s.reason,
+            "since": s.since_rfc3339(),
+            "since_unix": s.since_unix,
+            "state_dir": state_dir,
+        }),
+        None => serde_json::json!({ "halted": false, "state_dir": state_dir }),
+    }
+}
+
+/// `/halt`, `/resume`, `/status`.
+async fn control(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let (token, loopback) = proxy.admin_control();
+    match token {
+        Some(expected) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+            let ok = given.is_some_and(|g| {
+                aws_lc_rs::constant_time::verify_slices_are_equal(g, expected.as_bytes()).is_ok()
+            });
+            if !ok {
+                return control_error(
+                    StatusCode::UNAUTHORIZED,
+                    "admin_unauthorized",
+                    "send the token of admin_token_file as Authorization: Bearer <token> (cbgate halt/resume/status do)",
+                );
+            }
+        }
+        None if !loopback => {
+            return control_error(
+                StatusCode::FORBIDDEN,
+                "admin_token_required",
+                "the admin listener is not on loopback: set admin_token_file to use /halt, /resume and /status",
+            )
+        }
+        None => {}
+    }
+    let path = req.uri().path().to_owned();
+    let want = if path == "/status" {
+        Method::GET
+    } else {
+        Method::POST
+    };
+    if req.method() != want && !(path == "/status" && req.method() == Method::HEAD) {
+        return control_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            &format!("use {want} {path}"),
+        );
+    }
+    match path.as_str() {
+        "/status" => json_response(StatusCode::OK, &halt_status(proxy)),
+        "/resume" => match proxy.resume() {
+            Ok(_) => json_response(StatusCode::OK, &halt_status(proxy)),
+            Err(e) => control_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "state_write_failed",
+                &format!("still halted: {e}"),
+            ),
+        },
+        _ => halt(proxy, req).await,
+    }
+}
+
+/// `POST /halt`: halt first, then (optionally) cancel the open orders.
+async fn halt(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
+    let body = tokio::time::timeout(
+        CONTROL_BODY_TIMEOUT,
+        http_body_util::Limited::new(req.into_body(), CONTROL_BODY_LIMIT).collect(),
+    )
+    .await;
+    let bytes = match body {
+        Ok(Ok(c)) => c.to_bytes(),
+        _ => {
+            return control_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
+                "the /halt body must arrive within {} s and be at most {CONTROL_BODY_LIMIT} bytes",
+                CONTROL_BODY_TIMEOUT.as_secs()
+            ),
+            )
+        }
+    };
+    #[derive(serde::Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct HaltRequest {
+        reason: String,
+        cancel_open: bool,
+    }
+    let ask: HaltRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
+        HaltRequest::default()
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(a) => a,
+            Err(e) => {
+                return control_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                    "the /halt body must be {{\"reason\": \"...\", \"cancel_open\": true}}: {e}"
+                ),
+                )
+            }
+        }
+    };
+    let persisted = proxy.halt(&ask.reason);
+    let mut out = halt_status(proxy);
+    let mut status = StatusCode::OK;
+    if let Err(e) = persisted {
+        status = StatusCode::INTERNAL_SERVER_ERROR;
+        out["error"] = format!("halted, but the halt will not survive a restart: {e}").into();
+    }
+    if ask.cancel_open {
+        let report = crate::ops::cancel::cancel_open(proxy).await;
+        tracing::warn!(
+            open = report.open,
+            cancelled = report.cancelled.len(),
+            failed = report.failed.len(),
+            "cancelled open orders"
+        );
+        out["cancel"] = serde_json::to_value(&report).unwrap_or_default();
+    }
+    json_response(status, &out)
+}
+
+/// The probes and metrics.
+fn probes(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
     const JSON: &str = "application/json";
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return response(
@@ -74,13 +236,14 @@ pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
                     // cbgate_clock_offset_seconds is the measured offset.
                     "clock_correction_seconds": proxy.signer().clock_offset(),
                     "upstream": upstream_detail(proxy),
+                    "halted": halt_status(proxy),
                 });
                 response(StatusCode::OK, JSON, body.to_string())
             }
             Some(reason) => response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 JSON,
-                serde_json::json!({ "ready": false, "reason": reason, "upstream": upstream_detail(proxy) })
+                serde_json::json!({ "ready": false, "reason": reason, "upstream": upstream_detail(proxy), "halted": halt_status(proxy) })
                     .to_string(),
             ),
         },
@@ -92,7 +255,7 @@ pub fn handle(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
         _ => response(
             StatusCode::NOT_FOUND,
             JSON,
-            r#"{"error":"not_found","message":"admin endpoints: /livez, /readyz, /metrics"}"#
+            r#"{"error":"not_found","message":"admin endpoints: /livez, /readyz, /metrics, /status, POST /halt, POST /resume"}"#
                 .into(),
         ),
     }
@@ -125,14 +288,17 @@ pub async fn run(
     let handler = {
         let proxy = Arc::clone(&proxy);
         move |req: Request<Incoming>| {
-            let resp = match gate.check(req.uri(), req.headers()) {
-                Ok(()) => handle(&proxy, &req),
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin request refused");
-                    ProxyError::from(e).into_response()
+            let proxy = Arc::clone(&proxy);
+            let gate = Arc::clone(&gate);
+            async move {
+                match gate.check(req.uri(), req.headers()) {
+                    Ok(()) => handle(&proxy, req).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin request refused");
+                        ProxyError::from(e).into_response()
+                    }
                 }
-            };
-            std::future::ready(resp)
+            }
         }
     };
     server::serve(

@@ -139,6 +139,8 @@ pub struct Metrics {
     upstream_errors: Family<KindLabels, Counter>,
     upstream_resends: Counter,
     policy_denials: Counter,
+    guard_denials: Counter,
+    halted: Gauge,
     in_flight: Gauge,
     client_connections: Gauge,
     timeouts: Family<TimeoutLabels, Counter>,
@@ -172,6 +174,8 @@ impl Metrics {
         let upstream_errors = Family::<KindLabels, Counter>::default();
         let upstream_resends = Counter::default();
         let policy_denials = Counter::default();
+        let guard_denials = Counter::default();
+        let halted = Gauge::default();
         let in_flight = Gauge::default();
         let client_connections = Gauge::default();
         let timeouts = Family::<TimeoutLabels, Counter>::default();
@@ -220,6 +224,16 @@ impl Metrics {
             policy_denials.clone(),
         );
         registry.register(
+            "guard_denials",
+            "Orders refused by a [guard] limit or while halted",
+            guard_denials.clone(),
+        );
+        registry.register(
+            "halted",
+            "1 while the kill switch is on (orders refused), else 0",
+            halted.clone(),
+        );
+        registry.register(
             "in_flight_requests",
             "Requests in progress",
             in_flight.clone(),
@@ -264,6 +278,8 @@ impl Metrics {
             upstream_errors,
             upstream_resends,
             policy_denials,
+            guard_denials,
+            halted,
             in_flight,
             client_connections,
             timeouts,
@@ -344,6 +360,16 @@ impl Metrics {
     /// Records a policy denial.
     pub fn policy_denied(&self) {
         self.policy_denials.inc();
+    }
+
+    /// Counts an order the guard or the kill switch refused.
+    pub fn guard_denied(&self) {
+        self.guard_denials.inc();
+    }
+
+    /// Sets `cbgate_halted`.
+    pub fn set_halted(&self, halted: bool) {
+        self.halted.set(i64::from(halted));
     }
 
     /// Tracks requests in progress; the guard decrements on drop.

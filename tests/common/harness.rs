@@ -413,6 +413,13 @@ pub fn cbgate_command() -> std::process::Command {
             c.env_remove(k);
         }
     }
+    // The kill switch persists in state_dir, by default under $HOME: keep tests off the
+    // developer's own halt state (tests that need one set state_dir).
+    c.env_remove("STATE_DIRECTORY");
+    c.env(
+        "XDG_STATE_HOME",
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("xdg-state"),
+    );
     c.stdin(std::process::Stdio::null());
     c
 }

@@ -198,6 +198,9 @@ pub struct MockOptions {
     /// recorded), as a server under load may (RFC 9113 section 8.7). A request is refused once:
     /// a resend with the same `x-request-id` is served.
     pub refuse_every: Option<usize>,
+    /// Realistic mode: prices the public product endpoint
+    /// (`GET /api/v3/brokerage/market/products/{id}`) answers; any other product is 404.
+    pub prices: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -217,7 +220,12 @@ pub struct PlacedOrder {
     pub request: Value,
     /// Set once a batch cancel named this order.
     pub cancelled: bool,
+    /// Seeded as already filled: never listed as open, never cancellable.
+    pub filled: bool,
 }
+
+/// Open orders per page of `GET /orders/historical/batch` (small, so tests cross pages).
+pub const OPEN_ORDERS_PAGE: usize = 7;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum AuthOutcome {
@@ -348,6 +356,26 @@ impl MockCoinbase {
     /// Number of distinct nonces seen on signature-valid tokens.
     pub fn nonces_seen(&self) -> usize {
         self.inner.lock().nonces.len()
+    }
+
+    /// Adds an order as if placed earlier (open, or already filled); returns its id.
+    pub fn seed_order(&self, product: &str, filled: bool) -> String {
+        let order_id = random_uuid();
+        self.inner.lock().orders.push(PlacedOrder {
+            order_id: order_id.clone(),
+            request: json!({"product_id": product, "side": "BUY", "seeded": true}),
+            cancelled: false,
+            filled,
+        });
+        order_id
+    }
+
+    /// Requests that reached the mock with this method and path (query ignored).
+    pub fn requests_to(&self, method: &str, path: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method && r.path_and_query.split('?').next() == Some(path))
+            .collect()
     }
 
     /// Orders placed (realistic mode only), in order.
@@ -588,7 +616,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
     }
 
     if inner.opts.realistic {
-        if let Some(resp) = trading(&inner, &method, &path, &body) {
+        if let Some(resp) = trading(&inner, &method, &path, query.as_deref(), &body) {
             return resp;
         }
     }
@@ -728,8 +756,20 @@ fn invalid_argument(details: &str) -> Response<RespBody> {
 
 /// The answers of `GET /accounts`, `POST /orders` and `POST /orders/batch_cancel`, shaped like
 /// Coinbase's (Advanced Trade API reference); `None` for any other request.
-fn trading(inner: &Inner, method: &str, path: &str, body: &[u8]) -> Option<Response<RespBody>> {
+fn trading(
+    inner: &Inner,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Option<Response<RespBody>> {
+    if method == "GET" {
+        if let Some(product) = path.strip_prefix("/api/v3/brokerage/market/products/") {
+            return Some(product_price(inner, product));
+        }
+    }
     match (method, path) {
+        ("GET", "/api/v3/brokerage/orders/historical/batch") => Some(open_orders(inner, query)),
         ("GET", "/api/v3/brokerage/accounts") => Some(accounts()),
         ("POST", "/api/v3/brokerage/orders") => Some(place_order(inner, body)),
         ("POST", "/api/v3/brokerage/orders/batch_cancel") => Some(batch_cancel(inner, body)),
@@ -819,8 +859,80 @@ fn place_order(inner: &Inner, body: &[u8]) -> Response<RespBody> {
         order_id,
         request,
         cancelled: false,
+        filled: false,
     });
     json_response(StatusCode::OK, &response)
+}
+
+/// `GET /market/products/{id}`: the product with its current `price`, as Coinbase answers.
+fn product_price(inner: &Inner, product: &str) -> Response<RespBody> {
+    match inner.opts.prices.iter().find(|(p, _)| p == product) {
+        Some((p, price)) => json_response(
+            StatusCode::OK,
+            &json!({
+                "product_id": p,
+                "price": price,
+                "price_percentage_change_24h": "1.2",
+                "volume_24h": "1000",
+                "base_increment": "0.00000001",
+                "quote_increment": "0.01",
+                "status": "online",
+                "trading_disabled": false,
+            }),
+        ),
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "NOT_FOUND", "error_details": "product not found", "message": "product not found"}),
+        ),
+    }
+}
+
+/// `GET /orders/historical/batch?order_status=OPEN[&cursor=N]`: open orders, in pages of
+/// [`OPEN_ORDERS_PAGE`], the cursor being the offset of the next page.
+fn open_orders(inner: &Inner, query: Option<&str>) -> Response<RespBody> {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    if !params
+        .iter()
+        .any(|(k, v)| k == "order_status" && v == "OPEN")
+    {
+        return invalid_argument("this mock lists only order_status=OPEN");
+    }
+    let start: usize = params
+        .iter()
+        .find(|(k, _)| k == "cursor")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let state = inner.lock();
+    let open: Vec<&PlacedOrder> = state
+        .orders
+        .iter()
+        .filter(|o| !o.cancelled && !o.filled)
+        .collect();
+    let page: Vec<Value> = open
+        .iter()
+        .skip(start)
+        .take(OPEN_ORDERS_PAGE)
+        .map(|o| {
+            json!({
+                "order_id": o.order_id,
+                "product_id": o.request.get("product_id").cloned().unwrap_or(Value::Null),
+                "status": "OPEN",
+            })
+        })
+        .collect();
+    let next = start + page.len();
+    let has_next = next < open.len();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "orders": page,
+            "sequence": "0",
+            "has_next": has_next,
+            "cursor": if has_next { next.to_string() } else { String::new() },
+        }),
+    )
 }
 
 fn batch_cancel(inner: &Inner, body: &[u8]) -> Response<RespBody> {
@@ -834,6 +946,9 @@ fn batch_cancel(inner: &Inner, body: &[u8]) -> Response<RespBody> {
     let Some(ids) = ids.filter(|ids| !ids.is_empty()) else {
         return invalid_argument("order_ids must be a non-empty list of strings");
     };
+    if ids.len() > 100 {
+        return invalid_argument("at most 100 order_ids per batch_cancel");
+    }
     let mut state = inner.lock();
     let results: Vec<Value> = ids
         .iter()
@@ -841,7 +956,7 @@ fn batch_cancel(inner: &Inner, body: &[u8]) -> Response<RespBody> {
             let order = state
                 .orders
                 .iter_mut()
-                .find(|o| &o.order_id == id && !o.cancelled);
+                .find(|o| &o.order_id == id && !o.cancelled && !o.filled);
             match order {
                 Some(o) => {
                     o.cancelled = true;
