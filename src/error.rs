@@ -12,6 +12,7 @@ use http_body_util::{BodyExt as _, Full};
 use crate::forward::upstream::{ConnectStage, UpstreamError};
 use crate::gate::client::ClientError;
 use crate::gate::policy::Denied;
+use crate::ops::audit::AuditError;
 use crate::Body;
 
 /// The header naming a cbgate-made error.
@@ -40,6 +41,9 @@ pub enum ProxyError {
     PolicyDenied(#[from] Denied),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    /// The intent record could not be made durable: the request is not sent (write-ahead).
+    #[error("{0}; the request was not sent; check the disk and audit.file")]
+    Audit(#[from] AuditError),
 }
 
 impl ProxyError {
@@ -66,6 +70,7 @@ impl ProxyError {
             ProxyError::Client(ClientError::HostCount) => (StatusCode::BAD_REQUEST, "bad_request"),
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy_denied"),
+            ProxyError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Other { .. } => (StatusCode::BAD_GATEWAY, "upstream_error"),

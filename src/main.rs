@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Some(Command::Token(args)) => cli::token::run(args, env),
         Some(Command::Check(args)) => cli::check::run(args, env, &hardening),
         Some(Command::Health(args)) => cli::health::run(args, env),
+        Some(Command::Audit(cli::AuditCommand::Verify { files })) => cli::audit::verify(files),
         Some(Command::Completions { shell }) => {
             cli::completions::run(shell);
             Ok(())

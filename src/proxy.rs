@@ -22,6 +22,7 @@ use crate::forward::ws::{self, WsState};
 use crate::gate::client::ClientGate;
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router};
+use crate::ops::audit::{self, Audit, RequestInfo, Ticket};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
 use crate::sign::jwt::{Binding, Signer};
@@ -44,6 +45,8 @@ pub struct Proxy {
     readiness: Readiness,
     /// Watches the `Date` of every upstream response for a clock jump between measurements.
     clock_watch: DateWatch,
+    /// The audit log, when `audit.file` is set.
+    audit: Option<Audit>,
 }
 
 /// Building the proxy failed.
@@ -55,12 +58,16 @@ pub enum BuildError {
     Policy(String),
     #[error(transparent)]
     Upstream(#[from] SetupError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
 }
 
 /// What the log line of one request reports.
 struct Outcome<'a> {
     route: Option<&'a str>,
     upstream_time: Option<Duration>,
+    /// Set once the intent record is durable; becomes the result record.
+    audit: Option<Ticket>,
 }
 
 impl Proxy {
@@ -79,6 +86,7 @@ impl Proxy {
             metrics,
             readiness: Readiness::default(),
             clock_watch: DateWatch::default(),
+            audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
         })
     }
 
@@ -111,6 +119,11 @@ impl Proxy {
     /// The metrics `/metrics` serves.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The audit log, when configured.
+    pub fn audit(&self) -> Option<&Audit> {
+        self.audit.as_ref()
     }
 
     /// The `Date` watcher that asks the clock task for an early measurement.
@@ -146,6 +159,7 @@ impl Proxy {
         let mut outcome = Outcome {
             route: None,
             upstream_time: None,
+            audit: None,
         };
         let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
@@ -153,6 +167,20 @@ impl Proxy {
                 let (status, code) = e.status_and_code();
                 self.count_error(&e);
                 tracing::warn!(request_id = rid, %method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
+                // Audit: every refusal (policy, guard, kill switch, ...) and every failed
+                // forwarded request is recorded here, the one place errors become responses.
+                if let Some(a) = &self.audit {
+                    let key = self.signer.key();
+                    let info = RequestInfo {
+                        request_id: &rid,
+                        key: key.as_deref().map(|k| k.name()),
+                        method: &method,
+                        path: &path,
+                        query: None,
+                    };
+                    a.refused(outcome.audit.take(), &info, status.as_u16(), code)
+                        .await;
+                }
                 e.into_response()
             }
         };
@@ -214,6 +242,30 @@ impl Proxy {
         let upstream = &route.upstream;
 
         let (mut parts, body) = req.into_parts();
+        // Audit (write-ahead): a state-changing request's body is buffered and hashed, and its
+        // intent record is on disk before anything is sent.
+        let body: Body = match &self.audit {
+            Some(a) if audit::audited(&parts.method) => {
+                let bytes = read_body(body, self.max_body_bytes, a.body_timeout).await?;
+                let key = self.signer.key();
+                let info = RequestInfo {
+                    request_id: parts
+                        .headers
+                        .get(&REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-"),
+                    key: key.as_deref().map(|k| k.name()),
+                    method: &parts.method,
+                    path: parts.uri.path(),
+                    query: parts.uri.query(),
+                };
+                outcome.audit = Some(a.intent(&info, &bytes).await?);
+                http_body_util::Full::new(bytes)
+                    .map_err(|never| match never {})
+                    .boxed_unsync()
+            }
+            _ => body.map_err(Into::into).boxed_unsync(),
+        };
         let token = self.sign(&parts.method, &upstream.authority, parts.uri.path(), route)?;
 
         // The request id was set in `handle`; a `Connection: x-request-id` must not drop it.
@@ -276,10 +328,11 @@ impl Proxy {
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(
-            parts,
-            body.map_err(Into::into).boxed_unsync(),
-        ))
+        let mut body = body.map_err(Into::into).boxed_unsync();
+        if let Some(ticket) = outcome.audit.take() {
+            body = ticket.tee(parts.status.as_u16(), outcome.upstream_time, body);
+        }
+        Ok(Response::from_parts(parts, body))
     }
 
     fn route(&self, path: &str) -> Result<&Route, ProxyError> {
@@ -335,6 +388,26 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     let mut hex = [0u8; 32];
     crate::sign::jwt::hex_lower(&raw, &mut hex);
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Reads a whole request body (at most `limit` bytes, within `timeout`).
+async fn read_body(
+    body: Incoming,
+    limit: u64,
+    timeout: Duration,
+) -> Result<bytes::Bytes, ProxyError> {
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ProxyError::BadRequest(format!(
+            "request body not received within {} s",
+            timeout.as_secs()
+        ))),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(ProxyError::BodyTooLarge { limit }),
+        Ok(Err(e)) => Err(ProxyError::BadRequest(format!(
+            "reading the request body: {e}"
+        ))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 /// Refuses requests cbgate must not forward, before any other work.

@@ -1,6 +1,7 @@
 //! The subcommands, one file each; `main.rs` parses the flags and calls one of them.
 //! This is the binary's side: it may use everything in the library, and `anyhow` for messages.
 
+pub mod audit;
 pub mod check;
 pub mod completions;
 pub mod health;
@@ -49,11 +50,25 @@ pub enum Command {
     /// Probe the admin /readyz (or /livez) and exit 0 when it answers 200, 1 otherwise: for
     /// Docker HEALTHCHECK and Kubernetes exec probes in an image without curl.
     Health(HealthArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit log files, oldest first (audit.log.2 audit.log.1
+    /// audit.log); names the first edited, deleted, reordered or truncated record.
+    Verify {
+        /// The files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
 }
 

@@ -104,6 +104,9 @@ pub fn run(
                 .map_err(config_err)?
                 .with_client_token(client_token, &cfg),
         );
+        if let Some(file) = &cfg.audit.file {
+            tracing::info!(file = %file.display(), "audit log: state-changing requests and refusals are recorded");
+        }
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
             let l = Listener::bind(addr).await.map_err(|e| {
@@ -152,7 +155,13 @@ pub fn run(
             max_connections: cfg.max_connections,
             max_headers: cfg.max_headers,
         };
-        server::run(listeners, proxy, opts, shutdown_signal()).await;
+        server::run(listeners, Arc::clone(&proxy), opts, shutdown_signal()).await;
+        // Result records of the last responses are queued without waiting: write them out.
+        if let Some(audit) = proxy.audit() {
+            if let Err(e) = audit.sync().await {
+                tracing::error!(error = %e, "audit log not flushed at exit");
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -299,6 +299,28 @@ impl Default for LogConfig {
     }
 }
 
+/// `[audit]`: the tamper-evident audit log of state-changing requests and refusals.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The log file (JSON lines, mode 0600); unset: no audit log.
+    pub file: Option<PathBuf>,
+    /// The file is rotated (`audit.log` -> `audit.log.1`) before it would grow past this.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`audit.log.1` ..= `audit.log.<keep>`); older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            keep: 10,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -340,6 +362,8 @@ pub struct Config {
     /// How often Coinbase's clock is measured (also once at start).
     #[serde(with = "humantime_serde")]
     pub clock_check_interval: Duration,
+    /// The audit log.
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -364,6 +388,7 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8751)),
             shutdown_timeout: Duration::from_secs(25),
             clock_check_interval: Duration::from_secs(300),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -527,6 +552,23 @@ impl Config {
         if self.ws.max_sessions == 0 {
             return Err(invalid("ws.max_sessions", "must be greater than 0"));
         }
+        if self.audit.max_file_bytes == 0 {
+            return Err(invalid("audit.max_file_bytes", "must be greater than 0"));
+        }
+        if self.audit.keep == 0 {
+            return Err(invalid(
+                "audit.keep",
+                "must be at least 1: rotation without a kept file would cut the chain",
+            ));
+        }
+        if self
+            .audit
+            .file
+            .as_ref()
+            .is_some_and(|f| f.as_os_str().is_empty())
+        {
+            return Err(invalid("audit.file", "must be a file path (or left unset)"));
+        }
         for (name, t) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
@@ -603,6 +645,9 @@ mod tests {
         assert_eq!(c.admin_listen, d.admin_listen);
         assert_eq!(c.shutdown_timeout, d.shutdown_timeout);
         assert_eq!(c.clock_check_interval, d.clock_check_interval);
+        assert_eq!(c.audit.file, d.audit.file);
+        assert_eq!(c.audit.max_file_bytes, d.audit.max_file_bytes);
+        assert_eq!(c.audit.keep, d.audit.keep);
         assert_eq!(
             c.key.allow_insecure_permissions,
             d.key.allow_insecure_permissions

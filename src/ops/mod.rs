@@ -1,8 +1,9 @@
 //! Ops: what runs beside the request path. Leaves the proxy uses (`metrics`, `readiness`,
-//! `harden`) import nothing above them; the tasks that drive a built proxy (`admin`, `clock`,
+//! `harden`, `audit`) import nothing above them; the tasks that drive a built proxy (`admin`, `clock`,
 //! `reload`, `online`) import `proxy` and are imported by nothing but the binary.
 
 pub mod admin;
+pub mod audit;
 pub mod clock;
 pub mod harden;
 pub mod metrics;
