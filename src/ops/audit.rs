@@ -772,10 +772,11 @@ pub enum VerifyError {
         line: usize,
         problem: Problem,
     },
-    #[error("{file}: cannot be read: {source}", file = .file.display())]
+    // Not a `source`: the message includes it, and `{:#}` would repeat it.
+    #[error("{file}: cannot be read: {error}", file = .file.display())]
     Read {
         file: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("no audit records in the files given")]
     Empty,
@@ -805,9 +806,9 @@ struct Line<'a> {
 pub fn verify(files: &[PathBuf]) -> Result<Report, VerifyError> {
     let mut texts = Vec::new();
     for f in files {
-        let t = std::fs::read(f).map_err(|source| VerifyError::Read {
+        let t = std::fs::read(f).map_err(|error| VerifyError::Read {
             file: f.clone(),
-            source,
+            error,
         })?;
         texts.push((f.as_path(), t));
     }
