@@ -18,6 +18,7 @@ use crate::gate::client::ClientError;
 use crate::gate::guard::Refusal;
 use crate::gate::halt::HaltState;
 use crate::gate::policy::Denied;
+use crate::ops::audit::AuditError;
 use crate::Body;
 
 /// The header naming a cbgate-made error.
@@ -56,6 +57,9 @@ pub enum ProxyError {
     InvalidOrder(String),
     #[error("{}", Refusal::Halted(.0.clone()))]
     Halted(HaltState),
+    /// The intent record could not be made durable: the request is not sent (write-ahead).
+    #[error("{0}; the request was not sent; check the disk and audit.file")]
+    Audit(#[from] AuditError),
 }
 
 impl From<Refusal> for ProxyError {
@@ -98,6 +102,7 @@ impl ProxyError {
             ProxyError::GuardDenied(_) => (StatusCode::FORBIDDEN, "guard_denied"),
             ProxyError::InvalidOrder(_) => (StatusCode::BAD_REQUEST, "invalid_order"),
             ProxyError::Halted(_) => (StatusCode::LOCKED, "halted"),
+            ProxyError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Other { .. } | UpstreamError::Unprocessed { .. } => {

@@ -25,6 +25,7 @@ use crate::gate::guard::Guard;
 use crate::gate::halt::{Halt, HaltState};
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router};
+use crate::ops::audit::{self, Audit, RequestInfo, Ticket};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
 use crate::sign::jwt::{Binding, Signer};
@@ -55,6 +56,8 @@ pub struct Proxy {
     admin_token: Option<Zeroizing<String>>,
     /// Whether the admin listener is on loopback (control without a token is allowed only then).
     admin_loopback: bool,
+    /// The audit log, when `audit.file` is set.
+    audit: Option<Audit>,
 }
 
 /// Building the proxy failed.
@@ -66,12 +69,16 @@ pub enum BuildError {
     Policy(String),
     #[error(transparent)]
     Upstream(#[from] SetupError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
 }
 
 /// What the log line of one request reports.
 struct Outcome<'a> {
     route: Option<&'a str>,
     upstream_time: Option<Duration>,
+    /// Set once the intent record is durable; becomes the result record.
+    audit: Option<Ticket>,
 }
 
 impl Proxy {
@@ -94,6 +101,7 @@ impl Proxy {
             guard: Guard::new(&cfg.guard),
             admin_token: None,
             admin_loopback: cfg.admin_listen.ip().is_loopback(),
+            audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
         })
     }
 
@@ -172,6 +180,11 @@ impl Proxy {
         &self.metrics
     }
 
+    /// The audit log, when configured.
+    pub fn audit(&self) -> Option<&Audit> {
+        self.audit.as_ref()
+    }
+
     /// The `Date` watcher that asks the clock task for an early measurement.
     pub fn clock_watch(&self) -> &DateWatch {
         &self.clock_watch
@@ -205,6 +218,7 @@ impl Proxy {
         let mut outcome = Outcome {
             route: None,
             upstream_time: None,
+            audit: None,
         };
         let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
@@ -212,6 +226,20 @@ impl Proxy {
                 let (status, code) = e.status_and_code();
                 self.count_error(&e);
                 tracing::warn!(request_id = rid, %method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
+                // Audit: every refusal (policy, guard, kill switch, ...) and every failed
+                // forwarded request is recorded here, the one place errors become responses.
+                if let Some(a) = &self.audit {
+                    let key = self.signer.key();
+                    let info = RequestInfo {
+                        request_id: &rid,
+                        key: key.as_deref().map(|k| k.name()),
+                        method: &method,
+                        path: &path,
+                        query: None,
+                    };
+                    a.refused(outcome.audit.take(), &info, status.as_u16(), code)
+                        .await;
+                }
                 e.into_response()
             }
         };
@@ -314,6 +342,25 @@ impl Proxy {
         self.guard
             .admit(&parts.method, parts.uri.path(), &body, &prices)
             .await?;
+        // Audit (write-ahead): a state-changing request's intent record, with the SHA-256 of
+        // the body read above, is on disk before anything is sent.
+        if let Some(a) = &self.audit {
+            if audit::audited(&parts.method) {
+                let key = self.signer.key();
+                let info = RequestInfo {
+                    request_id: parts
+                        .headers
+                        .get(&REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-"),
+                    key: key.as_deref().map(|k| k.name()),
+                    method: &parts.method,
+                    path: parts.uri.path(),
+                    query: parts.uri.query(),
+                };
+                outcome.audit = Some(a.intent(&info, &body).await?);
+            }
+        }
 
         let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + self.client.request_timeout();
@@ -352,11 +399,13 @@ impl Proxy {
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
-        let body = self.timed(body, Direction::Response, request_id.as_ref());
-        Ok(Response::from_parts(
-            parts,
-            permit.hold(body.boxed_unsync()),
-        ))
+        let mut body = self
+            .timed(body, Direction::Response, request_id.as_ref())
+            .boxed_unsync();
+        if let Some(ticket) = outcome.audit.take() {
+            body = ticket.tee(parts.status.as_u16(), outcome.upstream_time, body);
+        }
+        Ok(Response::from_parts(parts, permit.hold(body)))
     }
 
     /// `body` with the `body_timeout` inactivity timer, counted in `cbgate_timeouts_total`.

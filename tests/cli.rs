@@ -404,8 +404,12 @@ request_timeout = "60s"
             let sock = sock.clone();
             async move { harness::get_unix(&sock, "/api/v3/brokerage/hang").await }
         });
+        // cbgate's own clock measurement reaches the mock too: wait for this very request.
         p.wait_until("the hung request to reach the mock", || {
-            !up.mock.requests().is_empty()
+            up.mock
+                .requests()
+                .iter()
+                .any(|r| r.path_and_query == "/api/v3/brokerage/hang")
         })
         .await;
         p.signal(first);

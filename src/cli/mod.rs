@@ -1,6 +1,7 @@
 //! The subcommands, one file each; `main.rs` parses the flags and calls one of them.
 //! This is the binary's side: it may use everything in the library, and `anyhow` for messages.
 
+pub mod audit;
 pub mod check;
 pub mod completions;
 pub mod halt;
@@ -58,6 +59,9 @@ pub enum Command {
     Resume(halt::AdminArgs),
     /// Show whether trading is halted, why and since when.
     Status(halt::AdminArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
@@ -70,6 +74,17 @@ pub enum Command {
         /// Write cbgate.1 and a page for each subcommand (cbgate-serve.1, ...) into DIR instead.
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit log files, oldest first (audit.log.2 audit.log.1
+    /// audit.log); names the first edited, deleted, reordered or truncated record.
+    Verify {
+        /// The files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
     },
 }
 

@@ -133,6 +133,9 @@ pub fn run(
                 .with_admin_token(admin_token)
                 .with_halt(halt),
         );
+        if let Some(file) = &cfg.audit.file {
+            tracing::info!(file = %file.display(), "audit log: state-changing requests and refusals are recorded");
+        }
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
             let l = Listener::bind(addr).await.map_err(|e| {
@@ -185,16 +188,24 @@ pub fn run(
         tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
         let opts = ServeOptions::proxy(&cfg);
         let (drain, drain_started) = tokio::sync::oneshot::channel();
-        let serving = server::run(listeners, proxy, opts, async {
+        let serving = server::run(listeners, Arc::clone(&proxy), opts, async {
             let _ = drain_started.await;
         });
-        tokio::select! {
-            () = serving => {
-                tracing::info!("stopped");
-                Ok(())
-            }
+        let outcome = tokio::select! {
+            () = serving => Ok(()),
             code = stop_signals(drain) => Err(Failure::Signal(code)),
+        };
+        // Result records of the last responses are queued without waiting: write them out,
+        // also when a second signal cut the drain short.
+        if let Some(audit) = proxy.audit() {
+            if let Err(e) = audit.sync().await {
+                tracing::error!(error = %e, "audit log not flushed at exit");
+            }
         }
+        if outcome.is_ok() {
+            tracing::info!("stopped");
+        }
+        outcome
     });
     if matches!(result, Err(Failure::Signal(_))) {
         // Dropping the runtime would wait for blocking work without end (a DNS lookup, say):

@@ -547,6 +547,28 @@ impl Default for LogConfig {
     }
 }
 
+/// `[audit]`: the tamper-evident audit log of state-changing requests and refusals.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The log file (JSON lines, mode 0600); unset: no audit log.
+    pub file: Option<PathBuf>,
+    /// The file is rotated (`audit.log` -> `audit.log.1`) before it would grow past this.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`audit.log.1` ..= `audit.log.<keep>`); older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            file: None,
+            max_file_bytes: 64 * 1024 * 1024,
+            keep: 10,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -610,6 +632,8 @@ pub struct Config {
     /// File holding the token `cbgate halt`/`resume`/`status` send as `Authorization: Bearer`
     /// to the admin listener's `/halt`, `/resume` and `/status`.
     pub admin_token_file: Option<PathBuf>,
+    /// The audit log.
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -640,6 +664,7 @@ impl Default for Config {
             guard: GuardConfig::default(),
             state_dir: None,
             admin_token_file: None,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -884,6 +909,23 @@ impl Config {
         if self.ws.max_sessions == 0 {
             return Err(invalid("ws.max_sessions", "must be greater than 0"));
         }
+        if self.audit.max_file_bytes == 0 {
+            return Err(invalid("audit.max_file_bytes", "must be greater than 0"));
+        }
+        if self.audit.keep == 0 {
+            return Err(invalid(
+                "audit.keep",
+                "must be at least 1: rotation without a kept file would cut the chain",
+            ));
+        }
+        if self
+            .audit
+            .file
+            .as_ref()
+            .is_some_and(|f| f.as_os_str().is_empty())
+        {
+            return Err(invalid("audit.file", "must be a file path (or left unset)"));
+        }
         for (name, t) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
@@ -1065,6 +1107,9 @@ mod tests {
         assert_eq!(c.admin_listen, d.admin_listen);
         assert_eq!(c.shutdown_timeout, d.shutdown_timeout);
         assert_eq!(c.clock_check_interval, d.clock_check_interval);
+        assert_eq!(c.audit.file, d.audit.file);
+        assert_eq!(c.audit.max_file_bytes, d.audit.max_file_bytes);
+        assert_eq!(c.audit.keep, d.audit.keep);
         assert_eq!(
             c.key.allow_insecure_permissions,
             d.key.allow_insecure_permissions

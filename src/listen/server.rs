@@ -449,6 +449,9 @@ where
         tokio::pin!(sleep);
         let mut first = true;
         let mut closing = false;
+        // Our timer and hyper's own HTTP/1 header timer can both end a connection that sends
+        // no head: count the timeout once.
+        let mut counted = false;
         let result = loop {
             let busy = activity.busy();
             tokio::select! {
@@ -480,6 +483,7 @@ where
                         ("idle", &self.idle_timeouts, self.opts.idle_timeout)
                     };
                     counter.inc();
+                    counted = true;
                     tracing::info!(
                         listener = self.role.label(),
                         kind,
@@ -493,7 +497,7 @@ where
             }
         };
         if let Err(e) = result {
-            if is_timeout(&e) {
+            if is_timeout(&e) && !counted {
                 // hyper's HTTP/1 header_read_timeout, on a later request head.
                 self.header_timeouts.inc();
                 tracing::info!(
