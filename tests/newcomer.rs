@@ -297,3 +297,53 @@ async fn python_stream_example_prints_why_the_upgrade_was_refused() {
     assert!(!stderr.contains("Traceback"), "{stderr}");
     gate.stop().await;
 }
+
+/// The README's contents line links only to headings that exist, and the sections a newcomer
+/// looks for first are there.
+#[test]
+fn readme_contents_links_resolve_and_the_first_hour_sections_exist() {
+    let readme = readme();
+    let anchors: Vec<String> = readme
+        .lines()
+        .filter(|l| l.starts_with("## ") || l.starts_with("### "))
+        .map(|l| {
+            l.trim_start_matches('#')
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let contents = readme
+        .split("**Contents:**")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("a **Contents:** paragraph");
+    let links: Vec<&str> = contents
+        .split("](#")
+        .skip(1)
+        .filter_map(|s| s.split(')').next())
+        .collect();
+    assert!(links.len() >= 10, "{links:?}");
+    for link in links {
+        assert!(
+            anchors.iter().any(|a| a == link),
+            "contents link #{link} has no heading"
+        );
+    }
+    for heading in [
+        "### Is it working?",
+        "## FAQ",
+        "## Troubleshooting",
+        "## Uninstall",
+        "## Licence",
+        "### Install from .deb",
+    ] {
+        assert!(
+            readme.lines().any(|l| l == heading),
+            "README lacks {heading}"
+        );
+    }
+}
