@@ -130,9 +130,9 @@ class Gate:
             f.write(f"""listen = ["127.0.0.1:{self.port}"]
 admin_listen = "127.0.0.1:{self.admin}"
 clock_check_interval = "1h"
+{extra}
 [log]
 level = "warn"
-{extra}
 [upstream]
 ca_file = "{d}/ca.pem"
 [upstream.resolve]
@@ -240,10 +240,14 @@ async def attack_idle_h2c(g, n, seconds=30):
                 data = await asyncio.wait_for(r.read(65536), left)
                 if not data:
                     return True
-                c.receive_data(data)  # queues SETTINGS and PING acks
+                events = c.receive_data(data)  # queues SETTINGS and PING acks
+                if any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+                    return True  # GOAWAY: cbgate is closing this connection
                 w.write(c.data_to_send())
-        except (asyncio.TimeoutError, h2.exceptions.ProtocolError):
+        except asyncio.TimeoutError:
             return False
+        except h2.exceptions.ProtocolError:
+            return True  # frames after cbgate's GOAWAY
         except ConnectionError:
             return True
         finally:
