@@ -5,12 +5,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Uri};
-use http_body_util::{BodyExt as _, Empty, Limited};
 use rust_decimal::Decimal;
 
-use crate::forward::upstream::UpstreamClient;
+use crate::forward::upstream::{OwnCall, UpstreamClient};
 use crate::gate::guard::PriceSource;
 use crate::gate::route::Router;
 
@@ -48,27 +45,20 @@ impl ProductPrices<'_> {
             .find(&path)
             .ok_or_else(|| format!("no route for {path}"))?;
         let upstream = &route.upstream;
-        let uri: Uri = format!("https://{}{path}", upstream.authority)
-            .parse()
-            .map_err(|e| format!("bad URI: {e}"))?;
-        let req = Request::get(uri)
-            .body(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed_unsync(),
-            )
-            .map_err(|e| e.to_string())?;
-        let resp = self
+        let (status, _, body) = self
             .client
-            .send(&upstream.host, req)
-            .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), 256 * 1024)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?
-            .to_bytes();
+            .call(
+                OwnCall {
+                    method: http::Method::GET,
+                    host: &upstream.host,
+                    authority: &upstream.authority,
+                    path: &path,
+                    token: None,
+                    body: None,
+                },
+                256 * 1024,
+            )
+            .await?;
         if !status.is_success() {
             return Err(format!("{path} answered {status}"));
         }

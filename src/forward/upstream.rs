@@ -104,6 +104,22 @@ impl UpstreamError {
     }
 }
 
+/// What [`UpstreamClient::call`] sends.
+#[derive(Debug)]
+pub struct OwnCall<'a> {
+    pub method: http::Method,
+    /// Host name for DNS, SNI and the certificate check.
+    pub host: &'a str,
+    /// `host[:port]` for the URI.
+    pub authority: &'a str,
+    /// Path and query.
+    pub path: &'a str,
+    /// A bearer token, or `None` for a public endpoint.
+    pub token: Option<&'a str>,
+    /// A JSON body.
+    pub body: Option<Bytes>,
+}
+
 /// The pooled, verifying HTTPS client.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -260,6 +276,46 @@ impl UpstreamClient {
     /// The time allowed from sending a request to its response head (`upstream.request_timeout`).
     pub fn request_timeout(&self) -> Duration {
         self.request_timeout
+    }
+
+    /// One request cbgate makes on its own behalf (clock check, product price, key
+    /// permissions, cancel-open), not a client's: `METHOD https://<authority><path>` with an
+    /// optional bearer token (marked sensitive) and JSON body, answered with its status,
+    /// headers and at most `max_answer` bytes of body. Errors are sentences.
+    pub async fn call(
+        &self,
+        call: OwnCall<'_>,
+        max_answer: usize,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), String> {
+        use http_body_util::{BodyExt as _, Full, Limited};
+        let uri: Uri = format!("https://{}{}", call.authority, call.path)
+            .parse()
+            .map_err(|e| format!("bad URI: {e}"))?;
+        let mut req = Request::builder().method(call.method).uri(uri);
+        if let Some(token) = call.token {
+            let mut auth = http::HeaderValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| "the token is not a valid header value".to_owned())?;
+            auth.set_sensitive(true);
+            req = req.header(http::header::AUTHORIZATION, auth);
+        }
+        if call.body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(
+                Full::new(call.body.unwrap_or_default())
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .map_err(|e| e.to_string())?;
+        let resp = self.send(call.host, req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let bytes = Limited::new(body, max_answer)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
     }
 
     /// Sends `req` (absolute URI) and waits for the response head, up to the request timeout.

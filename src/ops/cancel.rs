@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Uri};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http::Method;
 use serde_json::{json, Value};
 
+use crate::forward::upstream::OwnCall;
 use crate::proxy::Proxy;
 use crate::sign::jwt::Binding;
 
@@ -177,39 +177,25 @@ async fn call_once(
         .mint(upstream.claims, &binding)
         .map_err(|e| e.to_string())?
         .ok_or("no API key configured")?;
-    let target = if query.is_empty() {
-        format!("https://{}{path}", upstream.authority)
+    let path_and_query = if query.is_empty() {
+        path.to_owned()
     } else {
-        format!("https://{}{path}?{query}", upstream.authority)
+        format!("{path}?{query}")
     };
-    let uri: Uri = target.parse().map_err(|e| format!("bad URI: {e}"))?;
-    let mut auth = HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| e.to_string())?;
-    auth.set_sensitive(true);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(header::AUTHORIZATION, auth);
-    if body.is_some() {
-        req = req.header(header::CONTENT_TYPE, "application/json");
-    }
-    let req = req
-        .body(
-            Full::new(Bytes::from(body.unwrap_or_default()))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
-        .map_err(|e| e.to_string())?;
-    let resp = proxy
+    let (status, _, bytes) = proxy
         .upstream()
-        .send(&upstream.host, req)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let bytes = Limited::new(resp.into_body(), MAX_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| format!("reading the answer failed: {e}"))?
-        .to_bytes();
+        .call(
+            OwnCall {
+                method,
+                host: &upstream.host,
+                authority: &upstream.authority,
+                path: &path_and_query,
+                token: Some(&token),
+                body: body.map(Bytes::from),
+            },
+            MAX_ANSWER,
+        )
+        .await?;
     if !status.is_success() {
         return Err(format!(
             "{path} answered {status}: {}",

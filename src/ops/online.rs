@@ -1,10 +1,7 @@
 //! `cbgate check --online`: one signed call through the same signing path and upstream client
 //! as the proxy, `GET /api/v3/brokerage/key_permissions`, with the exact reason when it fails.
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Uri};
-use http_body_util::{BodyExt as _, Empty, Limited};
-
+use crate::forward::upstream::OwnCall;
 use crate::ops::clock;
 use crate::proxy::Proxy;
 use crate::sign::jwt::Binding;
@@ -58,30 +55,20 @@ async fn permissions(
         .mint(upstream.claims, &binding)
         .map_err(|e| e.to_string())?
         .ok_or("no API key configured")?;
-    let uri: Uri = format!("https://{}{PERMISSIONS_PATH}", upstream.authority)
-        .parse()
-        .map_err(|e| format!("bad URI: {e}"))?;
-    let mut auth = HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| e.to_string())?;
-    auth.set_sensitive(true);
-    let req = Request::get(uri)
-        .header(header::AUTHORIZATION, auth)
-        .body(
-            Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
-        .map_err(|e| e.to_string())?;
-    let resp = proxy
+    let (status, _, body) = proxy
         .upstream()
-        .send(&upstream.host, req)
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .map_err(|e| format!("reading the answer failed: {e}"))?;
+        .call(
+            OwnCall {
+                method: http::Method::GET,
+                host: &upstream.host,
+                authority: &upstream.authority,
+                path: PERMISSIONS_PATH,
+                token: Some(&token),
+                body: None,
+            },
+            64 * 1024,
+        )
+        .await?;
     if status.as_u16() == 401 {
         let skew = match clock_offset {
             Ok(o) => format!("measured clock offset {o:+.1} s (cbgate corrects offsets over 1 s)"),
