@@ -347,3 +347,50 @@ fn readme_contents_links_resolve_and_the_first_hour_sections_exist() {
         );
     }
 }
+
+/// A read-only container has no usable default `state_dir`: cbgate still starts (the kill
+/// switch then lives in memory, and it says so); a configured `state_dir` it cannot use stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_default_state_dir_degrades_but_a_configured_one_is_an_error() {
+    // Nothing can be created under /proc, even as root.
+    let unusable = "/proc/cbgate-no-such-dir";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = unreachable_config(dir.path(), "");
+    let admin = loopback(free_port());
+    let mut cmd = cbgate_command();
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .arg("--listen")
+        .arg(loopback(free_port()).to_string())
+        .arg("--admin-listen")
+        .arg(admin.to_string())
+        .env("XDG_STATE_HOME", unusable)
+        .env_remove("STATE_DIRECTORY");
+    let mut p = Process::spawn(cmd);
+    p.wait_until("the gateway answers /livez", || {
+        cbgate_command()
+            .args(["health", "--live", "--admin-listen"])
+            .arg(admin.to_string())
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .await;
+    p.signal("TERM");
+    let (status, out) = p.wait_exit().await;
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(out.contains("the default state_dir is not usable"), "{out}");
+
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let cfg2 = unreachable_config(dir2.path(), "");
+    let mut cmd = cbgate_command();
+    cmd.args(["serve", "--config"])
+        .arg(&cfg2)
+        .arg("--listen")
+        .arg(loopback(free_port()).to_string())
+        .arg("--admin-listen")
+        .arg(loopback(free_port()).to_string())
+        .env("CBGATE_STATE_DIR", unusable);
+    let (code, out) = exit_of(Process::spawn(cmd)).await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("state_dir"), "{out}");
+}

@@ -112,7 +112,19 @@ pub fn run(
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
     let halt = match &cfg.state_dir {
-        Some(dir) => Halt::open(dir).map_err(config_err)?,
+        Some(dir) => match Halt::open(dir) {
+            Ok(h) => h,
+            // The default location may not exist where cbgate runs (a read-only container):
+            // run, but say that a halt will not outlive the process.
+            Err(e) if cfg.state_dir_is_default => {
+                tracing::warn!(
+                    error = %e,
+                    "the default state_dir is not usable: a halt will not survive a restart; set state_dir (CBGATE_STATE_DIR) to a writable directory"
+                );
+                Halt::in_memory()
+            }
+            Err(e) => return Err(config_err(e)),
+        },
         None => {
             tracing::warn!("no state_dir (nor STATE_DIRECTORY, XDG_STATE_HOME, HOME): a halt will not survive a restart");
             Halt::in_memory()

@@ -629,6 +629,11 @@ pub struct Config {
     /// `$STATE_DIRECTORY` (systemd), else `$XDG_STATE_HOME/cbgate`, else
     /// `~/.local/state/cbgate`; with none of them, the halt state lives in memory only.
     pub state_dir: Option<PathBuf>,
+    /// Whether `state_dir` was filled in from the environment's defaults rather than set: an
+    /// unusable default (a read-only container) degrades to an in-memory halt with a warning,
+    /// an unusable configured directory is an error.
+    #[serde(skip)]
+    pub state_dir_is_default: bool,
     /// File holding the token `cbgate halt`/`resume`/`status` send as `Authorization: Bearer`
     /// to the admin listener's `/halt`, `/resume` and `/status`.
     pub admin_token_file: Option<PathBuf>,
@@ -663,6 +668,7 @@ impl Default for Config {
             clock_check_interval: Duration::from_secs(300),
             guard: GuardConfig::default(),
             state_dir: None,
+            state_dir_is_default: false,
             admin_token_file: None,
             audit: AuditConfig::default(),
         }
@@ -788,6 +794,7 @@ impl Config {
         let mut cfg = Config::parse_tree(root)?;
         if cfg.state_dir.is_none() {
             cfg.state_dir = default_state_dir(&sources.env);
+            cfg.state_dir_is_default = cfg.state_dir.is_some();
         }
         cfg.validate()?;
         Ok(cfg)
