@@ -216,7 +216,7 @@ SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 async def attack_preface(g, n):
     opened, closed, took = await hold(g.port, n, PREFACE, 15)
     return {"sent": f"{opened} x h2 preface only", "outcome": f"{closed} closed by cbgate in {took:.1f} s; "
-            f"then a new client got {get_status(g.port)}"}
+            f"then a new client got {await asyncio.to_thread(get_status, g.port)}"}
 
 
 async def attack_idle_h2c(g, n, seconds=30):
@@ -258,7 +258,7 @@ async def attack_idle_h2c(g, n, seconds=30):
     took = time.time() - start
     return {"sent": f"{len(results)} x h2c that answer pings, no request",
             "outcome": f"{sum(results)} closed by cbgate in {took:.1f} s; "
-                       f"then a new client got {get_status(g.port)}"}
+                       f"then a new client got {await asyncio.to_thread(get_status, g.port)}"}
 
 
 async def attack_ws_frame(g, sessions, mib):
