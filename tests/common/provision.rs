@@ -2,7 +2,9 @@
 //! `cargo test` on a fresh machine with Python 3 and Node.js needs no other step:
 //! - a Python venv under the target directory with `examples/python/requirements.txt` and
 //!   PyYAML, re-created when the requirements change;
-//! - `npm ci` in `examples/node` from its lockfile when its `node_modules` is missing or stale.
+//! - `npm ci` in `examples/node` from its lockfile when its `node_modules` is missing or stale;
+//! - for the SDK tests, a second venv with the pinned Coinbase libraries of
+//!   `tests/sdk/requirements.txt`, and `npm ci` in `tests/sdk/node`.
 //!
 //! A missing interpreter fails with one line naming it and how to install it: never a skip.
 //! Test processes run in parallel (nextest, or several test binaries), so each step holds an
@@ -62,86 +64,111 @@ fn locked<T>(name: &str, f: impl FnOnce() -> T) -> T {
 /// The venv's `python3`, with the examples' packages installed.
 pub fn python() -> &'static Path {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
-    PYTHON.get_or_init(|| {
-        assert!(
-            works("python3", &["--version"]),
-            "Python 3 is missing: install it (e.g. `apt-get install python3 python3-venv`); \
-             cargo test provisions the rest itself"
+    PYTHON.get_or_init(|| venv("venv", "examples/python/requirements.txt", EXTRA_PYTHON))
+}
+
+/// The SDK venv's `python3`, with the pinned Coinbase libraries of `tests/sdk/requirements.txt`.
+pub fn sdk_python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| venv("sdk-venv", "tests/sdk/requirements.txt", &[]))
+}
+
+/// A venv named `name` in the test-env directory with `requirements` (relative to the crate)
+/// and `extra` installed; re-created when either changes. Returns its `python3`.
+fn venv(name: &str, requirements: &str, extra: &[&str]) -> PathBuf {
+    assert!(
+        works("python3", &["--version"]),
+        "Python 3 is missing: install it (e.g. `apt-get install python3 python3-venv`); \
+         cargo test provisions the rest itself"
+    );
+    let requirements_file = Path::new(ROOT).join(requirements);
+    let wanted = format!(
+        "{}\n{}\n",
+        std::fs::read_to_string(&requirements_file)
+            .unwrap_or_else(|e| panic!("read {requirements}: {e}")),
+        extra.join("\n")
+    );
+    let venv = env_dir().join(name);
+    let bin = venv.join("bin/python3");
+    let marker = venv.join("cbgate-installed.txt");
+    locked(&format!("{name}.lock"), || {
+        if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str())
+            && bin.is_file()
+        {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&venv);
+        run(
+            Command::new("python3").args(["-m", "venv"]).arg(&venv),
+            "python3 -m venv (on Debian: apt-get install python3-venv)",
         );
-        let requirements_file = Path::new(ROOT).join("examples/python/requirements.txt");
-        let wanted = format!(
-            "{}\n{}\n",
-            std::fs::read_to_string(&requirements_file).expect("read requirements.txt"),
-            EXTRA_PYTHON.join("\n")
+        run(
+            Command::new(&bin)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "-r",
+                ])
+                .arg(&requirements_file)
+                .args(extra),
+            &format!("pip install -r {requirements}"),
         );
-        let venv = env_dir().join("venv");
-        let bin = venv.join("bin/python3");
-        let marker = venv.join("cbgate-installed.txt");
-        locked("venv.lock", || {
-            if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str())
-                && bin.is_file()
-            {
-                return;
-            }
-            let _ = std::fs::remove_dir_all(&venv);
-            run(
-                Command::new("python3").args(["-m", "venv"]).arg(&venv),
-                "python3 -m venv (on Debian: apt-get install python3-venv)",
-            );
-            run(
-                Command::new(&bin)
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                        "-r",
-                    ])
-                    .arg(&requirements_file)
-                    .args(EXTRA_PYTHON),
-                "pip install of the example clients' packages",
-            );
-            std::fs::write(&marker, &wanted).expect("write the venv marker");
-        });
-        bin
-    })
+        std::fs::write(&marker, &wanted).expect("write the venv marker");
+    });
+    bin
 }
 
 /// `node`, with `examples/node/node_modules` installed from the lockfile.
 pub fn node() -> &'static str {
     static NODE: OnceLock<()> = OnceLock::new();
-    NODE.get_or_init(|| {
-        assert!(
-            works(
-                "node",
-                &["-e", "if (typeof fetch !== 'function') process.exit(1)"]
-            ),
-            "Node.js 18 or newer (with built-in fetch) is missing: install it \
-             (e.g. `apt-get install nodejs npm`); cargo test provisions the rest itself"
-        );
-        let dir = Path::new(ROOT).join("examples/node");
-        let lockfile = std::fs::read(dir.join("package-lock.json")).expect("read package-lock");
-        // npm writes its own copy of the lockfile into node_modules: same bytes, nothing to do.
-        let installed = dir.join("node_modules/.package-lock.json");
-        locked("npm.lock", || {
-            let current = std::fs::read(&installed).ok();
-            if current.is_some_and(|c| same_packages(&c, &lockfile)) {
-                return;
-            }
-            assert!(
-                works("npm", &["--version"]),
-                "npm is missing: install it (e.g. `apt-get install npm`)"
-            );
-            run(
-                Command::new("npm")
-                    .args(["ci", "--no-audit", "--no-fund", "--prefix"])
-                    .arg(&dir),
-                "npm ci --prefix examples/node",
-            );
-        });
-    });
+    NODE.get_or_init(|| npm_ci("examples/node"));
     "node"
+}
+
+/// The directory of the SDK tests' Node packages (`tests/sdk/node`), installed from its
+/// lockfile; scripts run there with `node` find them.
+pub fn sdk_node() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        npm_ci("tests/sdk/node");
+        Path::new(ROOT).join("tests/sdk/node")
+    })
+}
+
+/// `npm ci` in `dir` (relative to the crate) unless its `node_modules` already matches the lockfile.
+fn npm_ci(dir: &str) {
+    assert!(
+        works(
+            "node",
+            &["-e", "if (typeof fetch !== 'function') process.exit(1)"]
+        ),
+        "Node.js 18 or newer (with built-in fetch) is missing: install it \
+         (e.g. `apt-get install nodejs npm`); cargo test provisions the rest itself"
+    );
+    let path = Path::new(ROOT).join(dir);
+    let lockfile = std::fs::read(path.join("package-lock.json"))
+        .unwrap_or_else(|e| panic!("read {dir}/package-lock.json: {e}"));
+    // npm writes its own copy of the lockfile into node_modules: same bytes, nothing to do.
+    let installed = path.join("node_modules/.package-lock.json");
+    locked(&format!("npm-{}.lock", dir.replace('/', "-")), || {
+        let current = std::fs::read(&installed).ok();
+        if current.is_some_and(|c| same_packages(&c, &lockfile)) {
+            return;
+        }
+        assert!(
+            works("npm", &["--version"]),
+            "npm is missing: install it (e.g. `apt-get install npm`)"
+        );
+        run(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&path),
+            &format!("npm ci --prefix {dir}"),
+        );
+    });
 }
 
 /// Whether npm's record of what it installed lists the lockfile's packages and versions.
