@@ -89,14 +89,16 @@ impl ProxyError {
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
             }
-            ProxyError::Client(ClientError::Token) => {
+            ProxyError::Client(ClientError::Token | ClientError::NoIdentity { .. }) => {
                 (StatusCode::UNAUTHORIZED, "client_unauthorized")
             }
             ProxyError::Client(ClientError::Origin(_) | ClientError::CrossSite(_)) => {
                 (StatusCode::FORBIDDEN, "origin_not_allowed")
             }
             ProxyError::Client(ClientError::Host(_)) => (StatusCode::FORBIDDEN, "host_not_allowed"),
-            ProxyError::Client(ClientError::HostCount) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ProxyError::Client(ClientError::HostCount | ClientError::Ambiguous(_)) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
             ProxyError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
             ProxyError::PolicyDenied(_) => (StatusCode::FORBIDDEN, "policy_denied"),
             ProxyError::GuardDenied(_) => (StatusCode::FORBIDDEN, "guard_denied"),

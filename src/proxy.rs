@@ -23,6 +23,7 @@ use crate::forward::ws::{self, WsState};
 use crate::gate::client::ClientGate;
 use crate::gate::guard::Guard;
 use crate::gate::halt::{Halt, HaltState};
+use crate::gate::identity::{ClientTokens, Identities, IdentityError, Peer, Recognised};
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router};
 use crate::ops::audit::{self, Audit, RequestInfo, Ticket};
@@ -43,6 +44,8 @@ pub struct Proxy {
     ws: WsState,
     policy: Policy,
     clients: ClientGate,
+    /// Client identities (`[clients.NAME]`, `client_token_file`): who sent each request.
+    identities: Identities,
     max_body_bytes: u64,
     /// Longest silence inside a request or response body.
     body_timeout: Duration,
@@ -71,11 +74,15 @@ pub enum BuildError {
     Upstream(#[from] SetupError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// What the log line of one request reports.
 struct Outcome<'a> {
     route: Option<&'a str>,
+    /// Who sent the request, once recognised.
+    identity: Option<Recognised>,
     upstream_time: Option<Duration>,
     /// Set once the intent record is durable; becomes the result record.
     audit: Option<Ticket>,
@@ -93,6 +100,7 @@ impl Proxy {
             policy: Policy::new(&cfg.policy)
                 .map_err(|(k, m)| BuildError::Policy(format!("{k}: {m}")))?,
             clients: ClientGate::new(None, &cfg.allowed_origins, &cfg.allowed_hosts),
+            identities: Identities::new(cfg)?,
             max_body_bytes: cfg.max_body_bytes,
             body_timeout: cfg.body_timeout,
             metrics,
@@ -105,10 +113,23 @@ impl Proxy {
         })
     }
 
-    /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`).
-    pub fn with_client_token(mut self, token: Option<Zeroizing<String>>, cfg: &Config) -> Proxy {
-        self.clients = ClientGate::new(token, &cfg.allowed_origins, &cfg.allowed_hosts);
+    /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`): the
+    /// client identity `default`. `cfg` is no longer read (kept for callers).
+    pub fn with_client_token(mut self, token: Option<Zeroizing<String>>, _cfg: &Config) -> Proxy {
+        self.identities.set_default_token(token);
         self
+    }
+
+    /// Sets the client identities' tokens (`clients.NAME.token_file`, read with
+    /// [`ClientTokens::read`]); two identities with one token are an error.
+    pub fn with_client_tokens(mut self, tokens: ClientTokens) -> Result<Proxy, BuildError> {
+        self.identities = self.identities.with_tokens(tokens)?;
+        Ok(self)
+    }
+
+    /// The client identities.
+    pub fn identities(&self) -> &Identities {
+        &self.identities
     }
 
     /// Requires `token` as `Authorization: Bearer` on the admin control endpoints.
@@ -217,6 +238,7 @@ impl Proxy {
         let rid = request_id.to_str().unwrap_or("-").to_owned();
         let mut outcome = Outcome {
             route: None,
+            identity: None,
             upstream_time: None,
             audit: None,
         };
@@ -225,13 +247,15 @@ impl Proxy {
             Err(e) => {
                 let (status, code) = e.status_and_code();
                 self.count_error(&e);
-                tracing::warn!(request_id = rid, %method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
+                let identity = outcome.identity.as_ref().map_or("-", |r| r.identity.name());
+                tracing::warn!(request_id = rid, identity, %method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
                 // Audit: every refusal (policy, guard, kill switch, ...) and every failed
                 // forwarded request is recorded here, the one place errors become responses.
                 if let Some(a) = &self.audit {
                     let key = self.signer.key();
                     let info = RequestInfo {
                         request_id: &rid,
+                        identity: outcome.identity.as_ref().map(|r| r.identity.name()),
                         key: key.as_deref().map(|k| k.name()),
                         method: &method,
                         path: &path,
@@ -251,8 +275,16 @@ impl Proxy {
         if let Some(t) = outcome.upstream_time {
             self.metrics.upstream(route, t);
         }
+        let (identity, by) = outcome
+            .identity
+            .as_ref()
+            .map_or(("-", "-"), |r| (r.identity.name(), r.by.as_str()));
+        self.metrics
+            .client_request(identity, route, &method, resp.status().as_u16());
         tracing::info!(
             request_id = rid,
+            identity,
+            identified_by = by,
             %method,
             route,
             path,
@@ -282,6 +314,13 @@ impl Proxy {
             return Err(ProxyError::BadRequest(why.into()));
         }
         check_request(&req, self.max_body_bytes)?;
+        // Before anything reads or strips the credentials: a client's `Authorization: Bearer`
+        // is read here as an identity token and removed before forwarding (cbgate's own
+        // signature replaces it); the Unix peer was taken at accept.
+        let peer = req.extensions().get::<Peer>().copied();
+        let who = self.identities.recognise(req.headers(), peer)?;
+        let identity = Arc::clone(&who.identity);
+        outcome.identity = Some(who);
         self.clients.check(req.uri(), req.headers())?;
         check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
         if ws::is_upgrade(&req) {
@@ -293,12 +332,12 @@ impl Proxy {
                         prefixes: self.router.ws_paths().join(", "),
                     })?;
             outcome.route = Some(&route.path);
-            self.policy.check(req.method(), req.uri().path())?;
+            identity.check(&self.policy, req.method(), req.uri().path())?;
             return ws::proxy(&self.client, &self.ws, self.ws_signer(), route, req).await;
         }
         let route = self.route(req.uri().path())?;
         outcome.route = Some(&route.prefix);
-        self.policy.check(req.method(), req.uri().path())?;
+        identity.check(&self.policy, req.method(), req.uri().path())?;
         let upstream = &route.upstream;
 
         // Reserve, then act: the upstream slot is taken before signing and connecting, and
@@ -348,6 +387,7 @@ impl Proxy {
             if audit::audited(&parts.method) {
                 let key = self.signer.key();
                 let info = RequestInfo {
+                    identity: Some(identity.name()),
                     request_id: parts
                         .headers
                         .get(&REQUEST_ID)

@@ -203,7 +203,8 @@ async fn orders_and_refusals_are_recorded_and_verify_names_the_first_broken_reco
         .find(|r| r["type"] == "intent" && r["request_id"] == "order-3")
         .expect("intent of order-3");
     assert_eq!(intent["key"], key.name.as_str());
-    assert_eq!(intent["identity"], Value::Null);
+    // No [clients] configured: every request is the identity `anonymous`.
+    assert_eq!(intent["identity"], "anonymous");
     assert_eq!(intent["method"], "POST");
     assert_eq!(intent["path"], "/api/v3/brokerage/orders");
     assert_eq!(intent["decision"], "forwarded");

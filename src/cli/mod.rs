@@ -13,7 +13,6 @@ pub mod token;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use zeroize::{Zeroize as _, Zeroizing};
 
@@ -231,6 +230,8 @@ pub struct Loaded {
     /// The key file's mode is not checked (configured, or a systemd credential).
     pub allow_insecure: bool,
     pub client_token: Option<Zeroizing<String>>,
+    /// The client identities' tokens (`clients.NAME.token_file`).
+    pub client_tokens: cbgate::gate::identity::ClientTokens,
     /// The admin control token (`admin_token_file`).
     pub admin_token: Option<Zeroizing<String>>,
 }
@@ -298,12 +299,15 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         None => None,
         Some(path) => Some(load_admin_token(path).map_err(config_err)?),
     };
+    let client_tokens = cbgate::gate::identity::ClientTokens::read(&cfg)
+        .map_err(|e| config_err(anyhow::anyhow!("{e}")))?;
     Ok(Loaded {
         cfg,
         key,
         key_file,
         allow_insecure,
         client_token,
+        client_tokens,
         admin_token,
     })
 }
@@ -346,33 +350,6 @@ pub fn load_admin_token(path: &std::path::Path) -> anyhow::Result<Zeroizing<Stri
 /// A token file: private like the key file, at least 16 printable characters. The caller
 /// names the setting that gave the path.
 fn load_token_file(path: &std::path::Path) -> anyhow::Result<Zeroizing<String>> {
-    cbgate::sign::key::check_private_file(path).map_err(|e| match e {
-        // key.allow_insecure_permissions is about the key file only: no such hint here.
-        KeyError::InsecurePermissions { path, mode } => anyhow::anyhow!(
-            "file {} has mode {mode:04o}: group or others can read or change it; run chmod 600 {}",
-            path.display(),
-            path.display()
-        ),
-        KeyError::FileMissing(path) => anyhow::anyhow!(
-            "file {} does not exist",
-            cbgate::config::shown(&path.to_string_lossy())
-        ),
-        KeyError::IsDirectory(path) => anyhow::anyhow!(
-            "file {} is a directory; give the path of the token file",
-            path.display()
-        ),
-        other => anyhow::anyhow!("{other}"),
-    })?;
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("file {} cannot be read", path.display()))?,
-    );
-    let token = Zeroizing::new(text.trim().to_owned());
-    if token.chars().count() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
-        anyhow::bail!(
-            "file {}: the token must be at least 16 printable characters without spaces",
-            path.display()
-        );
-    }
-    Ok(token)
+    // key.allow_insecure_permissions is about the key file only: no such hint here.
+    cbgate::gate::identity::read_token_file(path).map_err(|e| anyhow::anyhow!("{e}"))
 }

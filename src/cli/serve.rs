@@ -70,6 +70,7 @@ pub fn run(
         key_file,
         allow_insecure,
         client_token,
+        client_tokens,
         admin_token,
     } = load(
         &args.common,
@@ -93,6 +94,20 @@ pub fn run(
     }
     if client_token.is_some() {
         tracing::info!("clients must send the cbgate-token header");
+    }
+    for (name, c) in &cfg.clients.named {
+        tracing::info!(
+            identity = name.as_str(),
+            token = c.token_file.is_some(),
+            unix_uid = c.unix_uid,
+            unix_gid = c.unix_gid,
+            permission = c.permission.unwrap_or(cfg.policy.permission).as_str(),
+            rules = c.rules.len(),
+            "client identity"
+        );
+    }
+    if !cfg.clients.named.is_empty() && !cfg.identity_required() {
+        tracing::info!("clients.require = false: a request from no known identity is served as anonymous with the global policy");
     }
     match &key {
         None => tracing::warn!(
@@ -142,6 +157,8 @@ pub fn run(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
                 .with_client_token(client_token, &cfg)
+                .with_client_tokens(client_tokens)
+                .map_err(config_err)?
                 .with_admin_token(admin_token)
                 .with_halt(halt),
         );
@@ -150,7 +167,7 @@ pub fn run(
         }
         let mut listeners = Vec::new();
         for addr in &cfg.listen {
-            let l = Listener::bind(addr).await.map_err(|e| {
+            let l = Listener::bind_mode(addr, cfg.unix_mode.0).await.map_err(|e| {
                 let hint = match addr {
                     ListenAddr::Tcp(a) if e.cause.kind() == std::io::ErrorKind::AddrInUse => {
                         format!(

@@ -257,8 +257,9 @@ pub struct KeyConfig {
     pub allow_insecure_permissions: bool,
 }
 
-/// The permission ceiling cbgate enforces, whatever the key itself may do.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+/// The permission ceiling cbgate enforces, whatever the key itself may do. Ordered: `View` <
+/// `Trade` < `Transfer` (a client identity's ceiling is compared with the global one).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]
 pub enum Permission {
     /// GET and HEAD only.
@@ -298,6 +299,114 @@ pub struct RuleConfig {
 pub struct PolicyConfig {
     pub permission: Permission,
     pub rules: Vec<RuleConfig>,
+}
+
+impl Permission {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::View => "view",
+            Permission::Trade => "trade",
+            Permission::Transfer => "transfer",
+        }
+    }
+}
+
+/// Identity names cbgate gives itself: `anonymous` (no known identity) and `default` (the
+/// identity of `client_token_file`).
+pub const ANONYMOUS: &str = "anonymous";
+/// The identity of `client_token_file`.
+pub const DEFAULT_CLIENT: &str = "default";
+
+/// `[clients.NAME]`: one client identity, recognised by a token or by its Unix peer uid/gid.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// File holding this identity's token (mode 0600, at least 16 characters), sent as
+    /// `cbgate-token` or `Authorization: Bearer`.
+    pub token_file: Option<PathBuf>,
+    /// On a Unix-socket listener: a peer whose uid (SO_PEERCRED) is this.
+    pub unix_uid: Option<u32>,
+    /// On a Unix-socket listener: a peer whose primary gid (SO_PEERCRED) is this.
+    pub unix_gid: Option<u32>,
+    /// This identity's ceiling, never above `policy.permission` (unset: the global one).
+    pub permission: Option<Permission>,
+    /// Rules like `[[policy.rules]]`, applied in addition to the global policy.
+    pub rules: Vec<RuleConfig>,
+}
+
+/// `[clients]`: `require` plus one `[clients.NAME]` table per identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientsConfig {
+    /// Refuse (401) a request from no known identity; otherwise it is served as `anonymous`
+    /// with the global policy.
+    pub require: bool,
+    /// The identities, by name.
+    pub named: BTreeMap<String, ClientConfig>,
+}
+
+impl<'de> Deserialize<'de> for ClientsConfig {
+    // `require` next to free-form names: a map visitor, so that each value goes through the
+    // loader's own deserializer and its errors keep their key (`clients.bot.permision`).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ClientsConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = ClientsConfig::default();
+                while let Some(k) = map.next_key::<String>()? {
+                    if k == "require" {
+                        out.require = map.next_value()?;
+                    } else {
+                        let c: ClientConfig = map.next_value()?;
+                        out.named.insert(k, c);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Whether `name` may name a client identity: 1 to 32 of `a-z 0-9 - _`, starting with a
+/// letter (names become log fields and metric labels, so they stay short and plain).
+pub fn valid_client_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_lowercase()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// A Unix socket's mode, written as octal text (`"0660"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixMode(pub u32);
+
+impl Default for UnixMode {
+    fn default() -> Self {
+        UnixMode(0o600)
+    }
+}
+
+impl<'de> Deserialize<'de> for UnixMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let t = s.trim();
+        let digits = t.strip_prefix("0o").unwrap_or(t);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if !digits.is_empty() && m <= 0o777 => Ok(UnixMode(m)),
+            _ => Err(serde::de::Error::custom(
+                "expected an octal mode as text, such as \"0600\" or \"0660\"",
+            )),
+        }
+    }
 }
 
 /// `[upstream]`: how cbgate reaches Coinbase.
@@ -602,8 +711,13 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Allow listening on a non-loopback address (also needs `client_token_file`).
     pub unsafe_listen: bool,
-    /// File holding the token clients must send as `cbgate-token`.
+    /// File holding the token clients must send as `cbgate-token`: the client identity named
+    /// `default`, and then every request needs a known identity (as `clients.require`).
     pub client_token_file: Option<PathBuf>,
+    /// Client identities and whether one is required.
+    pub clients: ClientsConfig,
+    /// The mode of Unix-socket listeners (default `0600`: the owner only).
+    pub unix_mode: UnixMode,
     /// `Origin` values allowed to call cbgate (browsers); any other `Origin` is refused.
     pub allowed_origins: Vec<String>,
     /// `Host` names accepted besides loopback names and addresses (DNS-rebinding defence).
@@ -658,6 +772,8 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             unsafe_listen: false,
             client_token_file: None,
+            clients: ClientsConfig::default(),
+            unix_mode: UnixMode::default(),
             allowed_origins: Vec::new(),
             allowed_hosts: Vec::new(),
             max_connections: 1024,
@@ -848,14 +964,15 @@ impl Config {
         }
         for addr in &self.listen {
             if let ListenAddr::Tcp(a) = addr {
-                let allowed = a.ip().is_loopback()
-                    || (self.unsafe_listen && self.client_token_file.is_some());
+                let allowed =
+                    a.ip().is_loopback() || (self.unsafe_listen && self.tokens_required());
                 if !allowed {
                     return Err(invalid(
                         "listen",
                         format!(
                             "{a} is not a loopback address: anyone who reaches it could trade with your key; \
-                             set unsafe_listen = true and client_token_file to require a client token"
+                             set unsafe_listen = true and client_token_file (or clients.require = true \
+                             with a token_file identity) to require a client token"
                         ),
                     ));
                 }
@@ -974,6 +1091,7 @@ impl Config {
             ));
         }
         self.guard.validate("guard")?;
+        self.validate_clients()?;
         if self.state_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
             return Err(invalid(
                 "state_dir",
@@ -989,6 +1107,116 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// Whether every request must come from a known client identity: `clients.require`, or
+    /// `client_token_file` (which has always required its token).
+    pub fn identity_required(&self) -> bool {
+        self.clients.require || self.client_token_file.is_some()
+    }
+
+    /// Whether a request over TCP needs a token: an identity is required and TCP clients can
+    /// only be recognised by one (Unix peer credentials do not exist there).
+    fn tokens_required(&self) -> bool {
+        self.client_token_file.is_some()
+            || (self.clients.require && self.clients.named.values().any(|c| c.token_file.is_some()))
+    }
+
+    fn validate_clients(&self) -> Result<(), ConfigError> {
+        let mut uids: BTreeMap<u32, &str> = BTreeMap::new();
+        let mut gids: BTreeMap<u32, &str> = BTreeMap::new();
+        for (name, c) in &self.clients.named {
+            let key = format!("clients.{}", shown_name(name));
+            if !valid_client_name(name) {
+                return Err(invalid(
+                    key,
+                    "a client name is 1 to 32 of a-z 0-9 - _, starting with a letter",
+                ));
+            }
+            if name == ANONYMOUS {
+                return Err(invalid(
+                    key,
+                    "the name anonymous is cbgate's own, for requests from no known identity; choose another",
+                ));
+            }
+            if name == DEFAULT_CLIENT && self.client_token_file.is_some() {
+                return Err(invalid(
+                    key,
+                    "the name default is the identity of client_token_file; choose another, or move the token file to clients.default.token_file",
+                ));
+            }
+            if c.token_file.is_none() && c.unix_uid.is_none() && c.unix_gid.is_none() {
+                return Err(invalid(
+                    key,
+                    "recognises nobody: give token_file, unix_uid or unix_gid",
+                ));
+            }
+            if c.token_file
+                .as_ref()
+                .is_some_and(|f| f.as_os_str().is_empty())
+            {
+                return Err(invalid(format!("{key}.token_file"), "must be a file path"));
+            }
+            if let Some(p) = c.permission {
+                if p > self.policy.permission {
+                    return Err(invalid(
+                        format!("{key}.permission"),
+                        format!(
+                            "\"{}\" is above policy.permission = \"{}\": an identity can only narrow the global ceiling; lower {key}.permission or raise policy.permission",
+                            p.as_str(),
+                            self.policy.permission.as_str()
+                        ),
+                    ));
+                }
+            }
+            for (i, r) in c.rules.iter().enumerate() {
+                pattern::parse_pattern(&r.path)
+                    .map_err(|m| invalid(format!("{key}.rules[{i}].path"), m))?;
+                pattern::parse_methods(&r.methods)
+                    .map_err(|m| invalid(format!("{key}.rules[{i}].methods"), m))?;
+            }
+            for (what, id, seen) in [
+                ("unix_uid", c.unix_uid, &mut uids),
+                ("unix_gid", c.unix_gid, &mut gids),
+            ] {
+                if let Some(id) = id {
+                    if let Some(other) = seen.insert(id, name) {
+                        return Err(invalid(
+                            format!("{key}.{what}"),
+                            format!(
+                                "{id} is also clients.{other}.{what}: one peer would be two identities; give each {what} to one identity"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let mode = self.unix_mode.0;
+        if mode & 0o600 != 0o600 || mode & 0o111 != 0 {
+            return Err(invalid(
+                "unix_mode",
+                format!("{mode:04o}: the owner needs read and write (0600) and no execute bits are used; e.g. \"0600\" or \"0660\""),
+            ));
+        }
+        if mode & 0o006 != 0 && !self.identity_required() {
+            return Err(invalid(
+                "unix_mode",
+                format!("{mode:04o} lets every local user connect: set clients.require = true so that only configured identities (unix_uid, unix_gid, token) are served, or use \"0660\" with a group"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A client name as config messages show it (names come from the file, never secrets, but a
+/// pasted token as a table name is not shown).
+fn shown_name(name: &str) -> String {
+    if looks_like_key_material(name) || name.chars().count() > 64 {
+        "(a name that looks like key material, not shown)".to_owned()
+    } else {
+        name.to_owned()
     }
 }
 
@@ -1124,6 +1352,8 @@ mod tests {
         assert_eq!(c.guard, d.guard);
         assert_eq!(c.state_dir, d.state_dir);
         assert_eq!(c.admin_token_file, d.admin_token_file);
+        assert_eq!(c.clients, d.clients);
+        assert_eq!(c.unix_mode, d.unix_mode);
     }
 
     #[test]
@@ -1326,6 +1556,88 @@ mod tests {
         assert!(e.to_string().contains("routes[0].upstream"), "{e}");
         let e = load_toml("[upstream]\nconnect_timeout = \"soon\"").expect_err("bad duration");
         assert!(e.to_string().contains("connect_timeout"), "{e}");
+    }
+
+    #[test]
+    fn client_identities_parse_and_are_checked() {
+        let c = load_toml(
+            "[policy]\npermission = \"trade\"\n[clients]\nrequire = true\n\
+             [clients.dash]\ntoken_file = \"/etc/cbgate/dash.token\"\npermission = \"view\"\n\
+             [clients.bot]\nunix_uid = 1001\nunix_gid = 1001\n\
+             [[clients.bot.rules]]\naction = \"deny\"\nmethods = [\"POST\"]\npath = \"/api/v3/brokerage/orders/edit\"\n",
+        )
+        .expect("load");
+        assert!(c.clients.require && c.identity_required());
+        assert_eq!(c.clients.named["dash"].permission, Some(Permission::View));
+        assert_eq!(c.clients.named["bot"].unix_uid, Some(1001));
+        assert_eq!(c.clients.named["bot"].rules.len(), 1);
+        for (text, key, words) in [
+            (
+                "[policy]\npermission = \"trade\"\n[clients.ops]\nunix_uid = 1\npermission = \"transfer\"",
+                "clients.ops.permission",
+                "policy.permission = \"trade\"",
+            ),
+            ("[clients.ops]\nunix_uid = 1\npermision = \"view\"", "clients.ops.permision", "permission"),
+            ("[clients.ops]\npermission = \"view\"", "clients.ops", "recognises nobody"),
+            ("[clients.Ops]\nunix_uid = 1", "clients.Ops", "a-z"),
+            ("[clients.anonymous]\nunix_uid = 1", "clients.anonymous", "cbgate's own"),
+            (
+                "[clients.a]\nunix_uid = 7\n[clients.b]\nunix_uid = 7",
+                "clients.b.unix_uid",
+                "clients.a.unix_uid",
+            ),
+            (
+                "[clients.a]\nunix_gid = 7\n[clients.b]\nunix_gid = 7",
+                "clients.b.unix_gid",
+                "clients.a.unix_gid",
+            ),
+            (
+                "[clients.a]\nunix_uid = 7\n[[clients.a.rules]]\naction = \"deny\"\npath = \"v2\"",
+                "clients.a.rules[0].path",
+                "",
+            ),
+            ("unix_mode = \"0666\"", "unix_mode", "clients.require = true"),
+            ("unix_mode = \"0400\"", "unix_mode", "0600"),
+            ("unix_mode = \"rw\"", "unix_mode", "octal"),
+            (
+                "client_token_file = \"/t\"\n[clients.default]\nunix_uid = 1",
+                "clients.default",
+                "client_token_file",
+            ),
+            (
+                "listen = [\"0.0.0.0:8750\"]\nunsafe_listen = true\n[clients]\nrequire = true\n[clients.a]\nunix_uid = 1",
+                "listen",
+                "unsafe_listen",
+            ),
+        ] {
+            let e = load_toml(text).expect_err(text).to_string();
+            assert!(e.contains(key) && e.contains(words), "{text}: {e}");
+        }
+        let c =
+            load_toml("unix_mode = \"0666\"\n[clients]\nrequire = true\n[clients.a]\nunix_uid = 1")
+                .expect("0666 with require");
+        assert_eq!(c.unix_mode, UnixMode(0o666));
+        let c = load_toml(
+            "listen = [\"0.0.0.0:8750\"]\nunsafe_listen = true\n[clients]\nrequire = true\n[clients.a]\ntoken_file = \"/t\"",
+        )
+        .expect("a token identity required on a public listener");
+        assert_eq!(c.unix_mode, UnixMode(0o600));
+        let env = HashMap::from([
+            ("CBGATE_CLIENTS__REQUIRE".to_string(), "true".to_string()),
+            (
+                "CBGATE_CLIENTS__BOT__UNIX_UID".to_string(),
+                "1001".to_string(),
+            ),
+            ("CBGATE_UNIX_MODE".to_string(), "0660".to_string()),
+        ]);
+        let c = Config::load(&Sources {
+            env,
+            ..Sources::default()
+        })
+        .expect("env");
+        assert!(c.clients.require);
+        assert_eq!(c.clients.named["bot"].unix_uid, Some(1001));
+        assert_eq!(c.unix_mode, UnixMode(0o660));
     }
 
     #[test]

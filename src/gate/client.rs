@@ -29,6 +29,17 @@ static SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 pub enum ClientError {
     #[error("missing or wrong cbgate-token header: this cbgate requires a client token")]
     Token,
+    /// No configured client identity matched and one is required (`clients.require`).
+    #[error("{}", no_identity(*.token_sent, *.peer))]
+    NoIdentity {
+        /// Whether a token was sent (it matched no identity).
+        token_sent: bool,
+        /// The Unix peer's uid and gid, on a Unix socket.
+        peer: Option<(u32, u32)>,
+    },
+    /// Two `cbgate-token` (or `Authorization`) headers: which one counts would be a guess.
+    #[error("the request carries more than one {0} header; send exactly one")]
+    Ambiguous(&'static str),
     #[error("Origin {0:?} is not allowed: browsers' cross-site requests are refused (add it to allowed_origins to allow it)")]
     Origin(String),
     /// A browser's cross-site request that carries no Origin (an image, a script, a link).
@@ -39,6 +50,20 @@ pub enum ClientError {
     /// RFC 9112 §3.2: a request without exactly one Host gets 400.
     #[error("the request must carry exactly one Host header (RFC 9112 §3.2)")]
     HostCount,
+}
+
+fn no_identity(token_sent: bool, peer: Option<(u32, u32)>) -> String {
+    let what = match (token_sent, peer) {
+        (true, _) => "the token sent (cbgate-token or Authorization: Bearer) matches no client identity".to_owned(),
+        (false, Some((uid, gid))) => format!(
+            "no token was sent and the Unix peer (uid {uid}, gid {gid}) is no client identity's unix_uid or unix_gid"
+        ),
+        (false, None) => "no token was sent (cbgate-token or Authorization: Bearer)".to_owned(),
+    };
+    format!(
+        "{what}; this cbgate serves only configured client identities (clients.require = true): \
+         send an identity's token, or connect over the Unix socket as a configured unix_uid/unix_gid"
+    )
 }
 
 /// Who may use cbgate.

@@ -35,14 +35,43 @@ struct Rule {
 pub struct Policy {
     permission: Permission,
     rules: Vec<Rule>,
+    /// `None`: the global `[policy]`; `Some(name)`: client identity `name`'s own.
+    client: Option<String>,
 }
 
 impl Policy {
     /// Compiles `[policy]`; errors name the configuration key at fault.
     pub fn new(cfg: &PolicyConfig) -> Result<Policy, (String, String)> {
+        Policy::compile(cfg, None)
+    }
+
+    /// Compiles client identity `name`'s own ceiling and rules (`[clients.NAME]`), applied in
+    /// addition to the global policy; its refusals name the identity.
+    pub fn for_client(
+        name: &str,
+        permission: Permission,
+        rules: &[crate::config::RuleConfig],
+    ) -> Result<Policy, (String, String)> {
+        let cfg = PolicyConfig {
+            permission,
+            rules: rules.to_vec(),
+        };
+        Policy::compile(&cfg, Some(name.to_owned()))
+    }
+
+    /// The ceiling.
+    pub fn permission(&self) -> Permission {
+        self.permission
+    }
+
+    fn compile(cfg: &PolicyConfig, client: Option<String>) -> Result<Policy, (String, String)> {
+        let table = match &client {
+            None => "policy".to_owned(),
+            Some(name) => format!("clients.{name}"),
+        };
         let mut rules = Vec::with_capacity(cfg.rules.len());
         for (i, r) in cfg.rules.iter().enumerate() {
-            let key = format!("policy.rules[{i}]");
+            let key = format!("{table}.rules[{i}]");
             let pattern = parse_pattern(&r.path).map_err(|m| (format!("{key}.path"), m))?;
             let methods = parse_methods(&r.methods).map_err(|m| (format!("{key}.methods"), m))?;
             let verb = match r.action {
@@ -64,6 +93,7 @@ impl Policy {
         Ok(Policy {
             permission: cfg.permission,
             rules,
+            client,
         })
     }
 
@@ -84,10 +114,14 @@ impl Policy {
                     .iter()
                     .any(|m| m == method.as_str() || (method == Method::HEAD && m == "GET"));
             if method_matches && matches(&rule.pattern, decoded) {
-                return match rule.action {
-                    RuleAction::Allow => Ok(()),
-                    RuleAction::Deny => Err(Denied(format!(
+                return match (rule.action, &self.client) {
+                    (RuleAction::Allow, _) => Ok(()),
+                    (RuleAction::Deny, None) => Err(Denied(format!(
                         "{method} {path} is denied by policy rule {}; change [[policy.rules]] to allow it",
+                        rule.text
+                    ))),
+                    (RuleAction::Deny, Some(name)) => Err(Denied(format!(
+                        "{method} {path} is denied by client identity \"{name}\"'s rule {}; change clients.{name}.rules to allow it",
                         rule.text
                     ))),
                 };
@@ -95,6 +129,21 @@ impl Policy {
         }
         if ceiling_allows(self.permission, method, decoded) {
             return Ok(());
+        }
+        if let Some(client) = &self.client {
+            let (name, scope) = match self.permission {
+                Permission::View => ("view", "GET and HEAD only"),
+                Permission::Trade => (
+                    "trade",
+                    "reads plus Advanced Trade orders and convert; nothing that moves funds",
+                ),
+                Permission::Transfer => ("transfer", "everything"),
+            };
+            return Err(Denied(format!(
+                "{method} {path} is above client identity \"{client}\"'s permission ceiling \"{name}\" ({scope}); \
+                 to allow it raise clients.{client}.permission (never above policy.permission), or add an allow \
+                 rule for this path to clients.{client}.rules"
+            )));
         }
         let (name, scope, next) = match self.permission {
             Permission::View => (

@@ -49,6 +49,7 @@ const CLIENT_SHARE: usize = 2;
 pub fn client_streams(max_in_flight: usize) -> u32 {
     u32::try_from((max_in_flight / CLIENT_SHARE).max(1)).unwrap_or(u32::MAX)
 }
+use crate::gate::identity::Peer;
 use crate::listen::sniff::SmuggleGuard;
 use crate::proxy::Proxy;
 use crate::{Body, BoxError};
@@ -83,6 +84,12 @@ impl Listener {
     /// Binds `addr`. A Unix socket is created with mode 0600; a stale socket file left by an
     /// earlier run is replaced, any other file at that path is an error.
     pub async fn bind(addr: &ListenAddr) -> Result<Listener, BindError> {
+        Listener::bind_mode(addr, 0o600).await
+    }
+
+    /// Binds `addr`; a Unix socket gets `unix_mode` (e.g. 0o660 so that a group can connect;
+    /// its peers are then told apart by their uid/gid, see `gate::identity`).
+    pub async fn bind_mode(addr: &ListenAddr, unix_mode: u32) -> Result<Listener, BindError> {
         let err = |cause| BindError {
             addr: addr.to_string(),
             cause,
@@ -107,14 +114,15 @@ impl Listener {
                     }
                     std::fs::remove_file(path).map_err(err)?;
                 }
-                // Create the socket 0600 from the start: a chmod after bind would leave a window
-                // in which group members (umask 002) could connect. umask is process-wide, so
-                // it is restored at once.
-                let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+                // Create the socket with its mode from the start: a chmod after bind would leave
+                // a window in which group members (umask 002) could connect. umask is
+                // process-wide, so it is restored at once.
+                let mode = unix_mode & 0o666;
+                let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!mode & 0o777));
                 let bound = UnixListener::bind(path);
                 rustix::process::umask(old);
                 let listener = bound.map_err(err)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .map_err(err)?;
                 Ok(Listener::Unix {
                     listener,
@@ -352,16 +360,25 @@ where
                     Some(Accepted::Tcp(s)) => {
                         let _ = s.set_nodelay(true);
                         if self.role == Role::Proxy {
-                            self.admit(SmuggleGuard::new(s));
+                            self.admit(SmuggleGuard::new(s), None);
                         } else {
-                            self.admit(s);
+                            self.admit(s, None);
                         }
                     }
                     Some(Accepted::Unix(s)) => {
+                        // The kernel's record of who connected (SO_PEERCRED): the uid/gid of
+                        // the process that called connect(), which a client cannot forge.
+                        let peer = match s.peer_cred() {
+                            Ok(c) => Some(Peer { uid: c.uid(), gid: c.gid() }),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "no peer credentials on a Unix connection");
+                                None
+                            }
+                        };
                         if self.role == Role::Proxy {
-                            self.admit(SmuggleGuard::new(s));
+                            self.admit(SmuggleGuard::new(s), peer);
                         } else {
-                            self.admit(s);
+                            self.admit(s, peer);
                         }
                     }
                     None => break,
@@ -385,13 +402,13 @@ where
 
     /// Serves the connection if a slot is free; otherwise answers 503 and closes it, so a flood
     /// of idle connections cannot exhaust file descriptors or memory.
-    fn admit<I>(self: &Arc<Self>, io: I)
+    fn admit<I>(self: &Arc<Self>, io: I, peer: Option<Peer>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(permit) => {
-                tokio::spawn(Arc::clone(self).serve_conn(io, permit));
+                tokio::spawn(Arc::clone(self).serve_conn(io, permit, peer));
             }
             Err(_) => {
                 self.proxy.metrics().connection_refused(self.role.label());
@@ -411,7 +428,7 @@ where
         }
     }
 
-    async fn serve_conn<I>(self: Arc<Self>, io: I, permit: OwnedSemaphorePermit)
+    async fn serve_conn<I>(self: Arc<Self>, io: I, permit: OwnedSemaphorePermit, peer: Option<Peer>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -422,8 +439,12 @@ where
         let svc = {
             let server = Arc::clone(&self);
             let activity = Arc::clone(&activity);
-            service_fn(move |req| {
+            service_fn(move |mut req: Request<Incoming>| {
                 let in_flight = activity.begin();
+                // Every request of the connection carries its peer, for the identity phase.
+                if let Some(p) = peer {
+                    req.extensions_mut().insert(p);
+                }
                 let resp = (server.handler)(req);
                 async move {
                     // The request counts as in flight until its response body is dropped.

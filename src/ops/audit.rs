@@ -210,6 +210,8 @@ impl Audit {
 #[derive(Debug)]
 pub struct RequestInfo<'a> {
     pub request_id: &'a str,
+    /// The client identity's name (`anonymous` for no known identity; never a token).
+    pub identity: Option<&'a str>,
     /// The signing key's name (never its secret).
     pub key: Option<&'a str>,
     pub method: &'a Method,
@@ -226,8 +228,10 @@ fn base(kind: &str, req: &RequestInfo<'_>) -> Map<String, Value> {
     r.insert("time".into(), now_rfc3339().into());
     r.insert("type".into(), kind.into());
     r.insert("request_id".into(), req.request_id.into());
-    // Today cbgate has one client; per-client identities come later.
-    r.insert("identity".into(), Value::Null);
+    r.insert(
+        "identity".into(),
+        req.identity.map(Value::from).unwrap_or(Value::Null),
+    );
     r.insert(
         "key".into(),
         req.key.map(Value::from).unwrap_or(Value::Null),

@@ -24,6 +24,14 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClientLabels {
+    identity: String,
+    route: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -128,11 +136,26 @@ impl Collector for WsCollector {
     }
 }
 
+/// The method label: unknown methods become `OTHER`, so the label stays bounded.
+fn method_label(method: &http::Method) -> String {
+    match *method {
+        http::Method::GET
+        | http::Method::HEAD
+        | http::Method::POST
+        | http::Method::PUT
+        | http::Method::DELETE
+        | http::Method::PATCH
+        | http::Method::OPTIONS => method.as_str().to_owned(),
+        _ => "OTHER".to_owned(),
+    }
+}
+
 /// All of cbgate's metrics. Cheap to update from the request path (atomics).
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    client_requests: Family<ClientLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
     upstream_duration: Family<RouteLabels, Histogram>,
     jwt_sign_duration: Histogram,
@@ -166,6 +189,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("cbgate");
         let requests = Family::<RequestLabels, Counter>::default();
+        let client_requests = Family::<ClientLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
         let upstream_duration =
@@ -192,6 +216,12 @@ impl Metrics {
             "requests",
             "Requests handled, by route prefix, method and status class",
             requests.clone(),
+        );
+        registry.register(
+            "client_requests",
+            "Requests handled, by client identity ([clients.NAME], default, anonymous; - before \
+             one was recognised), route prefix, method and status class",
+            client_requests.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -272,6 +302,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            client_requests,
             request_duration,
             upstream_duration,
             jwt_sign_duration,
@@ -305,16 +336,7 @@ impl Metrics {
 
     /// Records one finished request.
     pub fn request(&self, route: &str, method: &http::Method, status: u16, total: Duration) {
-        let method = match *method {
-            http::Method::GET
-            | http::Method::HEAD
-            | http::Method::POST
-            | http::Method::PUT
-            | http::Method::DELETE
-            | http::Method::PATCH
-            | http::Method::OPTIONS => method.as_str().to_owned(),
-            _ => "OTHER".to_owned(),
-        };
+        let method = method_label(method);
         self.requests
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),
@@ -327,6 +349,19 @@ impl Metrics {
                 route: route.to_owned(),
             })
             .observe(total.as_secs_f64());
+    }
+
+    /// Records one finished request under its client identity. `identity` is a configured
+    /// name, `anonymous`, `default` or `-`, so the label stays bounded.
+    pub fn client_request(&self, identity: &str, route: &str, method: &http::Method, status: u16) {
+        self.client_requests
+            .get_or_create(&ClientLabels {
+                identity: identity.to_owned(),
+                route: route.to_owned(),
+                method: method_label(method),
+                status: format!("{}xx", status / 100),
+            })
+            .inc();
     }
 
     /// Records the upstream part of a request.
