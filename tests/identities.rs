@@ -813,3 +813,119 @@ async fn unix_peer_credentials_pick_the_identity() {
         gate.stop().await;
     }
 }
+
+#[tokio::test]
+async fn the_binary_serves_identities_and_logs_their_names_never_their_tokens() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("cbgate.sock");
+    let viewer_file = write_private(dir.path(), "viewer.token", VIEWER_TOKEN.as_bytes());
+    let me = rustix::process::geteuid().as_raw();
+    let cfg = dir.path().join("cbgate.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen = ["unix:{sock}"]
+unix_mode = "0660"
+admin_listen = "127.0.0.1:{admin}"
+
+[log]
+format = "json"
+
+[upstream]
+ca_file = "{ca}"
+
+[upstream.resolve]
+"api.coinbase.com" = "{mock}"
+
+[clients]
+require = true
+
+[clients.viewer]
+token_file = "{viewer}"
+permission = "view"
+
+[clients.bot]
+unix_uid = {me}
+"#,
+            sock = sock.display(),
+            admin = harness::free_port(),
+            ca = up.ca_file.display(),
+            mock = up.mock.addr,
+            viewer = viewer_file.display(),
+        ),
+    )
+    .expect("write config");
+    let mut cmd = harness::cbgate_command();
+    cmd.args(["serve", "--config"])
+        .arg(&cfg)
+        .env("COINBASE_API_KEY", &key.name)
+        .env("COINBASE_API_SECRET", key.secret.replace('\n', "\\n"))
+        .env("RUST_LOG", "trace");
+    let mut p = harness::Process::spawn(cmd);
+    let probe = sock.clone();
+    p.wait_until("the socket is served", || {
+        std::os::unix::net::UnixStream::connect(&probe).is_ok()
+    })
+    .await;
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660, "unix_mode applied");
+
+    let order = |token: Option<&str>| {
+        let mut b = Request::post("/api/v3/brokerage/orders")
+            .header("host", "localhost")
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        b.body(Full::new(Bytes::from_static(ORDER.as_bytes())))
+            .expect("request")
+    };
+    // This process's uid is the bot (trade): its order passes.
+    let r = harness::send_unix(&sock, order(None)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The same process with the viewer's token is the viewer (view): refused.
+    let r = harness::send_unix(&sock, order(Some(VIEWER_TOKEN))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.text());
+    assert!(r.text().contains("viewer"), "{}", r.text());
+    p.signal("TERM");
+    let (_, out) = p.wait_exit().await;
+
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let request_line = |who: &str, status: u64| {
+        lines.iter().any(|l| {
+            l["fields"]["message"] == "request"
+                && l["fields"]["identity"] == who
+                && l["fields"]["status"] == status
+        })
+    };
+    assert!(request_line("bot", 200), "{out}");
+    assert!(request_line("viewer", 403), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["identified_by"] == "unix_uid"),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "client identity"
+                && l["fields"]["identity"] == "viewer"),
+        "{out}"
+    );
+    // Trace level, every path above: no 16-character piece of the token anywhere.
+    for w in VIEWER_TOKEN.as_bytes().windows(16) {
+        let w = String::from_utf8_lossy(w);
+        assert!(!out.contains(w.as_ref()), "token piece {w:?} in the output");
+    }
+}
