@@ -599,6 +599,44 @@ fn token_files_are_checked_like_the_key_file() {
         );
         assert!(!stderr.contains(&secret[..16]), "{stderr}");
     }
+    // A good one: check lists the identities; one token in two files is refused, naming both.
+    let good = write_private(dir.path(), "good.token", secret.as_bytes());
+    let same = write_private(dir.path(), "same.token", format!("{secret}\n").as_bytes());
+    let check = |text: String| {
+        std::fs::write(&config, text).expect("write config");
+        harness::cbgate_command()
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run cbgate")
+    };
+    let out = check(format!(
+        "[clients.dash]\ntoken_file = \"{}\"\npermission = \"view\"\n[clients.bot]\nunix_uid = 1001\n",
+        good.display()
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("clients: bot (unix_uid 1001, trade); dash (token, view); no known identity: served as anonymous"),
+        "{stdout}"
+    );
+    let out = check(format!(
+        "[clients.dash]\ntoken_file = \"{}\"\n[clients.bot]\ntoken_file = \"{}\"\n",
+        good.display(),
+        same.display()
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("clients.bot.token_file") && stderr.contains("clients.dash.token_file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&secret[..16]), "{stderr}");
 }
 
 /// Runs curl as `uid`/`gid` against the Unix socket; returns (status, body), or `None` when
@@ -928,4 +966,27 @@ unix_uid = {me}
         let w = String::from_utf8_lossy(w);
         assert!(!out.contains(w.as_ref()), "token piece {w:?} in the output");
     }
+}
+
+#[test]
+fn the_readme_example_is_a_valid_configuration() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README");
+    let section = readme
+        .split("\n## Client identities\n")
+        .nth(1)
+        .expect("the Client identities section");
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a toml block");
+    let cfg = Config::from_toml_str(toml).expect("the README example loads");
+    assert!(cfg.clients.require);
+    let names: Vec<&str> = cfg.clients.named.keys().map(String::as_str).collect();
+    assert_eq!(names, ["bot", "dashboard", "ops"]);
+    assert_eq!(
+        cfg.clients.named["dashboard"].permission,
+        Some(Permission::View)
+    );
 }

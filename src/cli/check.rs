@@ -15,7 +15,13 @@ pub fn run(
     env: HashMap<String, String>,
     hardening: &harden::Report,
 ) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args.common, Overrides::default(), env)?;
+    let Loaded {
+        cfg,
+        key,
+        client_token,
+        client_tokens,
+        ..
+    } = load(&args.common, Overrides::default(), env)?;
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -29,7 +35,12 @@ pub fn run(
     let online = args.online && key.is_some();
     // Exactly what `serve` builds before it binds, so `check` fails where `serve` would.
     let proxy = runtime
-        .block_on(async { Proxy::new(&cfg, key) })
+        .block_on(async {
+            Proxy::new(&cfg, key).and_then(|p| {
+                p.with_client_token(client_token, &cfg)
+                    .with_client_tokens(client_tokens)
+            })
+        })
         .map_err(config_err)?;
     let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     println!(
@@ -37,6 +48,46 @@ pub fn run(
         listen.join(", "),
         cfg.routes.len()
     );
+    if !cfg.clients.named.is_empty() || cfg.client_token_file.is_some() {
+        let mut shown = Vec::new();
+        if cfg.client_token_file.is_some() {
+            shown.push(format!(
+                "default (client_token_file, {})",
+                cfg.policy.permission.as_str()
+            ));
+        }
+        for (name, c) in &cfg.clients.named {
+            let mut by = Vec::new();
+            if c.token_file.is_some() {
+                by.push("token".to_owned());
+            }
+            if let Some(u) = c.unix_uid {
+                by.push(format!("unix_uid {u}"));
+            }
+            if let Some(g) = c.unix_gid {
+                by.push(format!("unix_gid {g}"));
+            }
+            let rules = match c.rules.len() {
+                0 => String::new(),
+                1 => ", 1 rule".to_owned(),
+                n => format!(", {n} rules"),
+            };
+            shown.push(format!(
+                "{name} ({}, {}{rules})",
+                by.join(", "),
+                c.permission.unwrap_or(cfg.policy.permission).as_str()
+            ));
+        }
+        println!(
+            "clients: {}; no known identity: {}",
+            shown.join("; "),
+            if cfg.identity_required() {
+                "refused (401)"
+            } else {
+                "served as anonymous with the global policy"
+            }
+        );
+    }
     match key_lines {
         Some(lines) => {
             for line in lines {
