@@ -649,12 +649,28 @@ async fn curl_as(
     path: &str,
     token: Option<&str>,
 ) -> Option<(u16, String)> {
+    curl_as_with(uid, gid, sock, method, path, token, false).await
+}
+
+/// [`curl_as`], over h2c (prior knowledge) when `h2`; checks that h2 was spoken.
+async fn curl_as_with(
+    uid: u32,
+    gid: u32,
+    sock: &Path,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    h2: bool,
+) -> Option<(u16, String)> {
     use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new("curl");
     cmd.args(["-q", "-sS", "--max-time", "10", "--unix-socket"])
         .arg(sock)
         .args(["-X", method, "-H", "content-type: application/json"])
-        .args(["-o", "-", "-w", "\n%{http_code}"]);
+        .args(["-o", "-", "-w", "\n%{http_version} %{http_code}"]);
+    if h2 {
+        cmd.arg("--http2-prior-knowledge");
+    }
     if method != "GET" {
         cmd.args(["--data", ORDER]);
     }
@@ -670,7 +686,11 @@ async fn curl_as(
         .expect("join")
         .expect("run curl (apt-get install curl)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n')?;
+    let (body, last) = text.rsplit_once('\n')?;
+    let (version, code) = last.trim().split_once(' ')?;
+    if h2 && code != "000" {
+        assert_eq!(version, "2", "curl spoke HTTP/{version}, not h2c");
+    }
     match code.trim().parse::<u16>() {
         Ok(0) | Err(_) => None,
         Ok(c) => Some((c, body.to_owned())),
@@ -756,6 +776,12 @@ async fn unix_peer_credentials_pick_the_identity() {
         .expect("viewer connects");
     assert_eq!(s, 403, "{body}");
     assert!(body.contains(r#"client identity \"viewer\""#), "{body}");
+    // h2c on the same socket: every stream of the connection carries the peer.
+    let (s, body) = curl_as_with(viewer_uid, viewer_uid, &sock, "POST", orders, None, true)
+        .await
+        .expect("viewer connects");
+    assert_eq!(s, 403, "{body}");
+    assert!(body.contains(r#"client identity \"viewer\""#), "{body}");
     // A token beats the peer's uid: the viewer's process holding the ops token is ops.
     let (s, body) = curl_as(
         viewer_uid,
@@ -811,7 +837,7 @@ async fn unix_peer_credentials_pick_the_identity() {
     }
     let metrics = gate.proxy.metrics().render();
     assert!(
-        metrics.contains(r#"cbgate_client_requests_total{identity="viewer",route="/api/v3/",method="POST",status="4xx"} 1"#),
+        metrics.contains(r#"cbgate_client_requests_total{identity="viewer",route="/api/v3/",method="POST",status="4xx"} 2"#),
         "{metrics}"
     );
     assert!(
