@@ -10,7 +10,7 @@
 //! |-----------------------------------------|---------------|----------------------------------------------------|
 //! | configuration, parsed once              | [`config`]    | typed structs, layering, validation; imports nothing of cbgate's |
 //! | accept                                  | [`listen`]    | listeners, connection limits, drain; smuggling guard |
-//! | check client -> route -> policy         | [`gate`]      | token/Origin/Host, routes, permission ceiling      |
+//! | check client -> route -> policy         | [`gate`]      | Origin/Host, client identities, routes, ceilings   |
 //! | sign                                    | [`sign`]      | the API key (the one place that sees the secret), JWTs |
 //! | forward -> stream back                  | [`forward`]   | header hygiene, upstream TLS pool, WebSocket relay, `Date` watch |
 //! | log, metrics, readiness                 | [`ops`]       | metrics, readiness, hardening; admin, clock, key reload, online check |
