@@ -625,6 +625,10 @@ fn token_files_are_checked_like_the_key_file() {
         stdout.contains("clients: bot (unix_uid 1001, trade); dash (token, view); no known identity: served as anonymous"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("warning: client identities bot are recognised only by unix_uid/unix_gid"),
+        "no Unix listener: {stdout}"
+    );
     let out = check(format!(
         "[clients.dash]\ntoken_file = \"{}\"\n[clients.bot]\ntoken_file = \"{}\"\n",
         good.display(),

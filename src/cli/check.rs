@@ -88,6 +88,9 @@ pub fn run(
             }
         );
     }
+    if let Some(w) = cfg.unreachable_identities() {
+        println!("warning: {w}");
+    }
     match key_lines {
         Some(lines) => {
             for line in lines {

@@ -106,6 +106,9 @@ pub fn run(
             "client identity"
         );
     }
+    if let Some(w) = cfg.unreachable_identities() {
+        tracing::warn!("{w}");
+    }
     if !cfg.clients.named.is_empty() && !cfg.identity_required() {
         tracing::info!("clients.require = false: a request from no known identity is served as anonymous with the global policy");
     }

@@ -1117,6 +1117,27 @@ impl Config {
         self.clients.require || self.client_token_file.is_some()
     }
 
+    /// A warning when some identity is recognised by `unix_uid`/`unix_gid` only and no
+    /// listener is a Unix socket: that identity can never be recognised.
+    pub fn unreachable_identities(&self) -> Option<String> {
+        if self.listen.iter().any(|l| matches!(l, ListenAddr::Unix(_))) {
+            return None;
+        }
+        let names: Vec<&str> = self
+            .clients
+            .named
+            .iter()
+            .filter(|(_, c)| c.token_file.is_none())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        (!names.is_empty()).then(|| {
+            format!(
+                "client identities {} are recognised only by unix_uid/unix_gid, but no listener is a Unix socket (listen = [\"unix:/path\"]): they can never be recognised",
+                names.join(", ")
+            )
+        })
+    }
+
     /// Whether a request over TCP needs a token: an identity is required and TCP clients can
     /// only be recognised by one (Unix peer credentials do not exist there).
     fn tokens_required(&self) -> bool {
