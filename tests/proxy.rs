@@ -222,6 +222,14 @@ async fn client_credentials_and_hop_by_hop_headers_are_stripped() {
         .header("te", "trailers")
         .header("x-custom", "kept")
         .header("user-agent", "bot/1.0")
+        .header("cb-access-key", "client-key")
+        .header("cb-access-sign", "client-sign")
+        .header("cb-access-timestamp", "1700000000")
+        .header("cb-access-passphrase", "client-passphrase")
+        .header("x-cb-access-key", "client-key")
+        .header("x-cb-access-signature", "client-sign")
+        .header("x-cb-access-timestamp", "1700000000")
+        .header("x-cb-access-passphrase", "client-passphrase")
         .body(Full::new(Bytes::new()))
         .expect("request");
     let r = send(&h1_client(), req).await;
@@ -229,6 +237,14 @@ async fn client_credentials_and_hop_by_hop_headers_are_stripped() {
     let rec = &up.mock.requests()[0];
     valid_claims(&rec.auth);
     for gone in [
+        "cb-access-key",
+        "cb-access-sign",
+        "cb-access-timestamp",
+        "cb-access-passphrase",
+        "x-cb-access-key",
+        "x-cb-access-signature",
+        "x-cb-access-timestamp",
+        "x-cb-access-passphrase",
         "proxy-authorization",
         "connection",
         "x-hop-secret",
