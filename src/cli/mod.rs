@@ -20,6 +20,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 use cbgate::config::{Config, Sources};
 use cbgate::sign::jwt;
 use cbgate::sign::key::{ApiKey, KeyError, KeySource};
+use cbgate::sign::wallet::WalletSecret;
 
 /// Exit code for bad configuration (flags, file, environment or key).
 pub const EXIT_CONFIG: u8 = 2;
@@ -233,6 +234,8 @@ pub struct Loaded {
     pub client_token: Option<Zeroizing<String>>,
     /// The admin control token (`admin_token_file`).
     pub admin_token: Option<Zeroizing<String>>,
+    /// The CDP Wallet Secret (`key.wallet_secret_file` or `CDP_WALLET_SECRET`).
+    pub wallet: Option<WalletSecret>,
 }
 
 /// Flags that override configuration keys (only `serve` has them).
@@ -256,9 +259,15 @@ pub fn load(
         key_file: common.key_file.clone(),
     };
     let loaded = load_from(&sources);
-    // The environment map held a copy of the secret: wipe it before it is freed.
-    if let Some(secret) = sources.env.get_mut("COINBASE_API_SECRET") {
-        secret.zeroize();
+    // The environment map held copies of the secrets: wipe them before they are freed.
+    for name in [
+        "COINBASE_API_SECRET",
+        "CDP_API_KEY_SECRET",
+        "CDP_WALLET_SECRET",
+    ] {
+        if let Some(secret) = sources.env.get_mut(name) {
+            secret.zeroize();
+        }
     }
     loaded
 }
@@ -298,6 +307,19 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         None => None,
         Some(path) => Some(load_admin_token(path).map_err(config_err)?),
     };
+    let wallet = WalletSecret::select(
+        cfg.key.wallet_secret_file.as_deref(),
+        sources.env.get("CDP_WALLET_SECRET").map(String::as_str),
+        allow_insecure,
+    )
+    .map_err(|e| {
+        let origin = if cfg.key.wallet_secret_file.is_some() {
+            setting_origin(sources, "key.wallet_secret_file", None)
+        } else {
+            "environment variable CDP_WALLET_SECRET".to_owned()
+        };
+        config_err(anyhow::anyhow!("{origin}: {e}"))
+    })?;
     Ok(Loaded {
         cfg,
         key,
@@ -305,6 +327,7 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         allow_insecure,
         client_token,
         admin_token,
+        wallet,
     })
 }
 

@@ -71,6 +71,7 @@ pub fn run(
         allow_insecure,
         client_token,
         admin_token,
+        wallet,
     } = load(
         &args.common,
         Overrides {
@@ -108,6 +109,11 @@ pub fn run(
             }
         }
     }
+    if wallet.is_some() {
+        tracing::info!(
+            "wallet secret loaded: cbgate mints X-Wallet-Auth for CDP v2 wallet requests"
+        );
+    }
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -141,6 +147,7 @@ pub fn run(
         let proxy = Arc::new(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
+                .with_wallet_secret(wallet)
                 .with_client_token(client_token, &cfg)
                 .with_admin_token(admin_token)
                 .with_halt(halt),
