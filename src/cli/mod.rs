@@ -7,6 +7,7 @@ pub mod completions;
 pub mod halt;
 pub mod health;
 pub mod man;
+pub mod placeholder;
 pub mod serve;
 pub mod token;
 
@@ -63,6 +64,10 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a throwaway credential for a client library that insists on one: cbgate removes
+    /// the client's signatures and signs with the real key, so the client gets this instead.
+    /// Default: a CDP key JSON with a fresh P-256 key (SEC1), named organizations/placeholder/...
+    PlaceholderKey(placeholder::PlaceholderArgs),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
