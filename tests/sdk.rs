@@ -335,3 +335,91 @@ async fn without_cbgates_wallet_secret_the_placeholder_token_is_refused() {
     );
     w.gate.stop().await;
 }
+
+/// A mock answering the Advanced Trade calls, the key it expects, and cbgate signing with it.
+async fn trading_setup() -> (TestKey, Upstream, Gate) {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start_with(MockOptions {
+        key: Some(key.expected.clone()),
+        realistic: true,
+        ..MockOptions::default()
+    })
+    .await;
+    let gate = Gate::start(up.config(), Some(&key)).await;
+    (key, up, gate)
+}
+
+/// The accounts list and one order reached the mock, each signed by cbgate for its path.
+fn check_trading(what: &str, out: &Output, key: &TestKey, up: &Upstream, accounts: &str) {
+    assert!(out.status.success(), "{what}: {}", show(out));
+    let reqs = up.mock.requests();
+    let seen: Vec<String> = reqs
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path_and_query))
+        .collect();
+    let list = reqs
+        .iter()
+        .find(|r| r.method == "GET" && r.path_and_query == accounts)
+        .unwrap_or_else(|| panic!("{what}: no {accounts} in {seen:?}"));
+    signed_as(
+        list,
+        key,
+        "GET api.coinbase.com/api/v3/brokerage/accounts",
+        "uri",
+    );
+    let order = reqs
+        .iter()
+        .find(|r| r.method == "POST" && r.path_and_query == "/api/v3/brokerage/orders")
+        .unwrap_or_else(|| panic!("{what}: no order in {seen:?}"));
+    signed_as(
+        order,
+        key,
+        "POST api.coinbase.com/api/v3/brokerage/orders",
+        "uri",
+    );
+    let orders = up.mock.orders();
+    assert_eq!(orders.len(), 1, "{what}: orders placed");
+    assert_eq!(orders[0].request["product_id"], "BTC-USD", "{what}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("order {}", orders[0].order_id)),
+        "{what}: {stdout}"
+    );
+    assert!(
+        stdout.contains("accounts 2") || stdout.contains("BTC"),
+        "{what}: {stdout}"
+    );
+}
+
+const SAMPLE_TS: &str = r#"
+// The package.json "main" names a file it does not ship: import its dist/ entry point.
+import pkg from "@coinbase-sample/advanced-trade-sdk-ts/dist/index.js";
+const { CoinbaseAdvTradeClient, AccountsService, OrdersService } = pkg;
+const client = new CoinbaseAdvTradeClient(undefined, process.env.CBGATE_URL + "/api/v3/brokerage/");
+const accounts = await new AccountsService(client).listAccounts({});
+console.log("accounts", accounts.accounts.length, accounts.accounts.map(a => a.currency).join(" "));
+// The body goes as given (the SDK's camelCase type names are not converted): Coinbase's names.
+const order = await new OrdersService(client).createOrder({
+  client_order_id: "cbgate-sdk-test-1",
+  product_id: "BTC-USD",
+  side: "BUY",
+  order_configuration: { limit_limit_gtc: { base_size: "0.0001", limit_price: "10000.00", post_only: true } },
+});
+console.log("order", order.successResponse?.orderId ?? JSON.stringify(order));
+"#;
+
+#[tokio::test]
+async fn advanced_trade_sdk_ts_lists_accounts_and_places_an_order() {
+    let (key, up, gate) = trading_setup().await;
+    let env = [("CBGATE_URL", gate.url.clone())];
+    let out = run_node_module(provision::sdk_node(), SAMPLE_TS, &env).await;
+    println!("{}", show(&out));
+    check_trading(
+        "@coinbase-sample/advanced-trade-sdk-ts",
+        &out,
+        &key,
+        &up,
+        "/api/v3/brokerage/accounts",
+    );
+    gate.stop().await;
+}
