@@ -350,7 +350,14 @@ async fn trading_setup() -> (TestKey, Upstream, Gate) {
 }
 
 /// The accounts list and one order reached the mock, each signed by cbgate for its path.
-fn check_trading(what: &str, out: &Output, key: &TestKey, up: &Upstream, accounts: &str) {
+fn check_trading(
+    what: &str,
+    out: &Output,
+    key: &TestKey,
+    up: &Upstream,
+    accounts: &str,
+    accounts_uri: &str,
+) {
     assert!(out.status.success(), "{what}: {}", show(out));
     let reqs = up.mock.requests();
     let seen: Vec<String> = reqs
@@ -361,12 +368,7 @@ fn check_trading(what: &str, out: &Output, key: &TestKey, up: &Upstream, account
         .iter()
         .find(|r| r.method == "GET" && r.path_and_query == accounts)
         .unwrap_or_else(|| panic!("{what}: no {accounts} in {seen:?}"));
-    signed_as(
-        list,
-        key,
-        "GET api.coinbase.com/api/v3/brokerage/accounts",
-        "uri",
-    );
+    signed_as(list, key, accounts_uri, "uri");
     let order = reqs
         .iter()
         .find(|r| r.method == "POST" && r.path_and_query == "/api/v3/brokerage/orders")
@@ -420,6 +422,46 @@ async fn advanced_trade_sdk_ts_lists_accounts_and_places_an_order() {
         &key,
         &up,
         "/api/v3/brokerage/accounts",
+        "GET api.coinbase.com/api/v3/brokerage/accounts",
+    );
+    gate.stop().await;
+}
+
+const CCXT_JS: &str = r#"
+import ccxt from "ccxt";
+const key = JSON.parse(process.env.PLACEHOLDER_KEY);
+const exchange = new ccxt.coinbase({
+  apiKey: key.name,
+  secret: key.privateKey,
+  urls: { api: { rest: process.env.CBGATE_URL } },
+});
+const balance = await exchange.fetchBalance();
+console.log("accounts", Object.keys(balance.total).length, "BTC", balance.total.BTC);
+const order = await exchange.createOrder("BTC/USD", "limit", "buy", 0.0001, 10000);
+console.log("order", order.id);
+"#;
+
+#[tokio::test]
+async fn ccxt_node_fetches_the_balance_and_places_an_order() {
+    let (key, up, gate) = trading_setup().await;
+    let env = [
+        ("CBGATE_URL", gate.url.clone()),
+        ("PLACEHOLDER_KEY", placeholder(&[])),
+    ];
+    let out = run_node_module(provision::sdk_node(), CCXT_JS, &env).await;
+    println!("{}", show(&out));
+    check_trading(
+        "ccxt (npm)",
+        &out,
+        &key,
+        &up,
+        "/v2/accounts?limit=250",
+        "GET api.coinbase.com/v2/accounts",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("BTC 0.5"),
+        "ccxt parsed the balance: {stdout}"
     );
     gate.stop().await;
 }

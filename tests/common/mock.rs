@@ -1026,10 +1026,56 @@ fn trading(
     match (method, path) {
         ("GET", "/api/v3/brokerage/orders/historical/batch") => Some(open_orders(inner, query)),
         ("GET", "/api/v3/brokerage/accounts") => Some(accounts()),
+        ("GET", "/api/v3/brokerage/market/products") => Some(products(query)),
+        ("GET", "/v2/accounts") => Some(app_accounts()),
         ("POST", "/api/v3/brokerage/orders") => Some(place_order(inner, body)),
         ("POST", "/api/v3/brokerage/orders/batch_cancel") => Some(batch_cancel(inner, body)),
         _ => None,
     }
+}
+
+/// `GET /market/products`: BTC-USD, the one spot product (ccxt loads the list before trading);
+/// no futures (`product_type=FUTURE`).
+fn products(query: Option<&str>) -> Response<RespBody> {
+    if query.is_some_and(|q| q.contains("product_type=FUTURE")) {
+        return json_response(StatusCode::OK, &json!({"products": [], "num_products": 0}));
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"products": [{
+            "product_id": "BTC-USD", "price": "67060", "base_increment": "0.00000001",
+            "quote_increment": "0.01", "quote_min_size": "1", "quote_max_size": "150000000",
+            "base_min_size": "0.00000001", "base_max_size": "3400", "base_name": "Bitcoin",
+            "quote_name": "US Dollar", "status": "online", "is_disabled": false,
+            "cancel_only": false, "limit_only": false, "post_only": false,
+            "trading_disabled": false, "auction_mode": false, "product_type": "SPOT",
+            "quote_currency_id": "USD", "base_currency_id": "BTC",
+            "base_display_symbol": "BTC", "quote_display_symbol": "USD",
+            "view_only": false, "price_increment": "0.01", "display_name": "BTC-USD",
+            "product_venue": "CBE", "alias": "", "alias_to": []
+        }], "num_products": 1}),
+    )
+}
+
+/// `GET /v2/accounts` of the Coinbase App API (ccxt's default for balances): two wallets.
+fn app_accounts() -> Response<RespBody> {
+    let wallet = |id: &str, code: &str, kind: &str, amount: &str| {
+        json!({"id": id, "name": format!("{code} Wallet"), "primary": true, "type": kind,
+               "currency": code, "balance": {"amount": amount, "currency": code},
+               "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z",
+               "resource": "account", "resource_path": format!("/v2/accounts/{id}")})
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "pagination": {"ending_before": null, "starting_after": null, "limit": 250,
+                           "order": "desc", "previous_uri": null, "next_uri": null},
+            "data": [
+                wallet("6f7a3b2e-0000-4000-8000-000000000001", "BTC", "wallet", "0.50000000"),
+                wallet("6f7a3b2e-0000-4000-8000-000000000002", "USD", "fiat", "1000.00"),
+            ],
+        }),
+    )
 }
 
 fn accounts() -> Response<RespBody> {
