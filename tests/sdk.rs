@@ -465,3 +465,45 @@ async fn ccxt_node_fetches_the_balance_and_places_an_order() {
     );
     gate.stop().await;
 }
+
+const CCXT_PY: &str = r#"
+import json, os
+import ccxt
+
+key = json.loads(os.environ["PLACEHOLDER_KEY"])
+exchange = ccxt.coinbase({
+    "apiKey": key["name"],
+    "secret": key["privateKey"],
+    "urls": {"api": {"rest": os.environ["CBGATE_URL"]}},
+})
+balance = exchange.fetch_balance()
+print("accounts", len(balance["total"]), "BTC", balance["total"]["BTC"])
+order = exchange.create_order("BTC/USD", "limit", "buy", 0.0001, 10000)
+print("order", order["id"])
+"#;
+
+#[tokio::test]
+async fn ccxt_python_fetches_the_balance_and_places_an_order() {
+    let (key, up, gate) = trading_setup().await;
+    let env = [
+        ("CBGATE_URL", gate.url.clone()),
+        ("PLACEHOLDER_KEY", placeholder(&[])),
+    ];
+    let python = provision::sdk_python().to_str().expect("path");
+    let out = run(python, "-c", CCXT_PY, None, &env).await;
+    println!("{}", show(&out));
+    check_trading(
+        "ccxt (Python)",
+        &out,
+        &key,
+        &up,
+        "/v2/accounts?limit=250",
+        "GET api.coinbase.com/v2/accounts",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("BTC 0.5"),
+        "ccxt parsed the balance: {stdout}"
+    );
+    gate.stop().await;
+}
