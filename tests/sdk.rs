@@ -507,3 +507,78 @@ async fn ccxt_python_fetches_the_balance_and_places_an_order() {
     );
     gate.stop().await;
 }
+
+/// cbgate's wallet-auth path list and `reqHash` agree with the Python SDK's own functions
+/// (`_requires_wallet_auth`, `generate_wallet_jwt`) for every CDP v2 write and for bodies with
+/// nesting, numbers and non-ASCII text.
+#[test]
+fn wallet_auth_rules_match_the_python_sdk() {
+    let paths: Vec<(String, String)> = cbgate::gate::policy::CDP_V2_WRITES
+        .iter()
+        .map(|(m, p, _, _)| {
+            (
+                m.to_string(),
+                p.replace("/**", "/deposit").replace('*', "id-1"),
+            )
+        })
+        .chain([
+            ("GET".to_owned(), "/platform/v2/evm/accounts".to_owned()),
+            (
+                "POST".to_owned(),
+                "/platform/v1/wallets/w/addresses".to_owned(),
+            ),
+        ])
+        .collect();
+    let bodies = [
+        r#"{"name":"a"}"#,
+        r#"{"z":{"b":[1,2.5,{"y":null,"x":true}],"a":"caf\u00e9 \u2713 \ud83d\ude00"},"m":"<&>\"\\/\n"}"#,
+        r#"{"amount":"1000000000000000000","n":0.1,"big":12345678901234567890}"#,
+        "{}",
+    ];
+    let script = r#"
+import json, sys, base64
+from cdp.auth.utils.http import _requires_wallet_auth
+from cdp.auth.utils.jwt import generate_wallet_jwt, WalletJwtOptions
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
+req = json.load(sys.stdin)
+secret = base64.b64encode(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).decode()
+out = {"paths": [_requires_wallet_auth(m, p) for m, p in req["paths"]], "hashes": []}
+for b in req["bodies"]:
+    t = generate_wallet_jwt(WalletJwtOptions(wallet_auth_key=secret, request_method="POST",
+        request_host="api.cdp.coinbase.com", request_path="/platform/v2/evm/accounts",
+        request_data=json.loads(b)))
+    claims = json.loads(base64.urlsafe_b64decode(t.split(".")[1] + "=="))
+    out["hashes"].append(claims.get("reqHash"))
+print(json.dumps(out))
+"#;
+    let input = serde_json::json!({"paths": paths, "bodies": bodies}).to_string();
+    let mut child = Command::new(provision::sdk_python())
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sdk: Value = serde_json::from_slice(&out.stdout).expect("json");
+    for (i, (m, p)) in paths.iter().enumerate() {
+        assert_eq!(
+            cbgate::sign::wallet::requires_wallet_auth(m, p),
+            sdk["paths"][i].as_bool().expect("bool"),
+            "{m} {p}"
+        );
+    }
+    for (i, b) in bodies.iter().enumerate() {
+        let ours = cbgate::sign::wallet::req_hash(b.as_bytes()).expect("hash");
+        assert_eq!(ours.as_deref(), sdk["hashes"][i].as_str(), "{b}");
+    }
+}
