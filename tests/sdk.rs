@@ -582,3 +582,18 @@ print(json.dumps(out))
         assert_eq!(ours.as_deref(), sdk["hashes"][i].as_str(), "{b}");
     }
 }
+
+/// The README's CDP v2 table is the permission table cbgate enforces, row for row.
+#[test]
+fn readme_lists_every_cdp_v2_write_with_its_ceiling_and_reason() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    for (m, p, ceiling, why) in cbgate::gate::policy::CDP_V2_WRITES {
+        let ceiling = match ceiling {
+            cbgate::gate::policy::CdpCeiling::Trade => "trade",
+            cbgate::gate::policy::CdpCeiling::Transfer => "transfer",
+        };
+        let row = format!("| {m} | `{p}` | {ceiling} | {why} |");
+        assert!(readme.contains(&row), "README lacks the row {row}");
+    }
+}
