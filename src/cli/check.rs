@@ -15,7 +15,9 @@ pub fn run(
     env: HashMap<String, String>,
     hardening: &harden::Report,
 ) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args.common, Overrides::default(), env)?;
+    let Loaded {
+        cfg, key, wallet, ..
+    } = load(&args.common, Overrides::default(), env)?;
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -47,6 +49,9 @@ pub fn run(
         None => println!(
             "key: none configured; requests will be forwarded unsigned (public endpoints only)"
         ),
+    }
+    if wallet.is_some() {
+        println!("wallet secret: loaded; X-Wallet-Auth is minted for CDP v2 wallet requests");
     }
     let yes_no = |b: bool| if b { "yes" } else { "NO" };
     println!(
