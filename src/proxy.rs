@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::forward::body_timeout::{BodyTimeout, Direction, TimedBody};
 use crate::forward::date_watch::DateWatch;
-use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
+use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop, WALLET_AUTH};
 use crate::forward::upstream::{SetupError, UpstreamClient, UpstreamError};
 use crate::forward::ws::{self, WsState};
 use crate::gate::client::ClientGate;
@@ -29,8 +29,9 @@ use crate::gate::route::{Route, Router};
 use crate::ops::audit::{self, Audit, RequestInfo, Ticket};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
-use crate::sign::jwt::{Binding, Signer};
+use crate::sign::jwt::{Binding, ClaimStyle, Signer};
 use crate::sign::key::ApiKey;
+use crate::sign::wallet::{self, WalletSecret};
 use crate::Body;
 use zeroize::Zeroizing;
 
@@ -61,6 +62,8 @@ pub struct Proxy {
     admin_loopback: bool,
     /// The audit log, when `audit.file` is set.
     audit: Option<Audit>,
+    /// The CDP Wallet Secret: with it cbgate mints `X-Wallet-Auth`; without, a client's passes.
+    wallet: Option<WalletSecret>,
 }
 
 /// Building the proxy failed.
@@ -110,6 +113,7 @@ impl Proxy {
             admin_token: None,
             admin_loopback: cfg.admin_listen.ip().is_loopback(),
             audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
+            wallet: None,
         })
     }
 
@@ -117,6 +121,13 @@ impl Proxy {
     /// client identity `default`. `cfg` is no longer read (kept for callers).
     pub fn with_client_token(mut self, token: Option<Zeroizing<String>>, _cfg: &Config) -> Proxy {
         self.identities.set_default_token(token);
+        self
+    }
+
+    /// Mints `X-Wallet-Auth` with `wallet` for the CDP v2 requests the CDP SDKs sign
+    /// (`key.wallet_secret_file` or `CDP_WALLET_SECRET`), replacing any the client sent.
+    pub fn with_wallet_secret(mut self, wallet: Option<WalletSecret>) -> Proxy {
+        self.wallet = wallet;
         self
     }
 
@@ -349,6 +360,11 @@ impl Proxy {
         let request_id = parts.headers.get(&REQUEST_ID).cloned();
         strip_hop_by_hop(&mut parts.headers);
         strip_client_credentials(&mut parts.headers);
+        // cbgate holds the wallet secret: a client's token (signed with a placeholder, for
+        // cbgate's host) never goes up, whether or not this request gets cbgate's own.
+        if self.wallet.is_some() {
+            parts.headers.remove(&WALLET_AUTH);
+        }
         if let Some(id) = &request_id {
             parts.headers.insert(&REQUEST_ID, id.clone());
         }
@@ -402,6 +418,17 @@ impl Proxy {
             }
         }
 
+        // The body's hash for X-Wallet-Auth, when this is a request the CDP SDKs wallet-sign.
+        let wallet_hash = match &self.wallet {
+            Some(_)
+                if route.upstream.claims == ClaimStyle::Uris
+                    && wallet::requires_wallet_auth(parts.method.as_str(), parts.uri.path()) =>
+            {
+                Some(wallet::req_hash(&body).map_err(|e| ProxyError::BadRequest(e.to_string()))?)
+            }
+            _ => None,
+        };
+
         let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + self.client.request_timeout();
         let mut resent = false;
@@ -423,6 +450,21 @@ impl Proxy {
                 // Keeps the token out of HPACK tables and hyper's Debug output.
                 value.set_sensitive(true);
                 req.headers_mut().insert(header::AUTHORIZATION, value);
+            }
+            if let (Some(w), Some(hash)) = (&self.wallet, &wallet_hash) {
+                let now = crate::sign::jwt::now_secs(self.signer.clock_offset());
+                let token = w
+                    .mint(
+                        now,
+                        parts.method.as_str(),
+                        &upstream.authority,
+                        parts.uri.path(),
+                        hash.as_deref(),
+                    )
+                    .map_err(|_| ProxyError::Sign)?;
+                let mut value = HeaderValue::try_from(token).map_err(|_| ProxyError::Sign)?;
+                value.set_sensitive(true);
+                req.headers_mut().insert(&WALLET_AUTH, value);
             }
             match self.client.send_until(&upstream.host, req, deadline).await {
                 // Once: the server said it never processed this stream (GOAWAY while

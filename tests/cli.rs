@@ -449,3 +449,62 @@ request_timeout = "60s"
         hung.abort();
     }
 }
+
+/// `cbgate placeholder-key` prints fresh throwaway credentials, plainly named as placeholders,
+/// in the forms the SDKs (and cbgate's own parser) accept.
+#[test]
+fn placeholder_keys_are_fresh_parseable_and_named_as_placeholders() {
+    let gen = |args: &[&str]| {
+        let out = run(cbgate().arg("placeholder-key").args(args));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    for (args, alg, begin) in [
+        (
+            &[][..],
+            cbgate::sign::key::Algorithm::Es256,
+            Some("-----BEGIN EC PRIVATE KEY-----\n"),
+        ),
+        (
+            &["--pkcs8"][..],
+            cbgate::sign::key::Algorithm::Es256,
+            Some("-----BEGIN PRIVATE KEY-----\n"),
+        ),
+        (
+            &["--ed25519"][..],
+            cbgate::sign::key::Algorithm::EdDsa,
+            None,
+        ),
+    ] {
+        let a: serde_json::Value = serde_json::from_str(&gen(args)).expect("JSON");
+        let b: serde_json::Value = serde_json::from_str(&gen(args)).expect("JSON");
+        assert_ne!(
+            a["privateKey"], b["privateKey"],
+            "{args:?}: fresh each time"
+        );
+        let name = a["name"].as_str().or(a["id"].as_str()).expect("name or id");
+        assert!(name.contains("placeholder"), "{name}");
+        let secret = a["privateKey"].as_str().expect("privateKey");
+        if let Some(begin) = begin {
+            assert!(secret.starts_with(begin), "{secret:.40}");
+            assert!(
+                name.starts_with("organizations/placeholder/apiKeys/"),
+                "{name}"
+            );
+        } else {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(secret)
+                .expect("base64");
+            assert_eq!(raw.len(), 64);
+        }
+        let key = cbgate::sign::key::ApiKey::parse(name, secret).expect("cbgate parses it");
+        assert_eq!(key.algorithm(), alg);
+    }
+    let w = gen(&["--wallet-secret"]);
+    cbgate::sign::wallet::WalletSecret::parse(&w).expect("a wallet secret");
+    assert_ne!(w, gen(&["--wallet-secret"]));
+}

@@ -129,6 +129,9 @@ where
     }
     cmd.env_remove("COINBASE_API_KEY")
         .env_remove("COINBASE_API_SECRET")
+        .env_remove("CDP_API_KEY_ID")
+        .env_remove("CDP_API_KEY_SECRET")
+        .env_remove("CDP_WALLET_SECRET")
         .env_remove("CBGATE_CONFIG");
     cmd.envs(env.iter().copied());
     cmd.output().expect("run the cbgate binary")
@@ -908,4 +911,51 @@ fn a_json_document_as_the_secret_is_named() {
     assert_err_names(&err, "is a JSON document", &secret, "ApiKey::parse");
     let err = load_from_env(&env_pair(NAME, &doc)).expect_err("JSON as the secret");
     assert_err_names(&err, "--key-file", &secret, "env pair");
+}
+
+/// The CDP SDKs' variables work for cbgate too: `CDP_API_KEY_ID` + `CDP_API_KEY_SECRET` for the
+/// key, `CDP_WALLET_SECRET` for the wallet secret; a bad wallet secret is exit 2, named, never
+/// quoted; only half of the CDP pair is named as such.
+#[test]
+fn cdp_environment_variables_give_the_key_and_the_wallet_secret() {
+    let key = TestKey::generate(KeyForm::Ed25519B64_64);
+    let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+    )
+    .expect("P-256")
+    .to_pkcs8v1()
+    .expect("pkcs8");
+    let wallet = STANDARD.encode(pkcs8.as_ref());
+    let out = cbgate(
+        ["check"],
+        &[
+            ("CDP_API_KEY_ID", key.name.as_str()),
+            ("CDP_API_KEY_SECRET", key.secret.as_str()),
+            ("CDP_WALLET_SECRET", wallet.as_str()),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("key: {}", key.name)), "{stdout}");
+    assert!(stdout.contains("algorithm: EdDSA"), "{stdout}");
+    assert!(stdout.contains("wallet secret: loaded"), "{stdout}");
+    assert_no_secret(&stdout, &wallet);
+
+    // The API key secret pasted where the wallet secret belongs.
+    let out = cbgate(
+        ["check"],
+        &[
+            ("CDP_API_KEY_ID", key.name.as_str()),
+            ("CDP_API_KEY_SECRET", key.secret.as_str()),
+            ("CDP_WALLET_SECRET", key.secret.as_str()),
+        ],
+    );
+    assert_check_fails(&out, "CDP_WALLET_SECRET", &key.secret);
+
+    let out = cbgate(["check"], &[("CDP_API_KEY_ID", key.name.as_str())]);
+    assert_check_fails(&out, "CDP_API_KEY_SECRET", &key.secret);
 }

@@ -222,6 +222,14 @@ async fn client_credentials_and_hop_by_hop_headers_are_stripped() {
         .header("te", "trailers")
         .header("x-custom", "kept")
         .header("user-agent", "bot/1.0")
+        .header("cb-access-key", "client-key")
+        .header("cb-access-sign", "client-sign")
+        .header("cb-access-timestamp", "1700000000")
+        .header("cb-access-passphrase", "client-passphrase")
+        .header("x-cb-access-key", "client-key")
+        .header("x-cb-access-signature", "client-sign")
+        .header("x-cb-access-timestamp", "1700000000")
+        .header("x-cb-access-passphrase", "client-passphrase")
         .body(Full::new(Bytes::new()))
         .expect("request");
     let r = send(&h1_client(), req).await;
@@ -229,6 +237,14 @@ async fn client_credentials_and_hop_by_hop_headers_are_stripped() {
     let rec = &up.mock.requests()[0];
     valid_claims(&rec.auth);
     for gone in [
+        "cb-access-key",
+        "cb-access-sign",
+        "cb-access-timestamp",
+        "cb-access-passphrase",
+        "x-cb-access-key",
+        "x-cb-access-signature",
+        "x-cb-access-timestamp",
+        "x-cb-access-passphrase",
         "proxy-authorization",
         "connection",
         "x-hop-secret",
@@ -595,4 +611,83 @@ async fn unix_socket_listener_is_private_and_serves() {
     valid_claims(&up.mock.requests()[0].auth);
     gate.stop().await;
     assert!(!sock.exists(), "socket file removed on shutdown");
+}
+
+/// With the wallet secret, cbgate's `X-Wallet-Auth` replaces the client's on the requests the
+/// CDP SDKs sign, and the client's is removed from all others; on other routes none is added.
+/// Without the secret the client's passes through untouched.
+#[tokio::test]
+async fn x_wallet_auth_is_minted_replaced_or_passed() {
+    use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+    use base64::Engine as _;
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let pkcs8 = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING)
+        .expect("P-256")
+        .to_pkcs8v1()
+        .expect("pkcs8");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref());
+    let secret = cbgate::sign::wallet::WalletSecret::parse(&b64).expect("wallet secret");
+    let up = Upstream::start_with(common::mock::MockOptions {
+        key: Some(key.expected.clone()),
+        wallet_key: Some(secret.public_key().to_vec()),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = up.config();
+    cfg.policy.permission = cbgate::config::Permission::Transfer;
+    let gate = Gate::start_with_wallet(cfg.clone(), Some(&key), Some(secret)).await;
+    let req = |method: Method, path: &str, body: &'static str| {
+        Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", gate.url))
+            .header("x-wallet-auth", "client-token")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("request")
+    };
+    let client = h1_client();
+    for (m, path, body) in [
+        (
+            Method::POST,
+            "/platform/v2/evm/accounts",
+            r#"{"name":"n1"}"#,
+        ),
+        (Method::POST, "/platform/v2/evm/accounts", ""),
+        (Method::GET, "/platform/v2/evm/accounts", ""),
+        (Method::POST, "/platform/v2/evm/swaps", r#"{"a":1}"#),
+        (Method::POST, "/v2/accounts/a1/transactions", r#"{"a":1}"#),
+    ] {
+        let r = send(&client, req(m.clone(), path, body)).await;
+        assert_eq!(r.status, StatusCode::OK, "{m} {path}: {}", r.text());
+    }
+    let recs = up.mock.requests();
+    let claims = |i: usize| match &recs[i].wallet_auth {
+        Some(Ok(c)) => c.clone(),
+        other => panic!("request {i}: {other:?}"),
+    };
+    assert!(
+        claims(0)["reqHash"].is_string(),
+        "a body with fields is hashed"
+    );
+    assert!(claims(1).get("reqHash").is_none(), "an empty body is not");
+    assert_eq!(recs.len(), 5);
+    for (i, r) in recs.iter().enumerate().skip(2) {
+        assert!(r.headers.get("x-wallet-auth").is_none(), "request {i}");
+    }
+
+    // No wallet secret: the client's own token passes, on every route.
+    let gate2 = Gate::start(cfg, Some(&key)).await;
+    let r = send(
+        &client,
+        Request::post(format!("{}/platform/v2/evm/swaps", gate2.url))
+            .header("x-wallet-auth", "client-token")
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let last = up.mock.requests().pop().expect("recorded");
+    assert_eq!(last.headers["x-wallet-auth"], "client-token");
+    gate.stop().await;
+    gate2.stop().await;
 }

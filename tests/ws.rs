@@ -592,6 +592,26 @@ async fn without_a_key_subscribe_passes_unsigned_and_unchanged() {
 }
 
 #[tokio::test]
+async fn without_a_key_client_credentials_in_a_subscribe_are_removed() {
+    let up = WsUpstream::start(WsMockOptions {
+        on_subscribe: 1,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let gate = Gate::start(up.config(), None).await;
+    let mut ws = connect(&gate, "/ws").await;
+    let sub = r#"{"type":"subscribe","channel":"ticker","jwt":"client-jwt","api_key":"k","signature":"s","timestamp":"1","passphrase":"p","product_ids":["BTC-USD"]}"#;
+    ws.send(Message::text(sub)).await.expect("send");
+    assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
+    let subs = up.mock.subscriptions();
+    assert_eq!(
+        subs[0].text,
+        r#"{"type":"subscribe","channel":"ticker","product_ids":["BTC-USD"]}"#
+    );
+    assert!(matches!(subs[0].auth, SubAuth::Missing));
+}
+
+#[tokio::test]
 async fn graceful_shutdown_sends_1001_to_client_and_upstream() {
     let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
     let mut ws = connect(&gate, "/ws/user").await;

@@ -20,6 +20,7 @@ pub fn run(
         key,
         client_token,
         client_tokens,
+        wallet,
         ..
     } = load(&args.common, Overrides::default(), env)?;
     let runtime = tokio::runtime::Runtime::new()
@@ -101,6 +102,9 @@ pub fn run(
         None => println!(
             "key: none configured; requests will be forwarded unsigned (public endpoints only)"
         ),
+    }
+    if wallet.is_some() {
+        println!("wallet secret: loaded; X-Wallet-Auth is minted for CDP v2 wallet requests");
     }
     let yes_no = |b: bool| if b { "yes" } else { "NO" };
     println!(

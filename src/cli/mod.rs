@@ -7,6 +7,7 @@ pub mod completions;
 pub mod halt;
 pub mod health;
 pub mod man;
+pub mod placeholder;
 pub mod serve;
 pub mod token;
 
@@ -19,6 +20,7 @@ use zeroize::{Zeroize as _, Zeroizing};
 use cbgate::config::{Config, Sources};
 use cbgate::sign::jwt;
 use cbgate::sign::key::{ApiKey, KeyError, KeySource};
+use cbgate::sign::wallet::WalletSecret;
 
 /// Exit code for bad configuration (flags, file, environment or key).
 pub const EXIT_CONFIG: u8 = 2;
@@ -61,6 +63,10 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Print a throwaway credential for a client library that insists on one: cbgate removes
+    /// the client's signatures and signs with the real key, so the client gets this instead.
+    /// Default: a CDP key JSON with a fresh P-256 key (SEC1), named organizations/placeholder/...
+    PlaceholderKey(placeholder::PlaceholderArgs),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
@@ -234,6 +240,8 @@ pub struct Loaded {
     pub client_tokens: cbgate::gate::identity::ClientTokens,
     /// The admin control token (`admin_token_file`).
     pub admin_token: Option<Zeroizing<String>>,
+    /// The CDP Wallet Secret (`key.wallet_secret_file` or `CDP_WALLET_SECRET`).
+    pub wallet: Option<WalletSecret>,
 }
 
 /// Flags that override configuration keys (only `serve` has them).
@@ -257,9 +265,15 @@ pub fn load(
         key_file: common.key_file.clone(),
     };
     let loaded = load_from(&sources);
-    // The environment map held a copy of the secret: wipe it before it is freed.
-    if let Some(secret) = sources.env.get_mut("COINBASE_API_SECRET") {
-        secret.zeroize();
+    // The environment map held copies of the secrets: wipe them before they are freed.
+    for name in [
+        "COINBASE_API_SECRET",
+        "CDP_API_KEY_SECRET",
+        "CDP_WALLET_SECRET",
+    ] {
+        if let Some(secret) = sources.env.get_mut(name) {
+            secret.zeroize();
+        }
     }
     loaded
 }
@@ -301,6 +315,19 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     };
     let client_tokens = cbgate::gate::identity::ClientTokens::read(&cfg)
         .map_err(|e| config_err(anyhow::anyhow!("{e}")))?;
+    let wallet = WalletSecret::select(
+        cfg.key.wallet_secret_file.as_deref(),
+        sources.env.get("CDP_WALLET_SECRET").map(String::as_str),
+        allow_insecure,
+    )
+    .map_err(|e| {
+        let origin = if cfg.key.wallet_secret_file.is_some() {
+            setting_origin(sources, "key.wallet_secret_file", None)
+        } else {
+            "environment variable CDP_WALLET_SECRET".to_owned()
+        };
+        config_err(anyhow::anyhow!("{origin}: {e}"))
+    })?;
     Ok(Loaded {
         cfg,
         key,
@@ -309,6 +336,7 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         client_token,
         client_tokens,
         admin_token,
+        wallet,
     })
 }
 

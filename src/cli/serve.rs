@@ -72,6 +72,7 @@ pub fn run(
         client_token,
         client_tokens,
         admin_token,
+        wallet,
     } = load(
         &args.common,
         Overrides {
@@ -126,6 +127,11 @@ pub fn run(
             }
         }
     }
+    if wallet.is_some() {
+        tracing::info!(
+            "wallet secret loaded: cbgate mints X-Wallet-Auth for CDP v2 wallet requests"
+        );
+    }
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -159,6 +165,7 @@ pub fn run(
         let proxy = Arc::new(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
+                .with_wallet_secret(wallet)
                 .with_client_token(client_token, &cfg)
                 .with_client_tokens(client_tokens)
                 .map_err(config_err)?

@@ -255,6 +255,9 @@ pub struct KeyConfig {
     /// Accept a key file readable or writable by group or others (refused by default, as ssh
     /// refuses such private keys).
     pub allow_insecure_permissions: bool,
+    /// The CDP Wallet Secret (base64 DER PKCS#8 P-256) for `X-Wallet-Auth`. When unset,
+    /// `CDP_WALLET_SECRET` is used; with neither, a client's own `X-Wallet-Auth` passes.
+    pub wallet_secret_file: Option<PathBuf>,
 }
 
 /// The permission ceiling cbgate enforces, whatever the key itself may do. Ordered: `View` <

@@ -56,12 +56,35 @@ pub fn routing_override(headers: &HeaderMap) -> Option<(&'static str, &'static s
 /// Removes what a client must not be able to send to Coinbase through cbgate: its own
 /// credentials (cbgate's token replaces them), its `cbgate-token`, and the `Host` (the route
 /// chooses the upstream).
+///
+/// Credentials are every field any Coinbase API reads as one: `Authorization` (the JWT
+/// families), `CB-ACCESS-*` (Exchange and International Exchange HMAC: key, sign, timestamp,
+/// passphrase) and `X-CB-ACCESS-*` (Prime). A client holding a placeholder key signs with it;
+/// forwarding those fields next to cbgate's would at best confuse the server and at worst let
+/// a client's own (real) credential through unseen by the policy. `X-Wallet-Auth` is handled
+/// by the caller: it passes when cbgate holds no wallet secret (see `sign::wallet`).
 pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::HOST);
     headers.remove(&crate::gate::client::TOKEN_HEADER);
+    let hmac: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hmac_credential(name.as_str()))
+        .cloned()
+        .collect();
+    for name in hmac {
+        headers.remove(name);
+    }
 }
+
+/// `CB-ACCESS-*` or `X-CB-ACCESS-*` (header names arrive lower-cased).
+fn is_hmac_credential(name: &str) -> bool {
+    name.starts_with("cb-access-") || name.starts_with("x-cb-access-")
+}
+
+/// The CDP wallet-auth header, which cbgate replaces when it holds the wallet secret.
+pub static WALLET_AUTH: HeaderName = HeaderName::from_static("x-wallet-auth");
 
 #[cfg(test)]
 mod tests {
@@ -87,5 +110,48 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
         assert_eq!(left, vec!["content-type", "x-ratelimit-remaining"]);
+    }
+
+    #[test]
+    fn every_client_credential_is_removed() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "authorization",
+            "proxy-authorization",
+            "host",
+            "cbgate-token",
+            "CB-ACCESS-KEY",
+            "CB-ACCESS-SIGN",
+            "CB-ACCESS-TIMESTAMP",
+            "CB-ACCESS-PASSPHRASE",
+            "X-CB-ACCESS-KEY",
+            "X-CB-ACCESS-SIGNATURE",
+            "X-CB-ACCESS-TIMESTAMP",
+            "X-CB-ACCESS-PASSPHRASE",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                "client".parse().expect("v"),
+            );
+        }
+        // Twice: every value of a repeated field goes.
+        h.append("cb-access-sign", "again".parse().expect("v"));
+        // Not credentials: kept.
+        h.insert("cb-version", "2024-01-01".parse().expect("v"));
+        h.insert("x-cb-accessibility", "1".parse().expect("v"));
+        h.insert("x-wallet-auth", "w".parse().expect("v"));
+        h.insert(header::CONTENT_TYPE, "application/json".parse().expect("v"));
+        strip_client_credentials(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            vec![
+                "cb-version",
+                "content-type",
+                "x-cb-accessibility",
+                "x-wallet-auth"
+            ]
+        );
     }
 }

@@ -21,8 +21,9 @@
 //! - A client text message that is a JSON object whose `type` is `subscribe` or `unsubscribe`
 //!   gets a fresh `jwt` (replacing any the client sent, in its place) and loses the client's
 //!   own credential fields (`api_key`, `signature`, `timestamp`, `passphrase`); the other
-//!   top-level fields keep their order and their values their exact text. Without a key it
-//!   passes unchanged. The message is recognised by a scan that looks at the `type` field only
+//!   top-level fields keep their order and their values their exact text. Without a key the
+//!   client's credential fields (`jwt` included) are still removed, and a message without any
+//!   passes byte for byte: a client credential never reaches Coinbase. The message is recognised by a scan that looks at the `type` field only
 //!   and skips every other value without building it, so no client input becomes a JSON tree.
 //! - Every other message passes as it came: text, binary, ping and pong payloads, close code and
 //!   reason. Fragmented messages are reassembled by tungstenite and forwarded as one frame (a
@@ -251,6 +252,11 @@ impl WsSigner {
     /// A subscribe-token minter over the shared signer.
     pub fn new(signer: Arc<Signer>) -> WsSigner {
         WsSigner(signer)
+    }
+
+    /// Whether a key is configured (subscribes get a `jwt`).
+    pub fn has_key(&self) -> bool {
+        self.0.key().is_some()
     }
 
     /// A fresh token without request binding (no `uri`), or `None` without a key.
@@ -816,11 +822,14 @@ impl Session {
                     }
                     match kind.map(|_| sign_subscription(&text, &self.signer)) {
                         Some(Ok(Some(rewritten))) => {
-                            signed.fetch_add(1, Ordering::Relaxed);
-                            self.shared
-                                .counters
-                                .subscribes_signed
-                                .fetch_add(1, Ordering::Relaxed);
+                            // Without a key the rewrite only removed client credentials.
+                            if self.signer.has_key() {
+                                signed.fetch_add(1, Ordering::Relaxed);
+                                self.shared
+                                    .counters
+                                    .subscribes_signed
+                                    .fetch_add(1, Ordering::Relaxed);
+                            }
                             Message::text(rewritten)
                         }
                         None | Some(Ok(None)) => Message::Text(text),
@@ -972,12 +981,14 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// Writes the object it visits to `out` with `jwt` set to `token` (in the place of the first
-/// client `jwt`, or last) and the client's credential fields left out. Other values are copied
-/// as their raw text (`RawValue` borrows it from the input), so nothing is parsed into a tree
-/// and the output is at most the input plus the token.
+/// client `jwt`, or last; no `jwt` at all without a token) and the client's credential fields
+/// left out, counting them in `dropped`. Other values are copied as their raw text
+/// (`RawValue` borrows it from the input), so nothing is parsed into a tree and the output is
+/// at most the input plus the token.
 struct Rewrite<'t> {
-    token: &'t str,
+    token: Option<&'t str>,
     out: &'t mut Vec<u8>,
+    dropped: &'t mut usize,
 }
 
 impl<'de> Visitor<'de> for Rewrite<'_> {
@@ -986,7 +997,11 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Rewrite { token, out } = self;
+        let Rewrite {
+            token,
+            out,
+            dropped,
+        } = self;
         let mut first = true;
         let mut jwt_written = false;
         let mut put = |out: &mut Vec<u8>, key: &str, raw: &str| -> Result<(), A::Error> {
@@ -997,18 +1012,22 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
             out.extend_from_slice(raw.as_bytes());
             Ok(())
         };
-        let quoted = serde_json::to_string(token).map_err(de::Error::custom)?;
+        let quoted = token
+            .map(|t| serde_json::to_string(t).map_err(de::Error::custom))
+            .transpose()?;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match Field::deserialize(de::value::StrDeserializer::<A::Error>::new(&key))? {
                 Field::Jwt => {
                     map.next_value::<IgnoredAny>()?;
-                    if !jwt_written {
-                        put(out, "jwt", &quoted)?;
+                    *dropped += 1;
+                    if let (Some(q), false) = (&quoted, jwt_written) {
+                        put(out, "jwt", q)?;
                         jwt_written = true;
                     }
                 }
                 Field::ApiKey | Field::Signature | Field::Timestamp | Field::Passphrase => {
                     map.next_value::<IgnoredAny>()?;
+                    *dropped += 1;
                 }
                 Field::Type | Field::Other => {
                     let raw = map.next_value::<&'de RawValue>()?;
@@ -1016,28 +1035,31 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
                 }
             }
         }
-        if !jwt_written {
-            put(out, "jwt", &quoted)?;
+        if let (Some(q), false) = (&quoted, jwt_written) {
+            put(out, "jwt", q)?;
+        }
+        if first {
+            out.push(b'{');
         }
         out.push(b'}');
         Ok(())
     }
 }
 
-/// When a key is configured, the subscribe/unsubscribe `text` with `jwt` set to a fresh token
-/// and the client's credential fields removed; `None` without a key or when `text` is not a
-/// JSON object (it then passes unchanged).
+/// The subscribe/unsubscribe `text` with the client's credential fields removed and, when a
+/// key is configured, `jwt` set to a fresh token. `None` when `text` is not a JSON object, or
+/// when there is no key and nothing to remove: it then passes unchanged.
 fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, ProxyError> {
-    let Some(token) = signer.token()? else {
-        return Ok(None);
-    };
-    let mut out = Vec::with_capacity(text.len() + token.len() + 16);
+    let token = signer.token()?;
+    let mut out = Vec::with_capacity(text.len() + token.as_ref().map_or(0, String::len) + 16);
+    let mut dropped = 0;
     let mut d = serde_json::Deserializer::from_str(text);
     let rewritten = d.deserialize_map(Rewrite {
-        token: &token,
+        token: token.as_deref(),
         out: &mut out,
+        dropped: &mut dropped,
     });
-    if rewritten.is_err() || d.end().is_err() {
+    if rewritten.is_err() || d.end().is_err() || (token.is_none() && dropped == 0) {
         return Ok(None);
     }
     // Made of the input's own (UTF-8) text and serde_json's output.
@@ -1135,6 +1157,21 @@ mod tests {
             sign_subscription(r#"{"type":"subscribe"}"#, &unsigned()).expect("ok"),
             None
         );
+    }
+
+    #[test]
+    fn without_a_key_client_credentials_are_still_removed() {
+        let out = sign_subscription(
+            r#"{"type":"subscribe","jwt":"mine","channel":"user","api_k\u0065y":"k","signature":"s","timestamp":"1","passphrase":"p"}"#,
+            &unsigned(),
+        )
+        .expect("ok")
+        .expect("rewritten");
+        assert_eq!(out, r#"{"type":"subscribe","channel":"user"}"#);
+        let out = sign_subscription(r#"{"jwt":"mine"}"#, &unsigned())
+            .expect("ok")
+            .expect("rewritten");
+        assert_eq!(out, "{}");
     }
 
     #[test]

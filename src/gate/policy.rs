@@ -37,6 +37,8 @@ pub struct Policy {
     rules: Vec<Rule>,
     /// `None`: the global `[policy]`; `Some(name)`: client identity `name`'s own.
     client: Option<String>,
+    /// The CDP v2 writes the `trade` ceiling allows ([`CDP_V2_WRITES`]): method and pattern.
+    cdp_trade: Vec<(&'static str, Vec<Segment>)>,
 }
 
 impl Policy {
@@ -90,10 +92,20 @@ impl Policy {
                 pattern,
             });
         }
+        let cdp_trade = CDP_V2_WRITES
+            .iter()
+            .filter(|w| w.2 == CdpCeiling::Trade)
+            .map(|&(m, p, _, _)| {
+                parse_pattern(p)
+                    .map(|pat| (m, pat))
+                    .map_err(|e| ("CDP_V2_WRITES".to_owned(), format!("{p}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Policy {
             permission: cfg.permission,
             rules,
             client,
+            cdp_trade,
         })
     }
 
@@ -127,7 +139,9 @@ impl Policy {
                 };
             }
         }
-        if ceiling_allows(self.permission, method, decoded) {
+        if ceiling_allows(self.permission, method, decoded)
+            || (self.permission == Permission::Trade && self.cdp_trade_allows(method, decoded))
+        {
             return Ok(());
         }
         if let Some(client) = &self.client {
@@ -135,7 +149,7 @@ impl Policy {
                 Permission::View => ("view", "GET and HEAD only"),
                 Permission::Trade => (
                     "trade",
-                    "reads plus Advanced Trade orders and convert; nothing that moves funds",
+                    "reads plus Advanced Trade orders, convert and the CDP v2 writes that move no funds; nothing that moves funds",
                 ),
                 Permission::Transfer => ("transfer", "everything"),
             };
@@ -153,7 +167,7 @@ impl Policy {
             ),
             Permission::Trade => (
                 "trade",
-                "reads plus Advanced Trade orders and convert; nothing that moves funds",
+                "reads plus Advanced Trade orders, convert and the CDP v2 writes that move no funds; nothing that moves funds",
                 "policy.permission = \"transfer\"",
             ),
             // Transfer allows everything; this arm is never reached.
@@ -163,6 +177,527 @@ impl Policy {
             "{method} {path} is above cbgate's permission ceiling \"{name}\" ({scope}); \
              to allow it set {next}, or add a [[policy.rules]] allow rule for this path"
         )))
+    }
+}
+
+/// The ceiling one CDP v2 write needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CdpCeiling {
+    /// Moves no funds (creates or names accounts, quotes, reads sent as POST): `trade`.
+    Trade,
+    /// Can move funds, or lifts what guards them (signatures, sends, key export, policies):
+    /// `transfer`.
+    Transfer,
+}
+
+/// Every write of the CDP v2 API (`openapi.yaml` of coinbase/cdp-sdk), under cbgate's
+/// `/platform` route: method, path pattern (`*` one segment, final `**` any), the ceiling it
+/// needs, and why. A CDP write not listed here needs `transfer`. The README's table is this one.
+pub const CDP_V2_WRITES: &[(&str, &str, CdpCeiling, &str)] = {
+    use CdpCeiling::{Trade as T, Transfer as X};
+    &[
+        (
+            "POST",
+            "/platform/v2/evm/accounts",
+            T,
+            "creates an empty EVM account; moves nothing",
+        ),
+        (
+            "PUT",
+            "/platform/v2/evm/accounts/*",
+            X,
+            "can replace or remove the account's policy, which limits what it may sign",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/import",
+            T,
+            "registers a key the caller already holds; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/export",
+            X,
+            "returns the private key: whoever holds it can move everything",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/export/by-name/*",
+            X,
+            "returns the private key: whoever holds it can move everything",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/send/transaction",
+            X,
+            "signs and broadcasts a transaction: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/sign/transaction",
+            X,
+            "a signed transaction sends funds wherever it is broadcast",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/sign",
+            X,
+            "signs an arbitrary hash, which can be a transaction's",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/sign/message",
+            X,
+            "EIP-191 signatures authorise logins and off-chain orders",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/sign/typed-data",
+            X,
+            "EIP-712 signatures authorise permits and orders that spend tokens",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/accounts/*/eip7702/delegation",
+            X,
+            "delegates the account to contract code, which can then move its funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts",
+            T,
+            "creates an empty smart account; moves nothing",
+        ),
+        (
+            "PUT",
+            "/platform/v2/evm/smart-accounts/*",
+            T,
+            "renames the smart account; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts/*/user-operations",
+            T,
+            "prepares an unsigned user operation; nothing is sent",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts/*/user-operations/prepare-and-send",
+            X,
+            "signs and sends a user operation: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts/*/user-operations/*/send",
+            X,
+            "sends a user operation: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts/*/spend-permissions",
+            X,
+            "lets another address spend from the smart account",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts/*/spend-permissions/revoke",
+            T,
+            "withdraws a spend permission; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/smart-accounts/*/lend/**",
+            X,
+            "moves funds into or out of a lending market",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/swaps",
+            T,
+            "returns a quote and a transaction to sign; moves nothing by itself",
+        ),
+        (
+            "POST",
+            "/platform/v2/evm/faucet",
+            T,
+            "asks for test-network funds into the account; moves nothing out",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts",
+            T,
+            "creates an empty Solana account; moves nothing",
+        ),
+        (
+            "PUT",
+            "/platform/v2/solana/accounts/*",
+            X,
+            "can replace or remove the account's policy, which limits what it may sign",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts/import",
+            T,
+            "registers a key the caller already holds; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts/*/export",
+            X,
+            "returns the private key: whoever holds it can move everything",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts/export/by-name/*",
+            X,
+            "returns the private key: whoever holds it can move everything",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts/*/sign/transaction",
+            X,
+            "a signed transaction sends funds wherever it is broadcast",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts/*/sign/message",
+            X,
+            "signatures authorise logins and off-chain orders",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/accounts/send/transaction",
+            X,
+            "signs and broadcasts a transaction: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/solana/faucet",
+            T,
+            "asks for devnet funds into the account; moves nothing out",
+        ),
+        (
+            "POST",
+            "/platform/v2/policy-engine/policies",
+            X,
+            "policies limit what accounts may sign; a new project policy can allow more",
+        ),
+        (
+            "PUT",
+            "/platform/v2/policy-engine/policies/*",
+            X,
+            "changing a policy can lift the limit it sets on signing",
+        ),
+        (
+            "DELETE",
+            "/platform/v2/policy-engine/policies/*",
+            X,
+            "deleting a policy lifts the limit it sets on signing",
+        ),
+        (
+            "POST",
+            "/platform/v2/end-users",
+            T,
+            "creates an end user and its empty accounts; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/end-users/auth/validate-token",
+            T,
+            "checks an end user's access token; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/end-users/import",
+            T,
+            "registers a key the end user already holds; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/end-users/*/evm",
+            T,
+            "adds an empty EVM account to an end user; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/end-users/*/evm-smart-account",
+            T,
+            "adds an empty smart account to an end user; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/end-users/*/solana",
+            T,
+            "adds an empty Solana account to an end user; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/sign/transaction",
+            X,
+            "a signed transaction sends funds wherever it is broadcast",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/send/transaction",
+            X,
+            "signs and broadcasts a transaction: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/*/send/*",
+            X,
+            "sends an asset: moves funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/sign/message",
+            X,
+            "EIP-191 signatures authorise logins and off-chain orders",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/sign/typed-data",
+            X,
+            "EIP-712 signatures authorise permits and orders that spend tokens",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/eip7702/delegation",
+            X,
+            "delegates the account to contract code, which can then move its funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/evm/smart-accounts/*/send",
+            X,
+            "sends a user operation: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/address/*/delegation",
+            X,
+            "lets the developer sign for the end user's account",
+        ),
+        (
+            "DELETE",
+            "/platform/v2/embedded-wallet-api/end-users/*/address/*/delegation",
+            T,
+            "withdraws a delegation; moves nothing",
+        ),
+        (
+            "DELETE",
+            "/platform/v2/embedded-wallet-api/end-users/*/delegation",
+            T,
+            "withdraws a delegation; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/solana/sign/message",
+            X,
+            "signatures authorise logins and off-chain orders",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/solana/sign/transaction",
+            X,
+            "a signed transaction sends funds wherever it is broadcast",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/solana/sign/x402-payment",
+            X,
+            "a signed x402 payment pays whoever presents it",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/solana/send/transaction",
+            X,
+            "signs and broadcasts a transaction: sends funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/embedded-wallet-api/end-users/*/solana/*/send/*",
+            X,
+            "sends an asset: moves funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/accounts",
+            T,
+            "creates an account; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/customers",
+            T,
+            "creates a customer record; moves nothing",
+        ),
+        (
+            "PUT",
+            "/platform/v2/customers/*",
+            T,
+            "updates a customer record; moves nothing",
+        ),
+        (
+            "DELETE",
+            "/platform/v2/customers/*",
+            T,
+            "deletes a customer record; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/deposit-destinations",
+            T,
+            "creates an address to receive deposits; moves nothing out",
+        ),
+        (
+            "POST",
+            "/platform/v2/transfers",
+            X,
+            "creates a transfer of funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/transfers/*/execute",
+            X,
+            "executes a transfer: moves funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/transfers/*/travel-rule",
+            T,
+            "submits travel-rule information; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/payment-sessions",
+            T,
+            "creates a request to be paid; moves nothing out",
+        ),
+        (
+            "POST",
+            "/platform/v2/payment-sessions/*/cancel",
+            T,
+            "cancels a payment request; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/payment-sessions/*/authorizations/**",
+            X,
+            "authorises a payment from a wallet or account",
+        ),
+        (
+            "POST",
+            "/platform/v2/payment-sessions/*/captures",
+            X,
+            "captures an authorised payment: moves funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/payment-sessions/*/voids",
+            T,
+            "releases an authorisation; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/payment-sessions/*/refunds",
+            X,
+            "refunds a payment: sends funds",
+        ),
+        ("POST", "/platform/v2/disbursements", X, "pays out funds"),
+        (
+            "POST",
+            "/platform/v2/data/query/run",
+            T,
+            "runs a read-only SQL query; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/data/webhooks/subscriptions",
+            T,
+            "creates a notification subscription; moves nothing",
+        ),
+        (
+            "PUT",
+            "/platform/v2/data/webhooks/subscriptions/*",
+            T,
+            "changes a notification subscription; moves nothing",
+        ),
+        (
+            "DELETE",
+            "/platform/v2/data/webhooks/subscriptions/*",
+            T,
+            "deletes a notification subscription; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/x402/verify",
+            T,
+            "checks a payment payload; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/x402/settle",
+            X,
+            "settles (broadcasts) a payment: moves funds",
+        ),
+        (
+            "POST",
+            "/platform/v2/x402/discovery/mcp",
+            T,
+            "a discovery query; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/x402/validate",
+            T,
+            "checks an x402 endpoint; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/onramp/verifications",
+            T,
+            "starts an identity verification; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/onramp/verifications/*/submit",
+            T,
+            "submits a verification code; moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/onramp/orders",
+            X,
+            "buys crypto with the user's payment method: spends money",
+        ),
+        (
+            "POST",
+            "/platform/v2/onramp/sessions",
+            T,
+            "creates an onramp session link; the user pays in their own browser",
+        ),
+        (
+            "POST",
+            "/platform/v2/onramp/limits",
+            T,
+            "reads the user's limits (sent as POST); moves nothing",
+        ),
+        (
+            "POST",
+            "/platform/v2/onramp/limits/upgrade",
+            T,
+            "asks for higher limits; moves nothing",
+        ),
+    ]
+};
+
+impl Policy {
+    /// Whether `path` (match form) is a CDP v2 write the `trade` ceiling allows.
+    fn cdp_trade_allows(&self, method: &Method, path: &str) -> bool {
+        self.cdp_trade
+            .iter()
+            .any(|(m, pat)| *m == method.as_str() && matches(pat, path))
     }
 }
 
@@ -334,6 +869,56 @@ mod tests {
             .check(&Method::POST, "/v2/accounts/a/transactions")
             .expect_err("denied");
         assert!(e.0.contains("\"trade\"") && e.0.contains("policy.permission = \"transfer\""));
+    }
+
+    #[test]
+    fn cdp_v2_writes_account_creation_at_trade_signing_and_sending_at_transfer() {
+        let p = policy(Permission::Trade, &[]);
+        let ok = |m: Method, path: &str| p.check(&m, path).is_ok();
+        assert!(ok(Method::POST, "/platform/v2/evm/accounts"));
+        assert!(ok(Method::POST, "/platform/v2/evm/accounts/"));
+        assert!(ok(Method::POST, "/platform/v2/solana/accounts"));
+        assert!(ok(Method::POST, "/platform/v2/evm/smart-accounts"));
+        assert!(ok(Method::POST, "/platform/v2/end-users/u1/evm"));
+        assert!(ok(Method::POST, "/platform/v2/evm/faucet"));
+        for denied in [
+            "/platform/v2/evm/accounts/0xabc/send/transaction",
+            "/platform/v2/evm/accounts/0xabc/sign/transaction",
+            "/platform/v2/evm/accounts/0xabc/sign",
+            "/platform/v2/evm/accounts/0xabc/export",
+            "/platform/v2/evm/accounts/export/by-name/n1",
+            "/platform/v2/solana/accounts/send/transaction",
+            "/platform/v2/evm/smart-accounts/0x1/user-operations/prepare-and-send",
+            "/platform/v2/evm/smart-accounts/0x1/lend/deposit",
+            "/platform/v2/policy-engine/policies",
+            "/platform/v2/transfers",
+            "/platform/v2/not-in-the-table",
+            "/platform/v1/wallets",
+        ] {
+            assert!(!ok(Method::POST, denied), "{denied}");
+        }
+        assert!(!ok(Method::PUT, "/platform/v2/evm/accounts/0xabc"));
+        assert!(!ok(Method::DELETE, "/platform/v2/evm/accounts"));
+        let t = policy(Permission::Transfer, &[]);
+        assert!(t
+            .check(
+                &Method::POST,
+                "/platform/v2/evm/accounts/0xabc/send/transaction"
+            )
+            .is_ok());
+        let v = policy(Permission::View, &[]);
+        assert!(v.check(&Method::POST, "/platform/v2/evm/accounts").is_err());
+    }
+
+    #[test]
+    fn every_cdp_write_has_one_entry_and_a_reason() {
+        let mut seen = std::collections::HashSet::new();
+        for (m, p, _, why) in CDP_V2_WRITES {
+            assert!(seen.insert((m, p)), "{m} {p} twice");
+            assert!(matches!(*m, "POST" | "PUT" | "DELETE"), "{m} {p}");
+            assert!(why.len() > 10, "{m} {p}: reason");
+            parse_pattern(p).expect("pattern");
+        }
     }
 
     #[test]

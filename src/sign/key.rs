@@ -174,7 +174,8 @@ impl KeySource {
     }
 
     /// Picks the key source: the configured file, else the `COINBASE_API_KEY` +
-    /// `COINBASE_API_SECRET` pair from `env`, else none (requests are forwarded unsigned).
+    /// `COINBASE_API_SECRET` pair from `env`, else the CDP SDKs' `CDP_API_KEY_ID` +
+    /// `CDP_API_KEY_SECRET` pair, else none (requests are forwarded unsigned).
     pub fn select(
         file: Option<&Path>,
         env: &std::collections::HashMap<String, String>,
@@ -182,10 +183,33 @@ impl KeySource {
         if let Some(f) = file {
             return Ok(Some(KeySource::File(f.to_owned())));
         }
-        KeySource::from_env_pair(
+        if let Some(src) = KeySource::from_env_pair(
             env.get("COINBASE_API_KEY").cloned(),
             env.get("COINBASE_API_SECRET").cloned(),
-        )
+        )? {
+            return Ok(Some(src));
+        }
+        match (
+            env.get("CDP_API_KEY_ID").cloned(),
+            env.get("CDP_API_KEY_SECRET").cloned(),
+        ) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(KeyError::EnvIncomplete(
+                "CDP_API_KEY_ID",
+                "CDP_API_KEY_SECRET",
+            )),
+            (None, Some(s)) => {
+                drop(Zeroizing::new(s));
+                Err(KeyError::EnvIncomplete(
+                    "CDP_API_KEY_SECRET",
+                    "CDP_API_KEY_ID",
+                ))
+            }
+            (Some(name), Some(secret)) => Ok(Some(KeySource::Inline {
+                name,
+                secret: Zeroizing::new(secret),
+            })),
+        }
     }
 
     /// Reads and parses the key; a key file readable by group or others is refused.

@@ -236,10 +236,30 @@ impl Gate {
         .await
     }
 
+    /// Starts cbgate signing with `key` and minting `X-Wallet-Auth` with `wallet`.
+    pub async fn start_with_wallet(
+        cfg: Config,
+        key: Option<&TestKey>,
+        wallet: Option<cbgate::sign::wallet::WalletSecret>,
+    ) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Gate::start_inner(cfg, key, None, wallet, vec![Listener::Tcp(listener)]).await
+    }
+
     pub async fn start_full(
         cfg: Config,
         key: Option<&TestKey>,
         token: Option<zeroize::Zeroizing<String>>,
+        listeners: Vec<Listener>,
+    ) -> Gate {
+        Gate::start_inner(cfg, key, token, None, listeners).await
+    }
+
+    async fn start_inner(
+        cfg: Config,
+        key: Option<&TestKey>,
+        token: Option<zeroize::Zeroizing<String>>,
+        wallet: Option<cbgate::sign::wallet::WalletSecret>,
         listeners: Vec<Listener>,
     ) -> Gate {
         cfg.validate().expect("valid test config");
@@ -255,6 +275,7 @@ impl Gate {
         let proxy = Arc::new(
             Proxy::new(&cfg, api_key)
                 .expect("proxy builds")
+                .with_wallet_secret(wallet)
                 .with_client_token(token, &cfg),
         );
         let (tx, rx) = oneshot::channel();

@@ -201,6 +201,10 @@ pub struct MockOptions {
     /// Realistic mode: prices the public product endpoint
     /// (`GET /api/v3/brokerage/market/products/{id}`) answers; any other product is 404.
     pub prices: Vec<(String, String)>,
+    /// The CDP Wallet Secret's public key (uncompressed SEC1 point, 65 bytes): CDP v2 wallet
+    /// requests must then carry an `X-Wallet-Auth` that verifies against it (see
+    /// [`verify_wallet_auth`]); without it `X-Wallet-Auth` is not checked.
+    pub wallet_key: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -211,6 +215,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub auth: AuthOutcome,
+    /// The verified `X-Wallet-Auth` claims, or why it failed; `None` when not checked.
+    pub wallet_auth: Option<Result<Value, String>>,
 }
 
 /// An order the realistic mock accepted: the id it issued and the request body it parsed.
@@ -447,10 +453,13 @@ fn json_response(status: StatusCode, v: &Value) -> Response<RespBody> {
     resp
 }
 
+/// 401 in both shapes: Advanced Trade's `error`/`message` and CDP's `errorType`/`errorMessage`
+/// (the CDP SDKs show only `errorMessage`).
 fn unauthorized(reason: &str) -> Response<RespBody> {
     json_response(
         StatusCode::UNAUTHORIZED,
-        &json!({"error": "UNAUTHORIZED", "message": reason}),
+        &json!({"error": "UNAUTHORIZED", "message": reason,
+                "errorType": "unauthorized", "errorMessage": reason}),
     )
 }
 
@@ -565,6 +574,30 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
     let host = request_host(&parts);
 
     let auth = authenticate(&inner, &method, host.as_deref(), &path, &parts.headers);
+    let wallet_auth = match &inner.opts.wallet_key {
+        Some(k) if path.starts_with("/platform/") && cdp_wallet_request(&method, &path) => {
+            let checked = verify_wallet_auth(
+                k,
+                &method,
+                host.as_deref().unwrap_or(""),
+                &path,
+                &body,
+                &parts.headers,
+                inner.now(),
+            )
+            .await;
+            // jti: never seen before, as a nonce.
+            Some(checked.and_then(|claims| {
+                let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
+                if inner.lock().nonces.insert(format!("jti:{jti}")) {
+                    Ok(claims)
+                } else {
+                    Err("jti reused".into())
+                }
+            }))
+        }
+        _ => None,
+    };
     inner.lock().requests.push(Recorded {
         method: method.clone(),
         path_and_query,
@@ -572,6 +605,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         headers: parts.headers.clone(),
         body: body.clone(),
         auth: auth.clone(),
+        wallet_auth: wallet_auth.clone(),
     });
 
     if let Some(e) = body_err {
@@ -584,6 +618,14 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         AuthOutcome::Invalid(reason) => return unauthorized(reason),
         AuthOutcome::Missing if !is_public(&path) => return unauthorized("missing Authorization"),
         _ => {}
+    }
+    if let Some(Err(reason)) = &wallet_auth {
+        return unauthorized(&format!("X-Wallet-Auth: {reason}"));
+    }
+    if inner.opts.realistic {
+        if let Some(resp) = cdp_v2(&method, &path, &body) {
+            return resp;
+        }
     }
 
     if path == "/api/v3/brokerage/time" {
@@ -743,6 +785,219 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
 }
 
 // ---------------------------------------------------------------------------
+// CDP v2 (wallet API)
+// ---------------------------------------------------------------------------
+
+/// CDP's error body: `{"errorType", "errorMessage", "correlationId"}`.
+fn cdp_error(status: StatusCode, kind: &str, message: &str) -> Response<RespBody> {
+    json_response(
+        status,
+        &json!({"errorType": kind, "errorMessage": message, "correlationId": "mock"}),
+    )
+}
+
+/// Which requests carry `X-Wallet-Auth`, written from the CDP API docs ("wallet-authenticated
+/// endpoints": writes to accounts, spend permissions, user operations sent, end users and the
+/// embedded wallet API), independently of cbgate's `sign::wallet` list.
+fn cdp_wallet_request(method: &str, path: &str) -> bool {
+    let write = matches!(method, "POST" | "PUT" | "DELETE");
+    let segs: Vec<&str> = path.split('/').collect();
+    let n = segs.len();
+    write
+        && (segs.contains(&"accounts")
+            || segs.contains(&"spend-permissions")
+            || path.contains("/user-operations/prepare-and-send")
+            || segs.contains(&"embedded-wallet-api")
+            || segs.last() == Some(&"end-users")
+            || path.ends_with("/end-users/import")
+            || (n >= 3
+                && segs[n - 3] == "end-users"
+                && matches!(segs[n - 1], "evm" | "evm-smart-account" | "solana"))
+            || (segs
+                .windows(4)
+                .any(|w| w[0] == "smart-accounts" && w[2] == "lend")))
+}
+
+/// The `reqHash` a CDP SDK sends for `body`, as CPython computes it (the Python SDK's
+/// `json.dumps(sorted, separators=(",", ":"), sort_keys=True)`), or `None` when the body is not
+/// a non-empty JSON object. Run in a real `python3`, so it is not cbgate's code.
+async fn python_req_hash(body: &[u8]) -> Result<Option<String>, String> {
+    const SCRIPT: &str = "import sys, json, hashlib\n\
+try:\n    d = json.loads(sys.stdin.buffer.read())\nexcept ValueError:\n    d = None\n\
+print(hashlib.sha256(json.dumps(d, separators=(',', ':'), sort_keys=True).encode()).hexdigest() \
+if isinstance(d, dict) and d else '')";
+    let body = body.to_vec();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", SCRIPT])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("python3: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&body)
+                .map_err(|e| format!("python3 stdin: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("python3: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "python3 failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let h = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok((!h.is_empty()).then_some(h))
+    })
+    .await
+    .map_err(|e| format!("join: {e}"))?
+}
+
+/// Verifies `X-Wallet-Auth` as the CDP server does: exactly one, header exactly
+/// `{"alg":"ES256","typ":"JWT"}`, ES256 signature by the wallet secret's public key
+/// (`jsonwebtoken`), claims exactly `uris` (one entry, `METHOD host path` with the host this
+/// request reached), integer `iat` = `nbf` within 60 s of now, a uuid4 `jti`, and `reqHash`
+/// present exactly when the body is a non-empty JSON object, equal to CPython's hash of it.
+pub async fn verify_wallet_auth(
+    public_key: &[u8],
+    method: &str,
+    host: &str,
+    path: &str,
+    body: &[u8],
+    headers: &HeaderMap,
+    now: i64,
+) -> Result<Value, String> {
+    let mut values = headers.get_all("x-wallet-auth").iter();
+    let token = values
+        .next()
+        .ok_or_else(|| "missing".to_string())?
+        .to_str()
+        .map_err(|_| "not ASCII".to_string())?;
+    if values.next().is_some() {
+        return Err("more than one".into());
+    }
+    let segments: Vec<&str> = token.split('.').collect();
+    if segments.len() != 3 {
+        return Err(format!("{} segments, want 3", segments.len()));
+    }
+    let header: Value = URL_SAFE_NO_PAD
+        .decode(segments[0])
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| "header is not base64url JSON".to_string())?;
+    if header != json!({"alg": "ES256", "typ": "JWT"}) {
+        return Err(format!(
+            "header {header}, want exactly alg ES256 and typ JWT"
+        ));
+    }
+    let mut validation = Validation::new(Algorithm::ES256);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims = HashSet::new();
+    let data =
+        jsonwebtoken::decode::<Value>(token, &DecodingKey::from_ec_der(public_key), &validation)
+            .map_err(|e| format!("signature check failed: {e}"))?;
+    let claims = data.claims;
+    let obj = claims
+        .as_object()
+        .ok_or_else(|| "claims are not an object".to_string())?;
+    let want = format!("{method} {host}{path}");
+    if obj.get("uris") != Some(&json!([want])) {
+        return Err(format!("uris is {:?}, want [{want:?}]", obj.get("uris")));
+    }
+    let iat = obj
+        .get("iat")
+        .and_then(Value::as_i64)
+        .ok_or("iat is not an integer")?;
+    let nbf = obj
+        .get("nbf")
+        .and_then(Value::as_i64)
+        .ok_or("nbf is not an integer")?;
+    if iat != nbf || (iat - now).abs() > 60 {
+        return Err(format!("iat {iat} / nbf {nbf} not now ({now})"));
+    }
+    let jti = obj
+        .get("jti")
+        .and_then(Value::as_str)
+        .ok_or("jti is not a string")?;
+    let b = jti.as_bytes();
+    let uuid4 = b.len() == 36
+        && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-')
+        && b[14] == b'4'
+        && matches!(b[19], b'8' | b'9' | b'a' | b'b')
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| [8, 13, 18, 23].contains(&i) || matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    if !uuid4 {
+        return Err(format!("jti {jti:?} is not a uuid4"));
+    }
+    let expected = python_req_hash(body).await?;
+    match (
+        obj.get("reqHash").and_then(Value::as_str),
+        expected.as_deref(),
+    ) {
+        (None, None) => {}
+        (Some(got), Some(want)) if got == want => {}
+        (got, want) => return Err(format!("reqHash {got:?}, want {want:?}")),
+    }
+    let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    keys.retain(|k| *k != "reqHash");
+    if keys != ["iat", "jti", "nbf", "uris"] {
+        return Err(format!(
+            "claims {keys:?}, want iat, jti, nbf, uris (+ reqHash)"
+        ));
+    }
+    Ok(claims)
+}
+
+/// The CDP v2 endpoints the SDK tests call, answered as the API reference shapes them.
+fn cdp_v2(method: &str, path: &str, body: &[u8]) -> Option<Response<RespBody>> {
+    let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let now = iso8601(now_with_offset(0));
+    if method == "POST" && path == "/platform/v2/evm/accounts" {
+        let mut address = String::from("0x");
+        for _ in 0..5 {
+            address.push_str(&random_uuid().replace('-', "")[..8]);
+        }
+        let mut account =
+            json!({"address": address, "policies": [], "createdAt": now, "updatedAt": now});
+        if let Some(name) = req.get("name") {
+            account["name"] = name.clone();
+        }
+        return Some(json_response(StatusCode::CREATED, &account));
+    }
+    if method == "POST" && path == "/platform/v2/solana/accounts" {
+        return Some(json_response(
+            StatusCode::CREATED,
+            &json!({"address": "9f1TYAzGJwBVUaFcYJYhLzaU3mZpGeH3hFpZVfLezB3C", "policies": [], "createdAt": now, "updatedAt": now}),
+        ));
+    }
+    if method == "POST"
+        && path.starts_with("/platform/v2/evm/accounts/0x")
+        && path.ends_with("/sign/message")
+    {
+        if req.get("message").and_then(Value::as_str).is_none() {
+            return Some(cdp_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "message is required",
+            ));
+        }
+        return Some(json_response(
+            StatusCode::OK,
+            &json!({"signature": format!("0x{}1b", "ab".repeat(64))}),
+        ));
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
 // Realistic trading endpoints (MockOptions::realistic)
 // ---------------------------------------------------------------------------
 
@@ -771,10 +1026,56 @@ fn trading(
     match (method, path) {
         ("GET", "/api/v3/brokerage/orders/historical/batch") => Some(open_orders(inner, query)),
         ("GET", "/api/v3/brokerage/accounts") => Some(accounts()),
+        ("GET", "/api/v3/brokerage/market/products") => Some(products(query)),
+        ("GET", "/v2/accounts") => Some(app_accounts()),
         ("POST", "/api/v3/brokerage/orders") => Some(place_order(inner, body)),
         ("POST", "/api/v3/brokerage/orders/batch_cancel") => Some(batch_cancel(inner, body)),
         _ => None,
     }
+}
+
+/// `GET /market/products`: BTC-USD, the one spot product (ccxt loads the list before trading);
+/// no futures (`product_type=FUTURE`).
+fn products(query: Option<&str>) -> Response<RespBody> {
+    if query.is_some_and(|q| q.contains("product_type=FUTURE")) {
+        return json_response(StatusCode::OK, &json!({"products": [], "num_products": 0}));
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({"products": [{
+            "product_id": "BTC-USD", "price": "67060", "base_increment": "0.00000001",
+            "quote_increment": "0.01", "quote_min_size": "1", "quote_max_size": "150000000",
+            "base_min_size": "0.00000001", "base_max_size": "3400", "base_name": "Bitcoin",
+            "quote_name": "US Dollar", "status": "online", "is_disabled": false,
+            "cancel_only": false, "limit_only": false, "post_only": false,
+            "trading_disabled": false, "auction_mode": false, "product_type": "SPOT",
+            "quote_currency_id": "USD", "base_currency_id": "BTC",
+            "base_display_symbol": "BTC", "quote_display_symbol": "USD",
+            "view_only": false, "price_increment": "0.01", "display_name": "BTC-USD",
+            "product_venue": "CBE", "alias": "", "alias_to": []
+        }], "num_products": 1}),
+    )
+}
+
+/// `GET /v2/accounts` of the Coinbase App API (ccxt's default for balances): two wallets.
+fn app_accounts() -> Response<RespBody> {
+    let wallet = |id: &str, code: &str, kind: &str, amount: &str| {
+        json!({"id": id, "name": format!("{code} Wallet"), "primary": true, "type": kind,
+               "currency": code, "balance": {"amount": amount, "currency": code},
+               "created_at": "2024-01-01T00:00:00Z", "updated_at": "2024-01-01T00:00:00Z",
+               "resource": "account", "resource_path": format!("/v2/accounts/{id}")})
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "pagination": {"ending_before": null, "starting_after": null, "limit": 250,
+                           "order": "desc", "previous_uri": null, "next_uri": null},
+            "data": [
+                wallet("6f7a3b2e-0000-4000-8000-000000000001", "BTC", "wallet", "0.50000000"),
+                wallet("6f7a3b2e-0000-4000-8000-000000000002", "USD", "fiat", "1000.00"),
+            ],
+        }),
+    )
 }
 
 fn accounts() -> Response<RespBody> {
