@@ -105,6 +105,59 @@ impl ClientGate {
                 return Err(ClientError::Token);
             }
         }
+        self.check_browser(headers)?;
+        self.check_hosts(uri, headers, |h| self.host_allowed(h))
+    }
+
+    /// Checks a `CONNECT` (intercept): the token, as `cbgate-token` or as the password of
+    /// `Proxy-Authorization: Basic` (what `HTTPS_PROXY=http://user:TOKEN@127.0.0.1:8750`
+    /// sends), and the browser checks. Its Host is the tunnel's target, not cbgate.
+    pub fn check_connect(&self, headers: &HeaderMap) -> Result<(), ClientError> {
+        if let Some(expected) = &self.token {
+            let header = headers
+                .get(&TOKEN_HEADER)
+                .is_some_and(|v| constant_time_eq(v.as_bytes(), expected.as_bytes()));
+            let basic = headers
+                .get(header::PROXY_AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Basic "))
+                .and_then(|b| {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(b.trim())
+                        .ok()
+                })
+                .map(Zeroizing::new)
+                .is_some_and(|raw| {
+                    let pass = raw
+                        .iter()
+                        .position(|&c| c == b':')
+                        .map_or(&raw[..0], |i| &raw[i + 1..]);
+                    constant_time_eq(pass, expected.as_bytes())
+                });
+            if !header && !basic {
+                return Err(ClientError::Token);
+            }
+        }
+        self.check_browser(headers)
+    }
+
+    /// Checks a request inside an intercepted tunnel to `host`: its token was checked at the
+    /// `CONNECT`; the browser checks apply, and every Host must be the tunnel's host.
+    pub fn check_tunnel(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        host: &str,
+    ) -> Result<(), ClientError> {
+        self.check_browser(headers)?;
+        self.check_hosts(uri, headers, |h| {
+            let h = h.trim().to_ascii_lowercase();
+            h == host || h.strip_suffix(":443") == Some(host)
+        })
+    }
+
+    fn check_browser(&self, headers: &HeaderMap) -> Result<(), ClientError> {
         for origin in headers.get_all(header::ORIGIN) {
             let o = String::from_utf8_lossy(origin.as_bytes()).into_owned();
             let normalized = o.trim_end_matches('/').to_ascii_lowercase();
@@ -121,6 +174,15 @@ impl ClientGate {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn check_hosts(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Result<(), ClientError> {
         // HTTP/2 carries the host as :authority (in the URI); HTTP/1 as Host. Every Host given
         // is checked, and HTTP/1 needs exactly one.
         let hosts: Vec<String> = headers
@@ -137,7 +199,7 @@ impl ClientGate {
             .into_iter()
             .chain(hosts)
         {
-            if !self.host_allowed(&host) {
+            if !allowed(&host) {
                 return Err(ClientError::Host(host));
             }
         }
