@@ -690,3 +690,74 @@ async fn a_client_hello_on_the_plain_listener_is_logged_with_a_hint() {
     let log = p.output();
     assert!(log.contains("https:// listener"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_client_token_connect_needs_it_as_the_proxy_password() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start_with(MockOptions {
+        key: Some(key.expected.clone()),
+        realistic: true,
+        ..MockOptions::default()
+    })
+    .await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut cfg = up.config();
+    cfg.state_dir = Some(state.path().to_owned());
+    cfg.intercept.enabled = true;
+    let ca = LocalCa::load_or_create(state.path(), &cfg.upstream_hosts()).expect("CA");
+    let ca_pem = up.dir.path().join("ca-client.pem");
+    std::fs::write(&ca_pem, ca.cert_pem()).expect("write");
+    let tls = Arc::new(TlsContext::new(None, Some(Arc::new(ca))).expect("tls"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let token = "a-client-token-of-some-length";
+    let _gate = Gate::start_tls(
+        cfg,
+        Some(&key),
+        Some(zeroize::Zeroizing::new(token.to_owned())),
+        vec![Listener::Tcp(listener)],
+        Some(tls),
+    )
+    .await;
+    let answer = raw(
+        addr,
+        "CONNECT api.coinbase.com:443 HTTP/1.1\r\nHost: api.coinbase.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let url = "https://api.coinbase.com/api/v3/brokerage/accounts";
+    let ca = ca_pem.to_str().expect("path");
+    for (proxy, ok) in [
+        (
+            format!("http://cbgate:wrong-token-of-some-length@{addr}"),
+            false,
+        ),
+        (format!("http://cbgate:{token}@{addr}"), true),
+    ] {
+        let mut c = std::process::Command::new("curl");
+        c.args(["-sS", "--max-time", "20", "--cacert", ca, "-x", &proxy, url]);
+        let out = run(c).await;
+        let (stdout, stderr) = text(&out);
+        assert_eq!(stdout.contains("\"accounts\""), ok, "{stdout} {stderr}");
+    }
+    assert_eq!(
+        up.mock
+            .requests_to("GET", "/api/v3/brokerage/accounts")
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tunnel_holds_a_connection_slot_of_its_own() {
+    let s = setup_with(true, |c| c.max_connections = 1).await;
+    // The CONNECT's own connection plus the tunnel would need two slots: refused, nothing sent.
+    let answer = raw(
+        s.plain,
+        "CONNECT api.coinbase.com:443 HTTP/1.1\r\nHost: api.coinbase.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    assert_eq!(s.up.mock.connections(), 0);
+}

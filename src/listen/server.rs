@@ -547,11 +547,16 @@ where
             }
         };
         let Some(permit) = self.slot() else {
-            return crate::error::json_error(
+            let mut resp = crate::error::json_error(
                 http::StatusCode::SERVICE_UNAVAILABLE,
                 "too_many_connections",
-                "cbgate has its maximum of open connections (max_connections); retry later",
+                "cbgate has its maximum of open connections (max_connections) and a tunnel needs one of its own; retry later",
             );
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return resp;
         };
         let now = Instant::now();
         let deadline = if now < first_deadline {
