@@ -761,3 +761,83 @@ async fn a_tunnel_holds_a_connection_slot_of_its_own() {
     assert!(answer.contains("too_many_connections"), "{answer}");
     assert_eq!(s.up.mock.connections(), 0);
 }
+
+/// The SDK's `WSUserClient` over `wss://` to the https listener. Note: coinbase-advanced-py
+/// 1.8.4 connects with a bare `ssl.SSLContext()`, which verifies no certificate at all, so
+/// this shows the WebSocket relay over cbgate's TLS, not certificate checking (the tests above
+/// do that); `SSL_CERT_FILE` is set as the README says, for SDK versions that do verify.
+#[tokio::test(flavor = "multi_thread")]
+async fn coinbase_advanced_py_ws_user_client_through_the_https_listener() {
+    use common::ws_mock::{SubAuth, WsMockOptions, WsUpstream};
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = WsUpstream::start(WsMockOptions {
+        key: Some(key.expected.clone()),
+        on_subscribe: 2,
+        ..WsMockOptions::default()
+    })
+    .await;
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut cfg = up.config();
+    cfg.state_dir = Some(state.path().to_owned());
+    let ca = LocalCa::load_or_create(state.path(), &cfg.upstream_hosts()).expect("CA");
+    let ca_pem = up.dir.path().join("ca-client.pem");
+    std::fs::write(&ca_pem, ca.cert_pem()).expect("write");
+    let tls = Arc::new(TlsContext::new(None, Some(Arc::new(ca))).expect("tls"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _gate = Gate::start_tls(
+        cfg,
+        Some(&key),
+        None,
+        vec![Listener::Tls(listener)],
+        Some(tls),
+    )
+    .await;
+    let script = r#"
+import sys, time
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from coinbase.websocket import WSUserClient
+pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+    serialization.NoEncryption()).decode()
+got = []
+client = WSUserClient(api_key="organizations/x/apiKeys/placeholder", api_secret=pem,
+                      base_url=sys.argv[1], on_message=got.append)
+client.open()
+client.user(product_ids=["BTC-USD"])
+deadline = time.time() + 10
+while len(got) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+client.close()
+print("messages", len(got))
+"#;
+    let mut c = std::process::Command::new(provision::sdk_python());
+    c.args([
+        "-c",
+        script,
+        &format!("wss://localhost:{}/ws/user", addr.port()),
+    ])
+    .env("SSL_CERT_FILE", &ca_pem)
+    .env_remove("HTTPS_PROXY")
+    .env_remove("https_proxy");
+    let out = run(c).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // The mock's two messages after the subscribe (and whatever else it sent) arrived.
+    let n: usize = stdout
+        .trim()
+        .strip_prefix("messages ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}\n{stderr}"));
+    assert!(n >= 2, "{stdout}\n{stderr}");
+    let subs = up.mock.subscriptions();
+    assert_eq!(subs.len(), 1, "{subs:?}");
+    assert!(subs[0].text.contains("\"user\""), "{}", subs[0].text);
+    // Signed by cbgate's key: the SDK's own jwt was replaced.
+    assert!(
+        matches!(subs[0].auth, SubAuth::Valid(_)),
+        "{:?}",
+        subs[0].auth
+    );
+}
