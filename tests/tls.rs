@@ -841,3 +841,58 @@ print("messages", len(got))
         subs[0].auth
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configured_certificate_is_served_instead_of_the_local_ca() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    // An operator's own certificate for localhost, from their own CA (the mock's test PKI).
+    let own = common::mock::Pki::new(&["localhost"]);
+    let own_dir = tempfile::tempdir().expect("tempdir");
+    let own_ca = own.write_ca(own_dir.path());
+    let cert_file = own_dir.path().join("cert.pem");
+    let chain: String = own
+        .cert_chain_der
+        .iter()
+        .map(|c| common::harness::pem("CERTIFICATE", c))
+        .collect();
+    std::fs::write(&cert_file, chain).expect("write cert");
+    let key_file = common::harness::write_private(
+        own_dir.path(),
+        "key.pem",
+        common::harness::pem("PRIVATE KEY", &own.key_der).as_bytes(),
+    );
+    let tls = Arc::new(
+        TlsContext::new(Some((cert_file.as_path(), key_file.as_path())), None).expect("tls"),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _gate = Gate::start_tls(
+        up.config(),
+        Some(&key),
+        None,
+        vec![Listener::Tls(listener)],
+        Some(tls),
+    )
+    .await;
+    let url = format!("https://localhost:{}/api/v3/brokerage/time", addr.port());
+    let out = curl(&[
+        "--cacert",
+        own_ca.to_str().expect("path"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &url,
+    ])
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert_eq!(stdout, "200", "{stderr}");
+    // A key file others can read is refused, as the API key file is.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let e = TlsContext::new(Some((cert_file.as_path(), key_file.as_path())), None)
+        .expect_err("readable key refused")
+        .to_string();
+    assert!(e.contains("tls.key_file"), "{e}");
+}

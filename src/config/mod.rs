@@ -1306,6 +1306,46 @@ mod tests {
     }
 
     #[test]
+    fn https_listeners_tls_files_and_intercept() {
+        let c = load_toml(
+            "listen = [\"127.0.0.1:8750\", \"https://127.0.0.1:8443\", \"https://[::1]:8443/\"]\n\
+             [intercept]\nenabled = true\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.listen,
+            vec![
+                ListenAddr::Tcp("127.0.0.1:8750".parse().expect("addr")),
+                ListenAddr::Tls("127.0.0.1:8443".parse().expect("addr")),
+                ListenAddr::Tls("[::1]:8443".parse().expect("addr")),
+            ]
+        );
+        assert!(c.needs_client_tls() && c.intercept.enabled);
+        assert_eq!(c.listen[1].to_string(), "https://127.0.0.1:8443");
+        assert_eq!(
+            c.upstream_hosts(),
+            [
+                "api.coinbase.com",
+                "api.cdp.coinbase.com",
+                "advanced-trade-ws.coinbase.com",
+                "advanced-trade-ws-user.coinbase.com"
+            ]
+        );
+        assert!(!Config::default().needs_client_tls());
+        for (text, key) in [
+            ("listen = [\"https://0.0.0.0:8443\"]", "listen"),
+            ("listen = [\"http://127.0.0.1:8750\"]", "listen"),
+            ("listen = [\"https://localhost:8443\"]", "listen"),
+            ("[tls]\ncert_file = \"/c.pem\"", "tls.key_file"),
+            ("[tls]\nkey_file = \"/k.pem\"", "tls.cert_file"),
+            ("[intercept]\nenabled = true\nother = 1", "intercept"),
+        ] {
+            let e = load_toml(text).expect_err(text).to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn env_list_of_listeners() {
         let env = HashMap::from([(
             "CBGATE_LISTEN".to_string(),
