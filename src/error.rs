@@ -57,6 +57,9 @@ pub enum ProxyError {
     InvalidOrder(String),
     #[error("{}", Refusal::Halted(.0.clone()))]
     Halted(HaltState),
+    /// A `CONNECT` to a target cbgate does not sign for (`[intercept]`).
+    #[error("{0}")]
+    ConnectRefused(String),
     /// The intent record could not be made durable: the request is not sent (write-ahead).
     #[error("{0}; the request was not sent; check the disk and audit.file")]
     Audit(#[from] AuditError),
@@ -105,6 +108,7 @@ impl ProxyError {
             ProxyError::InvalidOrder(_) => (StatusCode::BAD_REQUEST, "invalid_order"),
             ProxyError::Halted(_) => (StatusCode::LOCKED, "halted"),
             ProxyError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
+            ProxyError::ConnectRefused(_) => (StatusCode::FORBIDDEN, "connect_refused"),
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Other { .. } | UpstreamError::Unprocessed { .. } => {

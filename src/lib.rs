@@ -9,7 +9,7 @@
 //! | phase                                   | room          | what lives there                                   |
 //! |-----------------------------------------|---------------|----------------------------------------------------|
 //! | configuration, parsed once              | [`config`]    | typed structs, layering, validation; imports nothing of cbgate's |
-//! | accept                                  | [`listen`]    | listeners, connection limits, drain; smuggling guard |
+//! | accept                                  | [`listen`]    | listeners, connection limits, drain; smuggling guard; TLS to clients, local CA, CONNECT interception |
 //! | check client -> route -> policy         | [`gate`]      | Origin/Host, client identities, routes, ceilings   |
 //! | sign                                    | [`sign`]      | the API key (the one place that sees the secret), JWTs |
 //! | forward -> stream back                  | [`forward`]   | header hygiene, upstream TLS pool, WebSocket relay, `Date` watch |

@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Status(args)) => cli::halt::status(args, env),
         Some(Command::Audit(cli::AuditCommand::Verify { files })) => cli::audit::verify(files),
         Some(Command::PlaceholderKey(args)) => cli::placeholder::run(args),
+        Some(Command::Ca(args)) => cli::ca::run(args, env),
         Some(Command::Completions { shell }) => {
             cli::completions::run(shell);
             Ok(())

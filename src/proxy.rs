@@ -25,7 +25,8 @@ use crate::gate::guard::Guard;
 use crate::gate::halt::{Halt, HaltState};
 use crate::gate::identity::{ClientTokens, Identities, IdentityError, Peer, Recognised};
 use crate::gate::policy::{check_path, Policy};
-use crate::gate::route::{Route, Router};
+use crate::gate::route::{Route, Router, Tunnel};
+use crate::listen::tls::TlsContext;
 use crate::ops::audit::{self, Audit, RequestInfo, Ticket};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
@@ -64,6 +65,10 @@ pub struct Proxy {
     audit: Option<Audit>,
     /// The CDP Wallet Secret: with it cbgate mints `X-Wallet-Auth`; without, a client's passes.
     wallet: Option<WalletSecret>,
+    /// TLS towards clients (`https://` listeners, intercepted tunnels), when configured.
+    tls: Option<Arc<TlsContext>>,
+    /// `[intercept].enabled`: answer CONNECT for the upstream hosts.
+    intercept: bool,
 }
 
 /// Building the proxy failed.
@@ -114,7 +119,75 @@ impl Proxy {
             admin_loopback: cfg.admin_listen.ip().is_loopback(),
             audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
             wallet: None,
+            tls: None,
+            intercept: cfg.intercept.enabled,
         })
+    }
+
+    /// Uses `tls` for the `https://` listeners and intercepted tunnels.
+    pub fn with_tls(mut self, tls: Arc<TlsContext>) -> Proxy {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// TLS towards clients, when configured.
+    pub fn tls(&self) -> Option<&Arc<TlsContext>> {
+        self.tls.as_ref()
+    }
+
+    /// Whether `CONNECT` is intercepted (`[intercept].enabled`).
+    pub fn intercepts(&self) -> bool {
+        self.intercept
+    }
+
+    /// Checks a `CONNECT` under `[intercept]` and returns the upstream host to terminate TLS
+    /// for: only the configured upstream host names on port 443 pass (403 otherwise: cbgate
+    /// never tunnels bytes it cannot sign), and the client token is checked here, once for the
+    /// whole tunnel: the client identity recognised here (its token as `cbgate-token` or as
+    /// the `Proxy-Authorization: Basic` password) is the identity of every request inside.
+    pub fn connect_target(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<(String, Recognised), ProxyError> {
+        let target = req
+            .uri()
+            .authority()
+            .map(|a| (a.host().to_ascii_lowercase(), a.port_u16()));
+        let hosts = self.router.hosts();
+        let (host, port) = target.ok_or_else(|| {
+            ProxyError::BadRequest("CONNECT needs a host:port target (RFC 9110 §9.3.6)".into())
+        })?;
+        if port != Some(443) || !hosts.contains(&host) {
+            return Err(ProxyError::ConnectRefused(format!(
+                "CONNECT {}:{} refused: cbgate tunnels only to the Coinbase hosts it signs for, on port 443 ({}); it never passes on bytes it cannot sign",
+                host,
+                port.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
+                hosts.join(", ")
+            )));
+        }
+        self.clients.check_connect(req.headers())?;
+        let peer = req.extensions().get::<Peer>().copied();
+        let who = self.identities.recognise_connect(req.headers(), peer)?;
+        if self.tls.as_ref().and_then(|t| t.ca()).is_none() {
+            return Err(ProxyError::BadRequest(
+                "intercept needs the local CA, which could not be set up (see the start-up log)"
+                    .into(),
+            ));
+        }
+        Ok((host, who))
+    }
+
+    /// cbgate's error response for a refused request, logged and counted like every other.
+    pub fn refusal(&self, method: &Method, path: &str, e: ProxyError) -> Response<Body> {
+        let (status, code) = e.status_and_code();
+        self.count_error(&e);
+        tracing::warn!(%method, path, status = status.as_u16(), error = code, reason = %e, "request refused or failed");
+        let mut resp = e.into_response();
+        self.metrics
+            .request("-", method, resp.status().as_u16(), Duration::ZERO);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
     }
 
     /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`): the
@@ -324,29 +397,58 @@ impl Proxy {
         if let Some(why) = crate::listen::sniff::rejected(req.uri().path()) {
             return Err(ProxyError::BadRequest(why.into()));
         }
-        check_request(&req, self.max_body_bytes)?;
+        let tunnel = req.extensions().get::<Tunnel>().cloned();
+        check_request(
+            &req,
+            self.max_body_bytes,
+            self.intercept && tunnel.is_none(),
+        )?;
+        // Origin and Host first: a page in a browser (DNS rebinding) must not learn from the
+        // answer whether a guessed token is some identity's.
+        match &tunnel {
+            Some(t) => self
+                .clients
+                .check_tunnel(req.uri(), req.headers(), &t.host)?,
+            None => self.clients.check(req.uri(), req.headers())?,
+        }
         // Before anything reads or strips the credentials: a client's `Authorization: Bearer`
         // is read here as an identity token and removed before forwarding (cbgate's own
-        // signature replaces it); the Unix peer was taken at accept.
-        let peer = req.extensions().get::<Peer>().copied();
-        let who = self.identities.recognise(req.headers(), peer)?;
+        // signature replaces it); the Unix peer was taken at accept. Inside an intercepted
+        // tunnel the identity is the one recognised at its CONNECT (the SDK inside sends its
+        // own credentials, never cbgate's token).
+        let who = match (&tunnel, req.extensions().get::<Recognised>()) {
+            (Some(_), Some(at_connect)) => at_connect.clone(),
+            _ => {
+                let peer = req.extensions().get::<Peer>().copied();
+                self.identities.recognise(req.headers(), peer)?
+            }
+        };
         let identity = Arc::clone(&who.identity);
         outcome.identity = Some(who);
-        self.clients.check(req.uri(), req.headers())?;
         check_path(req.uri().path()).map_err(ProxyError::InvalidPath)?;
         if ws::is_upgrade(&req) {
-            let route =
-                self.router
-                    .find_ws(req.uri().path())
-                    .ok_or_else(|| ProxyError::NoRoute {
-                        path: req.uri().path().to_owned(),
-                        prefixes: self.router.ws_paths().join(", "),
-                    })?;
+            let found = match &tunnel {
+                Some(t) => self.router.find_ws_for_host(&t.host),
+                None => self.router.find_ws(req.uri().path()),
+            };
+            let route = found.ok_or_else(|| ProxyError::NoRoute {
+                path: req.uri().path().to_owned(),
+                prefixes: self.router.ws_paths().join(", "),
+            })?;
             outcome.route = Some(&route.path);
             identity.check(&self.policy, req.method(), req.uri().path())?;
             return ws::proxy(&self.client, &self.ws, self.ws_signer(), route, req).await;
         }
-        let route = self.route(req.uri().path())?;
+        let route = match &tunnel {
+            Some(t) => self
+                .router
+                .find_for_host(req.uri().path(), &t.host)
+                .ok_or_else(|| ProxyError::NoRoute {
+                    path: format!("{}{}", t.host, req.uri().path()),
+                    prefixes: self.router.prefixes().join(", "),
+                })?,
+            None => self.route(req.uri().path())?,
+        };
         outcome.route = Some(&route.prefix);
         identity.check(&self.policy, req.method(), req.uri().path())?;
         let upstream = &route.upstream;
@@ -580,8 +682,15 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
-/// Refuses requests cbgate must not forward, before any other work.
-fn check_request(req: &Request<Incoming>, max_body_bytes: u64) -> Result<(), ProxyError> {
+/// Refuses requests cbgate must not forward, before any other work. `absolute_ok`: with
+/// `[intercept]`, an HTTP/1 absolute-form target naming cbgate itself (`http://127.0.0.1:8750/...`,
+/// from an `HTTP_PROXY` pointing at cbgate) is accepted (RFC 9112 §3.2.2: the target's
+/// authority then stands for Host, and the client gate checks it like a Host).
+fn check_request(
+    req: &Request<Incoming>,
+    max_body_bytes: u64,
+    absolute_ok: bool,
+) -> Result<(), ProxyError> {
     // Methods are case-sensitive tokens: `post` is not POST to a policy rule, but some server
     // along the way might fold it. Only the methods the Coinbase APIs use pass.
     if ![
@@ -608,14 +717,19 @@ fn check_request(req: &Request<Incoming>, max_body_bytes: u64) -> Result<(), Pro
     }
     if req.method() == Method::CONNECT {
         return Err(ProxyError::BadRequest(
-            "CONNECT is not supported: cbgate is a reverse proxy, send plain requests such as GET /api/v3/brokerage/accounts".into(),
+            "CONNECT is not supported: cbgate is a reverse proxy, send plain requests such as GET /api/v3/brokerage/accounts (or set intercept.enabled = true to use cbgate as HTTPS_PROXY)".into(),
         ));
     }
     // HTTP/2 always carries :scheme and :authority; in HTTP/1 they mean absolute-form, which
     // only forward proxies accept.
-    if req.version() < Version::HTTP_2
-        && (req.uri().scheme().is_some() || req.uri().authority().is_some())
-    {
+    let absolute = req.uri().scheme().is_some() || req.uri().authority().is_some();
+    if req.version() < Version::HTTP_2 && absolute && absolute_ok {
+        if req.uri().scheme_str() != Some("http") {
+            return Err(ProxyError::BadRequest(
+                "absolute-form request target refused: only http:// targets naming cbgate itself are accepted; reach Coinbase hosts through CONNECT (HTTPS_PROXY)".into(),
+            ));
+        }
+    } else if req.version() < Version::HTTP_2 && absolute {
         return Err(ProxyError::BadRequest(
             "absolute-form request target refused: send only the path, e.g. GET /api/v3/brokerage/accounts, with cbgate as the base URL".into(),
         ));

@@ -2,6 +2,7 @@
 //! This is the binary's side: it may use everything in the library, and `anyhow` for messages.
 
 pub mod audit;
+pub mod ca;
 pub mod check;
 pub mod completions;
 pub mod halt;
@@ -67,6 +68,24 @@ pub enum Command {
     /// the client's signatures and signs with the real key, so the client gets this instead.
     /// Default: a CDP key JSON with a fresh P-256 key (SEC1), named organizations/placeholder/...
     PlaceholderKey(placeholder::PlaceholderArgs),
+    /// Print the local CA certificate (PEM) of the https:// listeners and of [intercept],
+    /// making it in state_dir on first use.
+    ///
+    /// The CA is name-constrained (RFC 5280) to the upstream hosts of routes and ws_routes,
+    /// localhost and the loopback addresses: it cannot vouch for any other site. Trust it per
+    /// client process, never in the system store (its key is on this disk: in the system store
+    /// it would vouch for Coinbase's hosts to every program on the machine):
+    ///
+    ///   cbgate ca > cbgate-ca.pem
+    ///   REQUESTS_CA_BUNDLE=cbgate-ca.pem python app.py      (requests, coinbase-advanced-py)
+    ///   SSL_CERT_FILE=cbgate-ca.pem python app.py           (aiohttp, urllib, cdp-sdk)
+    ///   NODE_EXTRA_CA_CERTS=cbgate-ca.pem node app.js       (Node.js)
+    ///   curl --cacert cbgate-ca.pem https://127.0.0.1:8443/api/v3/brokerage/time
+    ///
+    /// REQUESTS_CA_BUNDLE and SSL_CERT_FILE replace the default roots for that process, which
+    /// is what you want when it only talks to Coinbase through cbgate.
+    #[command(verbatim_doc_comment)]
+    Ca(CaArgs),
     /// Print a shell completion script, e.g. for bash (per user):
     /// `mkdir -p ~/.local/share/bash-completion/completions && cbgate completions bash > ~/.local/share/bash-completion/completions/cbgate`
     Completions {
@@ -80,6 +99,18 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct CaArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print the path of the CA certificate file instead of the certificate.
+    #[arg(long)]
+    pub path: bool,
+    /// Replace the CA by a new one (new key); restart cbgate and re-trust the new certificate.
+    #[arg(long)]
+    pub rotate: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -161,17 +161,23 @@ pub fn run(
             "trading is HALTED (from state_dir): orders are refused until `cbgate resume`"
         );
     }
+    let tls = super::ca::tls_context(&cfg).map_err(config_err)?;
     let result = runtime.block_on(async move {
-        let proxy = Arc::new(
-            Proxy::new(&cfg, key)
-                .map_err(config_err)?
-                .with_wallet_secret(wallet)
-                .with_client_token(client_token, &cfg)
-                .with_client_tokens(client_tokens)
-                .map_err(config_err)?
-                .with_admin_token(admin_token)
-                .with_halt(halt),
-        );
+        let mut proxy = Proxy::new(&cfg, key)
+            .map_err(config_err)?
+            .with_wallet_secret(wallet)
+            .with_client_token(client_token, &cfg)
+            .with_client_tokens(client_tokens)
+            .map_err(config_err)?
+            .with_admin_token(admin_token)
+            .with_halt(halt);
+        if let Some(tls) = tls {
+            proxy = proxy.with_tls(tls);
+        }
+        if cfg.intercept.enabled {
+            tracing::info!(hosts = cfg.upstream_hosts().join(", "), "intercept: CONNECT is answered for these hosts on port 443 (HTTPS_PROXY)");
+        }
+        let proxy = Arc::new(proxy);
         if let Some(file) = &cfg.audit.file {
             tracing::info!(file = %file.display(), "audit log: state-changing requests and refusals are recorded");
         }
@@ -179,7 +185,7 @@ pub fn run(
         for addr in &cfg.listen {
             let l = Listener::bind_mode(addr, cfg.unix_mode.0).await.map_err(|e| {
                 let hint = match addr {
-                    ListenAddr::Tcp(a) if e.cause.kind() == std::io::ErrorKind::AddrInUse => {
+                    ListenAddr::Tcp(a) | ListenAddr::Tls(a) if e.cause.kind() == std::io::ErrorKind::AddrInUse => {
                         format!(
                             "; {}: move this one with --listen ADDR (or `listen` in the configuration, CBGATE_LISTEN)",
                             who_holds(*a)

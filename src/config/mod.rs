@@ -89,6 +89,19 @@ pub enum ListenAddr {
     Tcp(SocketAddr),
     /// A Unix domain socket path, written `unix:/path`; created with mode 0600.
     Unix(PathBuf),
+    /// A TCP address served over TLS, written `https://127.0.0.1:8443` (certificate from
+    /// `[tls]`, or from the local CA in `state_dir`).
+    Tls(SocketAddr),
+}
+
+impl ListenAddr {
+    /// The TCP address, for TCP and TLS listeners.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        match self {
+            ListenAddr::Tcp(a) | ListenAddr::Tls(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
 }
 
 impl std::str::FromStr for ListenAddr {
@@ -100,9 +113,27 @@ impl std::str::FromStr for ListenAddr {
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
+        if let Some(addr) = s.strip_prefix("https://") {
+            let addr = addr.strip_suffix('/').unwrap_or(addr);
+            return addr
+                .parse::<SocketAddr>()
+                .map(ListenAddr::Tls)
+                .map_err(|_| {
+                    format!(
+                        "{} is not https://IP:PORT, e.g. https://127.0.0.1:8443",
+                        shown(s)
+                    )
+                });
+        }
+        if s.starts_with("http://") {
+            return Err(format!(
+                "{} : write a plain listener as IP:PORT (no http://), a TLS one as https://IP:PORT",
+                shown(s)
+            ));
+        }
         s.parse::<SocketAddr>()
             .map(ListenAddr::Tcp)
-            .map_err(|_| format!("{} is not IP:PORT or unix:/path", shown(s)))
+            .map_err(|_| format!("{} is not IP:PORT, https://IP:PORT or unix:/path", shown(s)))
     }
 }
 
@@ -111,6 +142,7 @@ impl fmt::Display for ListenAddr {
         match self {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+            ListenAddr::Tls(a) => write!(f, "https://{a}"),
         }
     }
 }
@@ -681,6 +713,28 @@ impl Default for AuditConfig {
     }
 }
 
+/// `[tls]`: the certificate of the `https://` listeners. Unset (the default): cbgate issues
+/// short-lived certificates from its own name-constrained local CA in `state_dir`
+/// (`cbgate ca` prints it).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM, leaf first).
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[intercept]`: cbgate as the client's `HTTPS_PROXY` for the Coinbase hosts.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct InterceptConfig {
+    /// Answer `CONNECT host:443` for the upstream hosts of `routes` and `ws_routes` (any
+    /// other target gets 403), terminate TLS there with a certificate from the local CA, and
+    /// handle the requests inside like plain ones. Off: CONNECT and absolute-form are refused.
+    pub enabled: bool,
+}
+
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -756,6 +810,10 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// The audit log.
     pub audit: AuditConfig,
+    /// The certificate of the `https://` listeners.
+    pub tls: TlsConfig,
+    /// Intercepting `HTTPS_PROXY` mode.
+    pub intercept: InterceptConfig,
 }
 
 impl Default for Config {
@@ -790,6 +848,8 @@ impl Default for Config {
             state_dir_is_default: false,
             admin_token_file: None,
             audit: AuditConfig::default(),
+            tls: TlsConfig::default(),
+            intercept: InterceptConfig::default(),
         }
     }
 }
@@ -960,13 +1020,38 @@ impl Config {
         .map_err(|e| ConfigError::Load(e.to_string()))
     }
 
+    /// The upstream host names of `routes` and `ws_routes`, each once, in order: what the
+    /// local CA is constrained to and `[intercept]` answers `CONNECT` for.
+    pub fn upstream_hosts(&self) -> Vec<String> {
+        let rest = self
+            .routes
+            .iter()
+            .map(|r| BaseUrl::parse(&r.upstream, "https"));
+        let ws = self
+            .ws_routes
+            .iter()
+            .map(|r| BaseUrl::parse(&r.upstream, "wss"));
+        let mut hosts: Vec<String> = Vec::new();
+        for b in rest.chain(ws).flatten() {
+            if !hosts.contains(&b.host) {
+                hosts.push(b.host);
+            }
+        }
+        hosts
+    }
+
+    /// Whether TLS towards clients is needed: an `https://` listener or `[intercept]`.
+    pub fn needs_client_tls(&self) -> bool {
+        self.intercept.enabled || self.listen.iter().any(|l| matches!(l, ListenAddr::Tls(_)))
+    }
+
     /// Checks what serde cannot: non-empty lists, sane numbers, well-formed upstream URLs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.is_empty() {
             return Err(invalid("listen", "needs at least one address"));
         }
         for addr in &self.listen {
-            if let ListenAddr::Tcp(a) = addr {
+            if let Some(a) = addr.socket_addr() {
                 let allowed =
                     a.ip().is_loopback() || (self.unsafe_listen && self.tokens_required());
                 if !allowed {
@@ -1095,6 +1180,21 @@ impl Config {
         }
         self.guard.validate("guard")?;
         self.validate_clients()?;
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls.key_file",
+                    "tls.cert_file is set: set tls.key_file (its private key) too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls.cert_file",
+                    "tls.key_file is set: set tls.cert_file (the certificate chain) too",
+                ))
+            }
+            _ => {}
+        }
         if self.state_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
             return Err(invalid(
                 "state_dir",
@@ -1378,6 +1478,8 @@ mod tests {
         assert_eq!(c.admin_token_file, d.admin_token_file);
         assert_eq!(c.clients, d.clients);
         assert_eq!(c.unix_mode, d.unix_mode);
+        assert_eq!(c.tls, d.tls);
+        assert_eq!(c.intercept, d.intercept);
     }
 
     #[test]
@@ -1455,6 +1557,46 @@ mod tests {
             Some("/home/u/.local/state/cbgate".into())
         );
         assert_eq!(default_state_dir(&HashMap::new()), None);
+    }
+
+    #[test]
+    fn https_listeners_tls_files_and_intercept() {
+        let c = load_toml(
+            "listen = [\"127.0.0.1:8750\", \"https://127.0.0.1:8443\", \"https://[::1]:8443/\"]\n\
+             [intercept]\nenabled = true\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.listen,
+            vec![
+                ListenAddr::Tcp("127.0.0.1:8750".parse().expect("addr")),
+                ListenAddr::Tls("127.0.0.1:8443".parse().expect("addr")),
+                ListenAddr::Tls("[::1]:8443".parse().expect("addr")),
+            ]
+        );
+        assert!(c.needs_client_tls() && c.intercept.enabled);
+        assert_eq!(c.listen[1].to_string(), "https://127.0.0.1:8443");
+        assert_eq!(
+            c.upstream_hosts(),
+            [
+                "api.coinbase.com",
+                "api.cdp.coinbase.com",
+                "advanced-trade-ws.coinbase.com",
+                "advanced-trade-ws-user.coinbase.com"
+            ]
+        );
+        assert!(!Config::default().needs_client_tls());
+        for (text, key) in [
+            ("listen = [\"https://0.0.0.0:8443\"]", "listen"),
+            ("listen = [\"http://127.0.0.1:8750\"]", "listen"),
+            ("listen = [\"https://localhost:8443\"]", "listen"),
+            ("[tls]\ncert_file = \"/c.pem\"", "tls.key_file"),
+            ("[tls]\nkey_file = \"/k.pem\"", "tls.cert_file"),
+            ("[intercept]\nenabled = true\nother = 1", "intercept"),
+        ] {
+            let e = load_toml(text).expect_err(text).to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -130,6 +130,33 @@ impl ClientGate {
                 return Err(ClientError::Token);
             }
         }
+        self.check_browser(headers)?;
+        self.check_hosts(uri, headers, |h| self.host_allowed(h))
+    }
+
+    /// Checks a `CONNECT` (intercept): the browser checks (its Host is the tunnel's target,
+    /// not cbgate). The client identity, and with it any token, is recognised by
+    /// `Identities::recognise_connect`.
+    pub fn check_connect(&self, headers: &HeaderMap) -> Result<(), ClientError> {
+        self.check_browser(headers)
+    }
+
+    /// Checks a request inside an intercepted tunnel to `host`: its token was checked at the
+    /// `CONNECT`; the browser checks apply, and every Host must be the tunnel's host.
+    pub fn check_tunnel(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        host: &str,
+    ) -> Result<(), ClientError> {
+        self.check_browser(headers)?;
+        self.check_hosts(uri, headers, |h| {
+            let h = h.trim().to_ascii_lowercase();
+            h == host || h.strip_suffix(":443") == Some(host)
+        })
+    }
+
+    fn check_browser(&self, headers: &HeaderMap) -> Result<(), ClientError> {
         for origin in headers.get_all(header::ORIGIN) {
             let o = String::from_utf8_lossy(origin.as_bytes()).into_owned();
             let normalized = o.trim_end_matches('/').to_ascii_lowercase();
@@ -146,6 +173,15 @@ impl ClientGate {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn check_hosts(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+        allowed: impl Fn(&str) -> bool,
+    ) -> Result<(), ClientError> {
         // HTTP/2 carries the host as :authority (in the URI); HTTP/1 as Host. Every Host given
         // is checked, and HTTP/1 needs exactly one.
         let hosts: Vec<String> = headers
@@ -162,7 +198,7 @@ impl ClientGate {
             .into_iter()
             .chain(hosts)
         {
-            if !self.host_allowed(&host) {
+            if !allowed(&host) {
                 return Err(ClientError::Host(host));
             }
         }

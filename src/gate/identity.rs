@@ -338,9 +338,29 @@ impl Identities {
         headers: &HeaderMap,
         peer: Option<Peer>,
     ) -> Result<Recognised, ClientError> {
+        self.recognise_by(headers, peer, presented_token)
+    }
+
+    /// Who sent this `CONNECT` (intercept): as [`Identities::recognise`], but the token may also
+    /// be the password of `Proxy-Authorization: Basic` (what
+    /// `HTTPS_PROXY=http://user:TOKEN@127.0.0.1:8750` sends), and `Authorization` is not read.
+    pub fn recognise_connect(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<Peer>,
+    ) -> Result<Recognised, ClientError> {
+        self.recognise_by(headers, peer, presented_proxy_token)
+    }
+
+    fn recognise_by(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<Peer>,
+        presented: fn(&HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError>,
+    ) -> Result<Recognised, ClientError> {
         let mut token_sent = false;
         if !self.tokens.is_empty() {
-            if let Some(presented) = presented_token(headers)? {
+            if let Some(presented) = presented(headers)? {
                 token_sent = true;
                 let d = digest(&presented);
                 let mut found = None;
@@ -397,6 +417,46 @@ fn default_identity() -> Identity {
         policy: None,
         settings: ClientConfig::default(),
     }
+}
+
+/// The token a `CONNECT` presents: its one `cbgate-token`, else the password of its one
+/// `Proxy-Authorization: Basic` (RFC 7617: base64 of `user:password`; the user is ignored).
+fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError> {
+    let mut tokens = headers.get_all(&TOKEN_HEADER).iter();
+    if let Some(v) = tokens.next() {
+        if tokens.next().is_some() {
+            return Err(ClientError::Ambiguous("cbgate-token"));
+        }
+        return Ok(Some(Zeroizing::new(
+            String::from_utf8_lossy(v.as_bytes()).trim().to_owned(),
+        )));
+    }
+    let mut auth = headers.get_all(header::PROXY_AUTHORIZATION).iter();
+    let Some(v) = auth.next() else {
+        return Ok(None);
+    };
+    if auth.next().is_some() {
+        return Err(ClientError::Ambiguous("Proxy-Authorization"));
+    }
+    let text = String::from_utf8_lossy(v.as_bytes());
+    let Some((scheme, b64)) = text.trim().split_once(' ') else {
+        return Ok(None);
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    use base64::Engine as _;
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+        return Ok(None);
+    };
+    let raw = Zeroizing::new(raw);
+    let password = raw
+        .iter()
+        .position(|&c| c == b':')
+        .map_or(&raw[..0], |i| &raw[i + 1..]);
+    Ok(Some(Zeroizing::new(
+        String::from_utf8_lossy(password).trim().to_owned(),
+    )))
 }
 
 /// The token the request presents: its one `cbgate-token`, else the `Bearer` credentials of its

@@ -44,6 +44,14 @@ impl Upstream {
     }
 }
 
+/// Marks a request that arrived inside an intercepted `CONNECT` tunnel (`[intercept]`): the
+/// tunnel's host, with the path, picks the route.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    /// The upstream host named by the `CONNECT`, lower case.
+    pub host: Arc<str>,
+}
+
 /// A matched route.
 #[derive(Debug)]
 pub struct Route {
@@ -81,6 +89,34 @@ impl Router {
     /// The WebSocket route for exactly `path`.
     pub fn find_ws(&self, path: &str) -> Option<&WsRoute> {
         self.ws_routes.iter().find(|r| r.path == path)
+    }
+
+    /// The WebSocket route to `host` (a tunnel's host): Coinbase's streams live at `/`, so
+    /// the host alone picks it.
+    pub fn find_ws_for_host(&self, host: &str) -> Option<&WsRoute> {
+        self.ws_routes.iter().find(|r| r.upstream.host == host)
+    }
+
+    /// The REST route for `path` when it goes to `host` (a tunnel's host).
+    pub fn find_for_host(&self, path: &str, host: &str) -> Option<&Route> {
+        self.find(path).filter(|r| r.upstream.host == host)
+    }
+
+    /// Every upstream host name (REST and WebSocket), each once: what `[intercept]` answers
+    /// `CONNECT` for and what the local CA is constrained to.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = Vec::new();
+        let all = self
+            .routes
+            .iter()
+            .map(|r| &r.upstream.host)
+            .chain(self.ws_routes.iter().map(|r| &r.upstream.host));
+        for h in all {
+            if !hosts.contains(h) {
+                hosts.push(h.clone());
+            }
+        }
+        hosts
     }
 
     /// The configured WebSocket paths, for error messages.

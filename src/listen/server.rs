@@ -49,7 +49,7 @@ const CLIENT_SHARE: usize = 2;
 pub fn client_streams(max_in_flight: usize) -> u32 {
     u32::try_from((max_in_flight / CLIENT_SHARE).max(1)).unwrap_or(u32::MAX)
 }
-use crate::gate::identity::Peer;
+use crate::gate::identity::{Peer, Recognised};
 use crate::listen::sniff::SmuggleGuard;
 use crate::proxy::Proxy;
 use crate::{Body, BoxError};
@@ -66,6 +66,9 @@ pub const REFUSING_AT_ONCE: usize = 32;
 #[derive(Debug)]
 pub enum Listener {
     Tcp(TcpListener),
+    /// TCP serving TLS (`https://`); the certificate comes from the proxy's
+    /// [`crate::listen::tls::TlsContext`].
+    Tls(TcpListener),
     Unix {
         listener: UnixListener,
         path: PathBuf,
@@ -96,6 +99,7 @@ impl Listener {
         };
         match addr {
             ListenAddr::Tcp(a) => TcpListener::bind(a).await.map(Listener::Tcp).map_err(err),
+            ListenAddr::Tls(a) => TcpListener::bind(a).await.map(Listener::Tls).map_err(err),
             ListenAddr::Unix(path) => {
                 use std::os::unix::fs::FileTypeExt as _;
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -139,6 +143,10 @@ impl Listener {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| "tcp".into()),
+            Listener::Tls(l) => l
+                .local_addr()
+                .map(|a| format!("https://{a}"))
+                .unwrap_or_else(|_| "https".into()),
             Listener::Unix { path, .. } => format!("unix:{}", path.display()),
         }
     }
@@ -211,6 +219,21 @@ impl Role {
 enum Accepted {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+/// An accepted `CONNECT` (`[intercept]`), handed from its connection to the accept loop, which
+/// serves the tunnel (so a connection task never spawns another connection task itself).
+struct TunnelStart {
+    req: Request<Incoming>,
+    host: Arc<str>,
+    /// The client identity recognised at the CONNECT: every request inside is its.
+    who: Recognised,
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// The tunnel's own connection slot, taken before the 200 was sent.
+    permit: OwnedSemaphorePermit,
+    /// The TLS handshake inside and the first request must be done by then.
+    deadline: Instant,
 }
 
 /// Serves `listeners` until `shutdown` resolves, then stops accepting and lets open
@@ -226,7 +249,7 @@ pub async fn run(
         .iter()
         .filter_map(|l| match l {
             Listener::Unix { path, .. } => Some(path.clone()),
-            Listener::Tcp(_) => None,
+            Listener::Tcp(_) | Listener::Tls(_) => None,
         })
         .collect();
     let handler = {
@@ -294,6 +317,9 @@ struct Server<H> {
     /// `true` once shutdown starts; every connection task holds a receiver, so
     /// [`watch::Sender::closed`] resolves when the last one has ended.
     stop: watch::Sender<bool>,
+    /// Accepted CONNECTs on their way to the accept loop.
+    tunnels: mpsc::Sender<TunnelStart>,
+    tunnels_rx: std::sync::Mutex<Option<mpsc::Receiver<TunnelStart>>>,
     header_timeouts: Counter,
     idle_timeouts: Counter,
     write_timeouts: Counter,
@@ -325,7 +351,10 @@ where
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
         let metrics = proxy.metrics();
+        let (tunnels, tunnels_rx) = mpsc::channel(64);
         Arc::new(Server {
+            tunnels,
+            tunnels_rx: std::sync::Mutex::new(Some(tunnels_rx)),
             role,
             builder,
             slots: Arc::new(Semaphore::new(opts.max_connections)),
@@ -348,15 +377,53 @@ where
     /// Accepts on every listener until `shutdown` resolves.
     async fn accept_until(self: &Arc<Self>, listeners: Vec<Listener>, shutdown: impl Future) {
         let (tx, mut rx) = mpsc::channel::<Accepted>(64);
-        let accept_tasks: Vec<_> = listeners
-            .into_iter()
-            .map(|l| tokio::spawn(accept_loop(l, tx.clone(), self.role)))
-            .collect();
+        let mut accept_tasks = Vec::new();
+        for l in listeners {
+            let acceptor = match &l {
+                Listener::Tls(tcp) => {
+                    let built = match (self.proxy.tls(), tcp.local_addr()) {
+                        (Some(tls), Ok(local)) => {
+                            tls.listener_acceptor(local).map_err(|e| e.to_string())
+                        }
+                        (None, _) => {
+                            Err("no TLS configured (tls.cert_file or the local CA)".into())
+                        }
+                        (_, Err(e)) => Err(e.to_string()),
+                    };
+                    match built {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            tracing::error!(listen = %l.describe(), error = %e, "https listener not served");
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            accept_tasks.push(tokio::spawn(accept_loop(
+                l,
+                acceptor,
+                tx.clone(),
+                self.role,
+            )));
+        }
         drop(tx);
+        let mut tunnels = self
+            .tunnels_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
+                Some(t) = async { match tunnels.as_mut() { Some(r) => r.recv().await, None => None } } => {
+                    tokio::spawn(Arc::clone(self).serve_tunnel(t));
+                }
                 accepted = rx.recv() => match accepted {
+                    Some(Accepted::Tls(s, acceptor)) => {
+                        let _ = s.set_nodelay(true);
+                        self.admit_tls(s, acceptor);
+                    }
                     Some(Accepted::Tcp(s)) => {
                         let _ = s.set_nodelay(true);
                         if self.role == Role::Proxy {
@@ -406,17 +473,12 @@ where
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        match Arc::clone(&self.slots).try_acquire_owned() {
-            Ok(permit) => {
-                tokio::spawn(Arc::clone(self).serve_conn(io, permit, peer));
+        match self.slot() {
+            Some(permit) => {
+                let deadline = Instant::now() + self.opts.header_read_timeout;
+                tokio::spawn(Arc::clone(self).serve_conn(io, permit, deadline, peer, None));
             }
-            Err(_) => {
-                self.proxy.metrics().connection_refused(self.role.label());
-                tracing::warn!(
-                    listener = self.role.label(),
-                    limit = self.opts.max_connections,
-                    "connection limit reached: refusing a client connection"
-                );
+            None => {
                 // Bounded too: past REFUSING_AT_ONCE the connection is just closed.
                 if let Ok(permit) = Arc::clone(&self.refusing).try_acquire_owned() {
                     tokio::spawn(async move {
@@ -428,11 +490,176 @@ where
         }
     }
 
-    async fn serve_conn<I>(self: Arc<Self>, io: I, permit: OwnedSemaphorePermit, peer: Option<Peer>)
-    where
+    /// Takes a connection slot, or counts and logs the refusal.
+    fn slot(&self) -> Option<OwnedSemaphorePermit> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                self.proxy.metrics().connection_refused(self.role.label());
+                tracing::warn!(
+                    listener = self.role.label(),
+                    limit = self.opts.max_connections,
+                    "connection limit reached: refusing a client connection"
+                );
+                None
+            }
+        }
+    }
+
+    /// A TLS connection: the slot is taken first, and the handshake runs inside the same
+    /// `header_read_timeout` as the first request, so a client that stalls in the handshake
+    /// holds its slot no longer than one that stalls in its headers.
+    fn admit_tls(self: &Arc<Self>, tcp: TcpStream, acceptor: tokio_rustls::TlsAcceptor) {
+        let Some(permit) = self.slot() else {
+            // A TLS client cannot read a plain 503: the connection is closed.
+            return;
+        };
+        let deadline = Instant::now() + self.opts.header_read_timeout;
+        let server = Arc::clone(self);
+        tokio::spawn(async move {
+            match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    server
+                        .serve_conn(SmuggleGuard::new(tls), permit, deadline, None, None)
+                        .await
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(listener = server.role.label(), error = %e, "TLS handshake with a client failed");
+                }
+                Err(_) => server.handshake_timeout(),
+            }
+        });
+    }
+
+    fn handshake_timeout(&self) {
+        self.header_timeouts.inc();
+        tracing::info!(
+            listener = self.role.label(),
+            kind = "header",
+            after_ms = self.opts.header_read_timeout.as_millis() as u64,
+            "closing a client connection: timeout (in the TLS handshake)"
+        );
+    }
+
+    /// Answers a `CONNECT` under `[intercept]`: checks the target, reserves the tunnel's own
+    /// connection slot, then says 200 and hands the tunnel to the accept loop. `deadline`
+    /// bounds the TLS handshake inside the tunnel and its first request: the connection's
+    /// first-request deadline when the CONNECT was its first request, else
+    /// `header_read_timeout` from now.
+    fn connect(&self, req: Request<Incoming>, first_deadline: Instant) -> Response<Body> {
+        let path = req.uri().to_string();
+        let (host, who) = match self.proxy.connect_target(&req) {
+            Ok(t) => t,
+            Err(e) => return self.proxy.refusal(req.method(), &path, e),
+        };
+        let acceptor = match self.proxy.tls().map(|t| t.tunnel_acceptor(&host)) {
+            Some(Ok(a)) => a,
+            Some(Err(e)) => {
+                let e = crate::error::ProxyError::BadRequest(format!("intercept: {e}"));
+                return self.proxy.refusal(req.method(), &path, e);
+            }
+            None => {
+                let e = crate::error::ProxyError::BadRequest(
+                    "intercept needs the local CA, which is not set up".into(),
+                );
+                return self.proxy.refusal(req.method(), &path, e);
+            }
+        };
+        let Some(permit) = self.slot() else {
+            let mut resp = crate::error::json_error(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "cbgate has its maximum of open connections (max_connections) and a tunnel needs one of its own; retry later",
+            );
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            return resp;
+        };
+        let now = Instant::now();
+        let deadline = if now < first_deadline {
+            first_deadline
+        } else {
+            now + self.opts.header_read_timeout
+        };
+        tracing::debug!(
+            host,
+            "CONNECT accepted: terminating TLS for an upstream host"
+        );
+        let host: Arc<str> = Arc::from(host);
+        let (parts, body) = req.into_parts();
+        let req = Request::from_parts(parts, body);
+        let start = TunnelStart {
+            req,
+            host,
+            who,
+            acceptor,
+            permit,
+            deadline,
+        };
+        if self.tunnels.try_send(start).is_err() {
+            return crate::error::json_error(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "cbgate is setting up too many tunnels at once or shutting down; retry later",
+            );
+        }
+        let mut resp = Response::new(Body::default());
+        *resp.status_mut() = http::StatusCode::OK;
+        resp
+    }
+
+    /// Serves an accepted CONNECT: waits for the upgrade, terminates TLS with the host's leaf
+    /// and serves the requests inside as coming through the tunnel, with the same timers.
+    async fn serve_tunnel(self: Arc<Self>, t: TunnelStart) {
+        let TunnelStart {
+            req,
+            host,
+            who,
+            acceptor,
+            permit,
+            deadline,
+        } = t;
+        let upgraded = match tokio::time::timeout_at(deadline, hyper::upgrade::on(req)).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "CONNECT tunnel not upgraded");
+                return;
+            }
+            Err(_) => return self.handshake_timeout(),
+        };
+        match tokio::time::timeout_at(deadline, acceptor.accept(TokioIo::new(upgraded))).await {
+            Ok(Ok(tls)) => {
+                self.serve_conn(
+                    SmuggleGuard::new(tls),
+                    permit,
+                    deadline,
+                    None,
+                    Some((host, who)),
+                )
+                .await
+            }
+            Ok(Err(e)) => {
+                tracing::info!(host = %host, error = %e, "TLS handshake inside a CONNECT tunnel failed (does the client trust `cbgate ca`?)");
+            }
+            Err(_) => self.handshake_timeout(),
+        }
+    }
+
+    /// Serves one connection. `deadline`: its first request must have arrived by then.
+    /// `peer`: the Unix peer's credentials. `tunnel`: the host of the intercepted CONNECT this
+    /// connection is inside, and the client identity recognised at that CONNECT.
+    async fn serve_conn<I>(
+        self: Arc<Self>,
+        io: I,
+        permit: OwnedSemaphorePermit,
+        deadline: Instant,
+        peer: Option<Peer>,
+        tunnel: Option<(Arc<str>, Recognised)>,
+    ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let accepted = Instant::now();
         let open = self.proxy.metrics().client_connection();
         let mut stop = self.stop.subscribe();
         let activity = Arc::new(Activity::default());
@@ -445,7 +672,23 @@ where
                 if let Some(p) = peer {
                     req.extensions_mut().insert(p);
                 }
-                let resp = (server.handler)(req);
+                let intercept = server.role == Role::Proxy
+                    && server.proxy.intercepts()
+                    && tunnel.is_none()
+                    && req.method() == http::Method::CONNECT;
+                let resp = if intercept {
+                    futures_util::future::Either::Left(std::future::ready(
+                        server.connect(req, deadline),
+                    ))
+                } else {
+                    if let Some((host, who)) = &tunnel {
+                        req.extensions_mut().insert(crate::gate::route::Tunnel {
+                            host: Arc::clone(host),
+                        });
+                        req.extensions_mut().insert(who.clone());
+                    }
+                    futures_util::future::Either::Right((server.handler)(req))
+                };
                 async move {
                     // The request counts as in flight until its response body is dropped.
                     Ok::<_, Infallible>(resp.await.map(|body| Tracked {
@@ -466,7 +709,7 @@ where
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
-        let sleep = tokio::time::sleep_until(accepted + self.opts.header_read_timeout);
+        let sleep = tokio::time::sleep_until(deadline);
         tokio::pin!(sleep);
         let mut first = true;
         let mut closing = false;
@@ -695,10 +938,19 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<I> {
     }
 }
 
-async fn accept_loop(listener: Listener, tx: mpsc::Sender<Accepted>, role: Role) {
+async fn accept_loop(
+    listener: Listener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    tx: mpsc::Sender<Accepted>,
+    role: Role,
+) {
     loop {
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| Accepted::Tcp(s)),
+            Listener::Tls(l) => match &acceptor {
+                Some(a) => l.accept().await.map(|(s, _)| Accepted::Tls(s, a.clone())),
+                None => return,
+            },
             Listener::Unix { listener, .. } => {
                 listener.accept().await.map(|(s, _)| Accepted::Unix(s))
             }

@@ -51,6 +51,12 @@ const MARKER: &str = "/.cbgate-rejected/";
 /// own framing and none of these ambiguities.
 const H2_PREFACE_LINE: &[u8] = b"PRI * HTTP/2.0";
 
+/// The first byte of a TLS handshake record (a ClientHello on a new connection).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// What a client that spoke TLS to a plain listener is told (in the log; it cannot read HTTP).
+pub const TLS_ON_PLAIN: &str = "a TLS ClientHello arrived on a plain-HTTP listener: the client uses https://; point it at http://HOST:PORT, or at cbgate's https:// listener (listen = [\"https://127.0.0.1:8443\"], CA from `cbgate ca`)";
+
 /// After refusing a request, how long and how much the guard keeps reading (and discarding)
 /// once hyper has sent the 400 and shut down its side. Closing a socket with unread input makes
 /// the kernel send a reset, which can destroy the 400 before the client reads it ("lingering
@@ -147,6 +153,9 @@ enum Frame {
     Passthrough,
     /// A head was refused and the synthetic request queued; after it, hyper gets nothing more.
     Rejected,
+    /// The client opened with a TLS ClientHello: it wants `https://`, which this listener
+    /// does not speak. The read fails with a hint and the connection closes.
+    TlsHello,
 }
 
 /// The chunked decoder's states, mirroring hyper's `ChunkedState` byte for byte (hyper 1.x,
@@ -231,7 +240,7 @@ impl Frame {
         while i < data.len() {
             let left = data.len() - i;
             match *self {
-                Frame::Head | Frame::Rejected => return i,
+                Frame::Head | Frame::Rejected | Frame::TlsHello => return i,
                 Frame::Passthrough => return data.len(),
                 Frame::Length(n) => {
                     let take = take(n, left);
@@ -572,7 +581,7 @@ impl Sniffer {
     fn process(&mut self) {
         loop {
             match self.frame {
-                Frame::Rejected => {
+                Frame::Rejected | Frame::TlsHello => {
                     self.end = self.ok;
                     return;
                 }
@@ -589,6 +598,19 @@ impl Sniffer {
                 }
                 Frame::Head => {
                     let head = &self.buf[self.ok..self.end];
+                    // A TLS record of type handshake (22) with major version 3: a ClientHello
+                    // (RFC 8446 §5.1). No HTTP method starts with byte 22.
+                    if self.first && head.first() == Some(&TLS_HANDSHAKE) {
+                        match head.get(1) {
+                            Some(&3) => {
+                                self.frame = Frame::TlsHello;
+                                self.end = self.ok;
+                                return;
+                            }
+                            None => return,
+                            Some(_) => {}
+                        }
+                    }
                     if self.first {
                         let n = head.len().min(H2_PREFACE_LINE.len());
                         if head[..n] == H2_PREFACE_LINE[..n] {
@@ -747,6 +769,13 @@ impl<I: AsyncRead + Unpin> AsyncRead for SmuggleGuard<I> {
                 return Poll::Ready(Ok(()));
             }
             match this.sniff.frame {
+                Frame::TlsHello => {
+                    tracing::warn!("{TLS_ON_PLAIN}; connection closed");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        TLS_ON_PLAIN,
+                    )));
+                }
                 // hyper only needs the synthetic request (it has `Connection: close`). The read
                 // side is never reported closed: hyper takes end of stream during a request for
                 // the client giving up and drops the response, the 400. So the read stays

@@ -243,7 +243,7 @@ impl Gate {
         wallet: Option<cbgate::sign::wallet::WalletSecret>,
     ) -> Gate {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        Gate::start_inner(cfg, key, None, wallet, vec![Listener::Tcp(listener)]).await
+        Gate::start_inner(cfg, key, None, wallet, vec![Listener::Tcp(listener)], None).await
     }
 
     pub async fn start_full(
@@ -252,7 +252,18 @@ impl Gate {
         token: Option<zeroize::Zeroizing<String>>,
         listeners: Vec<Listener>,
     ) -> Gate {
-        Gate::start_inner(cfg, key, token, None, listeners).await
+        Gate::start_inner(cfg, key, token, None, listeners, None).await
+    }
+
+    /// Starts cbgate with TLS towards clients (`https://` listeners, `[intercept]`).
+    pub async fn start_tls(
+        cfg: Config,
+        key: Option<&TestKey>,
+        token: Option<zeroize::Zeroizing<String>>,
+        listeners: Vec<Listener>,
+        tls: Option<Arc<cbgate::listen::tls::TlsContext>>,
+    ) -> Gate {
+        Gate::start_inner(cfg, key, token, None, listeners, tls).await
     }
 
     async fn start_inner(
@@ -261,6 +272,7 @@ impl Gate {
         token: Option<zeroize::Zeroizing<String>>,
         wallet: Option<cbgate::sign::wallet::WalletSecret>,
         listeners: Vec<Listener>,
+        tls: Option<Arc<cbgate::listen::tls::TlsContext>>,
     ) -> Gate {
         cfg.validate().expect("valid test config");
         let api_key = key.map(|k| {
@@ -269,15 +281,17 @@ impl Gate {
             KeySource::File(path).load().expect("test key loads")
         });
         let addr = match listeners.first() {
-            Some(Listener::Tcp(l)) => l.local_addr().expect("addr"),
+            Some(Listener::Tcp(l) | Listener::Tls(l)) => l.local_addr().expect("addr"),
             _ => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
-        let proxy = Arc::new(
-            Proxy::new(&cfg, api_key)
-                .expect("proxy builds")
-                .with_wallet_secret(wallet)
-                .with_client_token(token, &cfg),
-        );
+        let mut proxy = Proxy::new(&cfg, api_key)
+            .expect("proxy builds")
+            .with_wallet_secret(wallet)
+            .with_client_token(token, &cfg);
+        if let Some(tls) = tls {
+            proxy = proxy.with_tls(tls);
+        }
+        let proxy = Arc::new(proxy);
         let (tx, rx) = oneshot::channel();
         let opts = ServeOptions {
             drain_timeout: Duration::from_secs(5),
