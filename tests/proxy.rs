@@ -505,10 +505,10 @@ async fn certificate_for_another_name_is_refused() {
     let up = Upstream::start(Some(&key)).await;
     let mut cfg = up.config();
     // The mock's certificate does not cover this name, though the CA is trusted.
-    cfg.routes = vec![cbgate::config::RouteConfig {
-        prefix: "/api/v3/".into(),
-        upstream: "https://api.evil.example".into(),
-    }];
+    cfg.routes = vec![cbgate::config::RouteConfig::new(
+        "/api/v3/",
+        "https://api.evil.example",
+    )];
     cfg.upstream
         .resolve
         .insert("api.evil.example".into(), up.mock.addr);

@@ -150,14 +150,8 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let r = Router::new(&[
-            RouteConfig {
-                prefix: "/a/".into(),
-                upstream: "https://one.example".into(),
-            },
-            RouteConfig {
-                prefix: "/a/b/".into(),
-                upstream: "https://two.example:8443".into(),
-            },
+            RouteConfig::new("/a/", "https://one.example"),
+            RouteConfig::new("/a/b/", "https://two.example:8443"),
         ])
         .expect("routes");
         let up = &r.find("/a/b/c").expect("match").upstream;
