@@ -14,6 +14,7 @@ use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::config::{KeyKind, DEFAULT_KEY};
 use crate::error::ProxyError;
 use crate::forward::body_timeout::{BodyTimeout, Direction, TimedBody};
 use crate::forward::date_watch::DateWatch;
@@ -30,6 +31,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
 use crate::sign::jwt::{Binding, Signer};
 use crate::sign::key::ApiKey;
+use crate::sign::keys::{Credential, Keyring};
 use crate::Body;
 use zeroize::Zeroizing;
 
@@ -39,6 +41,8 @@ pub struct Proxy {
     router: Router,
     /// The key and clock correction; shared with WebSocket relay tasks, which outlive requests.
     signer: Arc<Signer>,
+    /// The named credentials (`[keys.NAME]`); `[key]` is `signer`'s, named `default`.
+    keys: Arc<Keyring>,
     client: UpstreamClient,
     ws: WsState,
     policy: Policy,
@@ -85,9 +89,13 @@ impl Proxy {
     /// Builds the proxy; `key` is `None` when no key is configured (requests go unsigned).
     pub fn new(cfg: &Config, key: Option<ApiKey>) -> Result<Proxy, BuildError> {
         let metrics = Metrics::new();
+        if key.is_some() {
+            metrics.credential_loaded(DEFAULT_KEY, KeyKind::Cdp.as_str());
+        }
         Ok(Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
             signer: Arc::new(Signer::new(key)),
+            keys: Arc::new(Keyring::default()),
             client: UpstreamClient::new(&cfg.upstream)?,
             ws: WsState::new(&cfg.ws, Arc::clone(metrics.ws())),
             policy: Policy::new(&cfg.policy)
@@ -103,6 +111,20 @@ impl Proxy {
             admin_loopback: cfg.admin_listen.ip().is_loopback(),
             audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
         })
+    }
+
+    /// Uses `keys` as the named credentials (`[keys.NAME]`, loaded by the caller).
+    pub fn with_keys(mut self, keys: Keyring) -> Proxy {
+        for k in keys.iter() {
+            self.metrics.credential_loaded(k.name(), k.kind().as_str());
+        }
+        self.keys = Arc::new(keys);
+        self
+    }
+
+    /// The named credentials.
+    pub fn keys(&self) -> &Arc<Keyring> {
+        &self.keys
     }
 
     /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`).
@@ -298,7 +320,23 @@ impl Proxy {
         }
         let route = self.route(req.uri().path())?;
         outcome.route = Some(&route.prefix);
-        self.policy.check(req.method(), req.uri().path())?;
+        let target = route
+            .upstream_target(
+                req.uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/"),
+            )
+            .to_owned();
+        let upstream_path = target.split_once('?').map_or(target.as_str(), |(p, _)| p);
+        self.policy.check_on(
+            req.method(),
+            req.uri().path(),
+            route.upstream.family,
+            upstream_path,
+        )?;
+        // Chosen before anything is read or reserved: a wrong name costs nothing.
+        let selected = self.select_key(req.headers(), route)?;
         let upstream = &route.upstream;
 
         // Reserve, then act: the upstream slot is taken before signing and connecting, and
@@ -313,16 +351,12 @@ impl Proxy {
         if let Some(id) = &request_id {
             parts.headers.insert(&REQUEST_ID, id.clone());
         }
-        // Path and query go upstream byte for byte, as the client sent them.
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        // Path and query go upstream byte for byte, as the client sent them (less the
+        // route's prefix when it strips it).
         parts.uri = Uri::builder()
             .scheme("https")
             .authority(upstream.authority.as_str())
-            .path_and_query(path_and_query)
+            .path_and_query(target.as_str())
             .build()
             .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
         // The pool picks HTTP/1.1 or h2 by ALPN, whatever the client spoke.
@@ -367,7 +401,7 @@ impl Proxy {
         let mut resent = false;
         let resp = loop {
             // A fresh token per attempt: the JWT's nonce and time window are single-use.
-            let token = self.sign(&parts.method, &upstream.authority, parts.uri.path(), route)?;
+            let auth = self.authorize(&selected, &parts.method, route, &target, &body)?;
             let mut req = Request::new(
                 Full::new(body.clone())
                     .map_err(|never| match never {})
@@ -377,12 +411,20 @@ impl Proxy {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            if let Some(token) = token {
-                let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| ProxyError::Sign)?;
-                // Keeps the token out of HPACK tables and hyper's Debug output.
-                value.set_sensitive(true);
-                req.headers_mut().insert(header::AUTHORIZATION, value);
+            match auth {
+                Auth::None => {}
+                Auth::Bearer(token) => {
+                    let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+                        .map_err(|_| ProxyError::Sign)?;
+                    // Keeps the token out of HPACK tables and hyper's Debug output.
+                    value.set_sensitive(true);
+                    req.headers_mut().insert(header::AUTHORIZATION, value);
+                }
+                Auth::Hmac(fields) => {
+                    for (name, value) in *fields {
+                        req.headers_mut().insert(name, value);
+                    }
+                }
             }
             match self.client.send_until(&upstream.host, req, deadline).await {
                 // Once: the server said it never processed this stream (GOAWAY while
@@ -450,29 +492,120 @@ impl Proxy {
         })
     }
 
-    /// A fresh token bound to this request, or `None` when no key is configured.
-    fn sign(
+    /// The credential for this request: the `cbgate-key` header, else the route's `key`,
+    /// else `default` (`[key]`); it must be of the route's family.
+    fn select_key(&self, headers: &http::HeaderMap, route: &Route) -> Result<Selected, ProxyError> {
+        let header = headers.get(crate::forward::headers::KEY_HEADER);
+        let (name, from) = match (header, &route.key) {
+            (Some(v), _) => {
+                let name = v
+                    .to_str()
+                    .ok()
+                    .map(str::trim)
+                    .filter(|n| crate::config::valid_key_name(n))
+                    .ok_or_else(|| {
+                        ProxyError::BadRequest(
+                            "the cbgate-key header must be a credential name (1-64 of A-Z a-z 0-9 _ -)".into(),
+                        )
+                    })?;
+                (name.to_owned(), "the cbgate-key header")
+            }
+            (None, Some(k)) => (k.clone(), "the route's key"),
+            (None, None) => (DEFAULT_KEY.to_owned(), "the default"),
+        };
+        let family = route.upstream.family;
+        let mismatch = |kind: KeyKind| ProxyError::KeyKindMismatch {
+            name: name.clone(),
+            from,
+            kind: kind.as_str(),
+            host: route.upstream.host.clone(),
+            family: family.as_str(),
+        };
+        if name == DEFAULT_KEY {
+            return match self.signer.key() {
+                // No [key] at all: forwarded unsigned, as before named keys existed.
+                None => Ok(Selected::Unsigned),
+                Some(_) if family != KeyKind::Cdp => Err(mismatch(KeyKind::Cdp)),
+                Some(_) => Ok(Selected::Default),
+            };
+        }
+        let Some(named) = self.keys.get(&name) else {
+            let mut known = self.keys.names();
+            known.insert(0, DEFAULT_KEY);
+            return Err(ProxyError::UnknownKey {
+                name,
+                from,
+                known: known.join(", "),
+            });
+        };
+        let cred = named.current();
+        if cred.kind() != family {
+            return Err(mismatch(cred.kind()));
+        }
+        Ok(Selected::Named(cred))
+    }
+
+    /// The credentials for one attempt: a fresh JWT, or fresh HMAC headers over the exact
+    /// bytes sent (`target` as sent upstream, `body` as forwarded).
+    fn authorize(
         &self,
+        selected: &Selected,
         method: &Method,
-        authority: &str,
-        path: &str,
         route: &Route,
-    ) -> Result<Option<String>, ProxyError> {
+        target: &str,
+        body: &[u8],
+    ) -> Result<Auth, ProxyError> {
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
         let binding = Binding {
             method: method.as_str(),
-            host: authority,
+            host: &route.upstream.authority,
             path,
         };
         let started = Instant::now();
-        let token = self
-            .signer
-            .mint(route.upstream.claims, &binding)
-            .map_err(|_| ProxyError::Sign)?;
-        if token.is_some() {
+        let now = crate::sign::jwt::now_secs(self.signer.clock_offset());
+        let auth = match selected {
+            Selected::Unsigned => Auth::None,
+            Selected::Default => match self
+                .signer
+                .mint(route.upstream.claims, &binding)
+                .map_err(|_| ProxyError::Sign)?
+            {
+                Some(t) => Auth::Bearer(t),
+                None => Auth::None,
+            },
+            Selected::Named(cred) => match cred.as_ref() {
+                Credential::Cdp(key) => Auth::Bearer(
+                    crate::sign::jwt::mint(key, now, route.upstream.claims, &binding)
+                        .map_err(|_| ProxyError::Sign)?,
+                ),
+                Credential::Hmac(key) => Auth::Hmac(Box::new(
+                    key.headers(now, method.as_str(), target, body)
+                        .map_err(|_| ProxyError::Sign)?,
+                )),
+            },
+        };
+        if let Auth::Bearer(_) = auth {
             self.metrics.jwt_signed(started.elapsed());
         }
-        Ok(token)
+        Ok(auth)
     }
+}
+
+/// Which credential a request signs with.
+enum Selected {
+    /// None configured: forwarded unsigned.
+    Unsigned,
+    /// `[key]`, read from the signer at each attempt (so a rotation mid-request is used).
+    Default,
+    /// A `[keys.NAME]` credential, as loaded when the request was routed.
+    Named(Arc<Credential>),
+}
+
+/// What one attempt carries.
+enum Auth {
+    None,
+    Bearer(String),
+    Hmac(Box<[(http::HeaderName, HeaderValue); 4]>),
 }
 
 /// The request id header.

@@ -15,7 +15,18 @@ pub fn run(
     env: HashMap<String, String>,
     hardening: &harden::Report,
 ) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args.common, Overrides::default(), env)?;
+    let Loaded { cfg, key, keys, .. } = load(&args.common, Overrides::default(), env)?;
+    let named: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            format!(
+                "credential {}: kind {}, fingerprint {}",
+                k.name(),
+                k.kind().as_str(),
+                k.current().fingerprint()
+            )
+        })
+        .collect();
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -29,7 +40,7 @@ pub fn run(
     let online = args.online && key.is_some();
     // Exactly what `serve` builds before it binds, so `check` fails where `serve` would.
     let proxy = runtime
-        .block_on(async { Proxy::new(&cfg, key) })
+        .block_on(async { Proxy::new(&cfg, key).map(|p| p.with_keys(keys)) })
         .map_err(config_err)?;
     let listen: Vec<String> = cfg.listen.iter().map(ToString::to_string).collect();
     println!(
@@ -47,6 +58,9 @@ pub fn run(
         None => println!(
             "key: none configured; requests will be forwarded unsigned (public endpoints only)"
         ),
+    }
+    for line in &named {
+        println!("{line}");
     }
     let yes_no = |b: bool| if b { "yes" } else { "NO" };
     println!(

@@ -233,6 +233,8 @@ pub struct Loaded {
     pub client_token: Option<Zeroizing<String>>,
     /// The admin control token (`admin_token_file`).
     pub admin_token: Option<Zeroizing<String>>,
+    /// The named credentials (`[keys.NAME]`).
+    pub keys: cbgate::sign::keys::Keyring,
 }
 
 /// Flags that override configuration keys (only `serve` has them).
@@ -259,6 +261,16 @@ pub fn load(
     // The environment map held a copy of the secret: wipe it before it is freed.
     if let Some(secret) = sources.env.get_mut("COINBASE_API_SECRET") {
         secret.zeroize();
+    }
+    // And of the named credentials' secrets and passphrases.
+    if let Ok(l) = &loaded {
+        for k in l.cfg.keys.values() {
+            for var in [&k.secret_env, &k.passphrase_env].into_iter().flatten() {
+                if let Some(v) = sources.env.get_mut(var) {
+                    v.zeroize();
+                }
+            }
+        }
     }
     loaded
 }
@@ -298,7 +310,9 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         None => None,
         Some(path) => Some(load_admin_token(path).map_err(config_err)?),
     };
+    let keys = cbgate::sign::keys::Keyring::load(&cfg.keys, &sources.env).map_err(config_err)?;
     Ok(Loaded {
+        keys,
         cfg,
         key,
         key_file,

@@ -71,6 +71,7 @@ pub fn run(
         allow_insecure,
         client_token,
         admin_token,
+        keys,
     } = load(
         &args.common,
         Overrides {
@@ -108,6 +109,9 @@ pub fn run(
             }
         }
     }
+    for k in keys.iter() {
+        tracing::info!(key = k.name(), kind = k.kind().as_str(), fingerprint = %k.current().fingerprint(), "credential loaded");
+    }
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -141,6 +145,7 @@ pub fn run(
         let proxy = Arc::new(
             Proxy::new(&cfg, key)
                 .map_err(config_err)?
+                .with_keys(keys)
                 .with_client_token(client_token, &cfg)
                 .with_admin_token(admin_token)
                 .with_halt(halt),

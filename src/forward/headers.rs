@@ -61,7 +61,15 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::HOST);
     headers.remove(&crate::gate::client::TOKEN_HEADER);
+    headers.remove(KEY_HEADER);
+    // A client's own HMAC headers would ride next to cbgate's (or alone, unsigned).
+    for name in crate::sign::hmac::HMAC_HEADERS {
+        headers.remove(name);
+    }
 }
+
+/// The request header that picks a credential by name; never forwarded.
+pub const KEY_HEADER: &str = "cbgate-key";
 
 #[cfg(test)]
 mod tests {

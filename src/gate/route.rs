@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{BaseUrl, RouteConfig, WsRouteConfig};
+use crate::config::{BaseUrl, KeyKind, RouteConfig, WsRouteConfig};
 use crate::sign::jwt::ClaimStyle;
 
 /// An upstream Coinbase API host.
@@ -15,6 +15,8 @@ pub struct Upstream {
     pub authority: String,
     /// Which request-binding claim Coinbase expects from this host.
     pub claims: ClaimStyle,
+    /// Which API family (and so which kind of key) this host takes.
+    pub family: KeyKind,
 }
 
 impl Upstream {
@@ -37,6 +39,7 @@ impl Upstream {
         };
         Ok(Upstream {
             claims: ClaimStyle::for_host(&host),
+            family: KeyKind::for_host(&host),
             host,
             port,
             authority,
@@ -49,6 +52,24 @@ impl Upstream {
 pub struct Route {
     pub prefix: String,
     pub upstream: Arc<Upstream>,
+    /// The credential this route signs with when the request names none.
+    pub key: Option<String>,
+    /// Whether the prefix (all but its final `/`) is removed before forwarding.
+    pub strip_prefix: bool,
+}
+
+impl Route {
+    /// The request target as sent upstream: `path_and_query` without the prefix when the
+    /// route strips it (`/exchange/orders?x` -> `/orders?x`), else unchanged.
+    pub fn upstream_target<'a>(&self, path_and_query: &'a str) -> &'a str {
+        if self.strip_prefix {
+            // The prefix ends with `/` (checked at load) and matched: keep that `/`.
+            let cut = self.prefix.len().saturating_sub(1);
+            path_and_query.get(cut..).unwrap_or(path_and_query)
+        } else {
+            path_and_query
+        }
+    }
 }
 
 /// A WebSocket route: exact path.
@@ -101,6 +122,8 @@ impl Router {
             routes.push(Route {
                 prefix: c.prefix.clone(),
                 upstream,
+                key: c.key.clone(),
+                strip_prefix: c.strip_prefix,
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -140,6 +163,28 @@ mod tests {
             Some("api.cdp.coinbase.com")
         );
         assert_eq!(host("/api/v2/x"), None);
+        let ex = r.find("/exchange/orders").expect("exchange route");
+        assert_eq!(ex.upstream.host, "api.exchange.coinbase.com");
+        assert_eq!(ex.upstream.family, KeyKind::Exchange);
+        assert_eq!(ex.upstream_target("/exchange/orders?a=1"), "/orders?a=1");
+        assert_eq!(ex.upstream_target("/exchange/"), "/");
+        let prime = r.find("/prime/v1/portfolios").expect("prime route");
+        assert_eq!(prime.upstream.family, KeyKind::Prime);
+        assert_eq!(
+            prime.upstream_target("/prime/v1/portfolios"),
+            "/v1/portfolios"
+        );
+        let intx = r.find("/intx/api/v1/orders").expect("intx route");
+        assert_eq!(intx.upstream.family, KeyKind::Intx);
+        assert_eq!(
+            intx.upstream_target("/intx/api/v1/orders"),
+            "/api/v1/orders"
+        );
+        assert_eq!(
+            r.find("/api/v3/brokerage/x")
+                .map(|r| r.upstream_target("/api/v3/brokerage/x")),
+            Some("/api/v3/brokerage/x")
+        );
         assert_eq!(host("/v2"), None);
         assert_eq!(
             r.find("/platform/x").map(|r| r.upstream.claims),

@@ -457,7 +457,7 @@ mod tests {
                 "no passphrase field",
             ),
             (
-                format!(r#"{{"key": "k", "passphrase": "p"}}"#),
+                r#"{"key": "k", "passphrase": "p"}"#.to_owned(),
                 "no secret field",
             ),
             (
@@ -488,7 +488,7 @@ mod tests {
                 "kind = \"cdp\"",
             ),
             (
-                format!(r#"{{"key": "k", "secret": 5, "passphrase": "p"}}"#),
+                r#"{"key": "k", "secret": 5, "passphrase": "p"}"#.to_owned(),
                 "must be a string",
             ),
             (format!(r#"[{SECRET:?}]"#), "not an object"),

@@ -15,6 +15,8 @@ use crate::sign::hmac::{HmacKey, HmacKeyError};
 use crate::sign::key::{ApiKey, KeySource};
 
 /// One loaded credential.
+// Held behind an Arc: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Credential {
     /// A CDP key: signs JWTs.

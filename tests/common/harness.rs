@@ -35,6 +35,9 @@ pub const HOSTS: &[&str] = &[
     "api.cdp.coinbase.com",
     "advanced-trade-ws.coinbase.com",
     "advanced-trade-ws-user.coinbase.com",
+    "api.exchange.coinbase.com",
+    "api.prime.coinbase.com",
+    "api.international.coinbase.com",
 ];
 
 /// The forms a secret comes in.
@@ -252,10 +255,14 @@ impl Gate {
             Some(Listener::Tcp(l)) => l.local_addr().expect("addr"),
             _ => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
+        // `[keys.NAME]` from files, as `cbgate serve` loads them.
+        let keys = cbgate::sign::keys::Keyring::load(&cfg.keys, &std::collections::HashMap::new())
+            .expect("named test keys load");
         let proxy = Arc::new(
             Proxy::new(&cfg, api_key)
                 .expect("proxy builds")
-                .with_client_token(token, &cfg),
+                .with_client_token(token, &cfg)
+                .with_keys(keys),
         );
         let (tx, rx) = oneshot::channel();
         let opts = ServeOptions {

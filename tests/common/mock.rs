@@ -198,9 +198,33 @@ pub struct MockOptions {
     /// recorded), as a server under load may (RFC 9113 section 8.7). A request is refused once:
     /// a resend with the same `x-request-id` is served.
     pub refuse_every: Option<usize>,
+    /// HMAC keys the mock accepts on the Exchange, Prime and INTX hosts (see [`ExpectedHmac`]).
+    pub hmac: Vec<ExpectedHmac>,
     /// Realistic mode: prices the public product endpoint
     /// (`GET /api/v3/brokerage/market/products/{id}`) answers; any other product is 404.
     pub prices: Vec<(String, String)>,
+}
+
+/// An HMAC key (Exchange, Prime or INTX) the mock verifies requests against, written from
+/// Coinbase's documentation of each family (shared/coinbase-auth.md), not from cbgate's code.
+#[derive(Clone, Debug)]
+pub struct ExpectedHmac {
+    /// `exchange`, `prime` or `intx`.
+    pub family: &'static str,
+    pub key: String,
+    /// The secret as the portal shows it (base64 for Exchange and INTX, text for Prime).
+    pub secret: String,
+    pub passphrase: String,
+}
+
+/// The HMAC family a host takes, if any.
+pub fn hmac_family(host: &str) -> Option<&'static str> {
+    match host {
+        "api.exchange.coinbase.com" => Some("exchange"),
+        "api.prime.coinbase.com" => Some("prime"),
+        "api.international.coinbase.com" => Some("intx"),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -564,7 +588,17 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         .unwrap_or_else(|| path.clone());
     let host = request_host(&parts);
 
-    let auth = authenticate(&inner, &method, host.as_deref(), &path, &parts.headers);
+    let auth = match host.as_deref().and_then(hmac_family) {
+        Some(family) => authenticate_hmac(
+            &inner,
+            family,
+            &method,
+            &path_and_query,
+            &parts.headers,
+            &body,
+        ),
+        None => authenticate(&inner, &method, host.as_deref(), &path, &parts.headers),
+    };
     inner.lock().requests.push(Recorded {
         method: method.clone(),
         path_and_query,
@@ -1032,6 +1066,103 @@ fn authenticate(
         Ok(outcome) => outcome,
         Err(reason) => AuthOutcome::Invalid(reason),
     }
+}
+
+/// Verifies an HMAC-signed request as the family's server does: the four headers (and no
+/// `Authorization`), the key and passphrase, an integer timestamp within the window (30 s;
+/// INTX 5 s), and the signature over timestamp + METHOD + path (with the query for Exchange
+/// only) + the body bytes exactly as received.
+fn authenticate_hmac(
+    inner: &Inner,
+    family: &'static str,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> AuthOutcome {
+    let names: [&str; 4] = if family == "prime" {
+        [
+            "x-cb-access-key",
+            "x-cb-access-signature",
+            "x-cb-access-timestamp",
+            "x-cb-access-passphrase",
+        ]
+    } else {
+        [
+            "cb-access-key",
+            "cb-access-sign",
+            "cb-access-timestamp",
+            "cb-access-passphrase",
+        ]
+    };
+    let got: Vec<Option<String>> = names
+        .iter()
+        .map(|n| {
+            let mut all = headers.get_all(*n).iter();
+            let v = all.next()?.to_str().ok()?.to_owned();
+            all.next().is_none().then_some(v)
+        })
+        .collect();
+    if got.iter().all(Option::is_none) {
+        return AuthOutcome::Missing;
+    }
+    let check = || -> Result<AuthOutcome, String> {
+        if headers.contains_key(AUTHORIZATION) {
+            return Err("an Authorization header was sent to an HMAC host".into());
+        }
+        let [Some(key), Some(sig), Some(ts), Some(pass)] = [&got[0], &got[1], &got[2], &got[3]]
+        else {
+            return Err(format!("missing or repeated one of {names:?}"));
+        };
+        let expected = inner
+            .opts
+            .hmac
+            .iter()
+            .find(|k| k.family == family && &k.key == key)
+            .ok_or_else(|| format!("unknown {family} key {key:?}"))?;
+        if &expected.passphrase != pass {
+            return Err("wrong passphrase".into());
+        }
+        let t: i64 = ts
+            .parse()
+            .map_err(|_| format!("timestamp {ts:?} is not integer seconds"))?;
+        let window = if family == "intx" { 5 } else { 30 };
+        if (t - inner.now()).abs() > window {
+            return Err(format!("timestamp outside the {window} s window"));
+        }
+        let path = if family == "exchange" {
+            path_and_query
+        } else {
+            path_and_query.split('?').next().unwrap_or(path_and_query)
+        };
+        let key_bytes = if family == "prime" {
+            expected.secret.as_bytes().to_vec()
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(&expected.secret)
+                .map_err(|_| "test secret is not base64".to_string())?
+        };
+        let mut msg = Vec::new();
+        msg.extend_from_slice(ts.as_bytes());
+        msg.extend_from_slice(method.as_bytes());
+        msg.extend_from_slice(path.as_bytes());
+        msg.extend_from_slice(body);
+        let mac = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key_bytes),
+            &msg,
+        );
+        let want = base64::engine::general_purpose::STANDARD.encode(mac.as_ref());
+        if &want != sig {
+            return Err(format!("{family} signature does not verify"));
+        }
+        Ok(AuthOutcome::Valid {
+            alg: "HMAC-SHA256".into(),
+            kid: key.clone(),
+            nonce: ts.clone(),
+            claims: json!({"family": family, "signature": sig, "timestamp": ts}),
+        })
+    };
+    check().unwrap_or_else(AuthOutcome::Invalid)
 }
 
 /// The `kid` of a token's JOSE header, unverified (only to pick which key to verify with).
