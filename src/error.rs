@@ -48,6 +48,9 @@ pub enum ProxyError {
         from: &'static str,
         known: String,
     },
+    /// The derivatives gateway's token exchange failed (no token or JWT in the message).
+    #[error("{0}; check the key (a CDP key with access to derivatives) and the clock")]
+    Gateway(String),
     /// The selected credential is of another family than the route's host.
     #[error("the credential {name} ({from}) is a {kind} key, but {host} takes {family} keys; send cbgate-key with a {family} credential, or set the route's key")]
     KeyKindMismatch {
@@ -103,6 +106,7 @@ impl ProxyError {
             }
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
             ProxyError::UnknownKey { .. } => (StatusCode::BAD_REQUEST, "unknown_key"),
+            ProxyError::Gateway(_) => (StatusCode::BAD_GATEWAY, "gateway_auth_failed"),
             ProxyError::KeyKindMismatch { .. } => (StatusCode::BAD_REQUEST, "key_kind_mismatch"),
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")

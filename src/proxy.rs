@@ -43,6 +43,8 @@ pub struct Proxy {
     signer: Arc<Signer>,
     /// The named credentials (`[keys.NAME]`); `[key]` is `signer`'s, named `default`.
     keys: Arc<Keyring>,
+    /// Derivatives gateway access tokens, per credential.
+    gateway: crate::forward::gateway::TokenCache,
     client: UpstreamClient,
     ws: WsState,
     policy: Policy,
@@ -96,6 +98,7 @@ impl Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
             signer: Arc::new(Signer::new(key)),
             keys: Arc::new(Keyring::default()),
+            gateway: crate::forward::gateway::TokenCache::default(),
             client: UpstreamClient::new(&cfg.upstream)?,
             ws: WsState::new(&cfg.ws, Arc::clone(metrics.ws())),
             policy: Policy::new(&cfg.policy)
@@ -125,6 +128,11 @@ impl Proxy {
     /// The named credentials.
     pub fn keys(&self) -> &Arc<Keyring> {
         &self.keys
+    }
+
+    /// The derivatives gateway's access tokens.
+    pub fn gateway_tokens(&self) -> &crate::forward::gateway::TokenCache {
+        &self.gateway
     }
 
     /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`).
@@ -334,7 +342,10 @@ impl Proxy {
             req.uri().path(),
             route.upstream.family,
             upstream_path,
+            route.upstream.token_gateway,
         )?;
+        let local_auth = route.upstream.token_gateway
+            && crate::gate::policy::match_form(upstream_path) == crate::forward::gateway::AUTH_PATH;
         // Chosen before anything is read or reserved: a wrong name costs nothing.
         let selected = self.select_key(req.headers(), route)?;
         let upstream = &route.upstream;
@@ -368,6 +379,21 @@ impl Proxy {
         let body = self
             .read_body(self.timed(body, Direction::Request, request_id.as_ref()))
             .await?;
+        // The client's own token exchange: answered here, so the real token never leaves.
+        if local_auth && !matches!(selected, Selected::Unsigned) {
+            let mut resp = Response::new(
+                Full::new(Bytes::from(crate::forward::gateway::local_auth_answer(
+                    &body,
+                )))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(resp);
+        }
         // Halt and the pre-trade guard decide on the body as it will be sent, before signing.
         let prices = crate::forward::price::ProductPrices {
             client: &self.client,
@@ -399,9 +425,25 @@ impl Proxy {
         let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + self.client.request_timeout();
         let mut resent = false;
+        // The derivatives gateway's token a 401 refused, once: the next attempt exchanges anew.
+        let mut refused_token: Option<Zeroizing<String>> = None;
+        let mut refreshed = false;
         let resp = loop {
             // A fresh token per attempt: the JWT's nonce and time window are single-use.
-            let auth = self.authorize(&selected, &parts.method, route, &target, &body)?;
+            let auth = self
+                .authorize(
+                    &selected,
+                    &parts.method,
+                    route,
+                    &target,
+                    &body,
+                    refused_token.as_deref().map(|s| s.as_str()),
+                )
+                .await?;
+            let gateway_token = match (&auth, route.upstream.token_gateway) {
+                (Auth::Bearer(t), true) => Some(Zeroizing::new(t.clone())),
+                _ => None,
+            };
             let mut req = Request::new(
                 Full::new(body.clone())
                     .map_err(|never| match never {})
@@ -432,6 +474,16 @@ impl Proxy {
                 Err(UpstreamError::Unprocessed { .. }) if !resent => {
                     resent = true;
                     self.metrics.upstream_resend();
+                }
+                // The gateway revoked or expired the token early: exchange a new one and send
+                // again, once (a 401 on the new token goes to the client).
+                Ok(r)
+                    if r.status() == http::StatusCode::UNAUTHORIZED
+                        && gateway_token.is_some()
+                        && !refreshed =>
+                {
+                    refreshed = true;
+                    refused_token = gateway_token;
                 }
                 other => break other,
             }
@@ -547,13 +599,14 @@ impl Proxy {
 
     /// The credentials for one attempt: a fresh JWT, or fresh HMAC headers over the exact
     /// bytes sent (`target` as sent upstream, `body` as forwarded).
-    fn authorize(
+    async fn authorize(
         &self,
         selected: &Selected,
         method: &Method,
         route: &Route,
         target: &str,
         body: &[u8],
+        refused: Option<&str>,
     ) -> Result<Auth, ProxyError> {
         let path = target.split_once('?').map_or(target, |(p, _)| p);
         let binding = Binding {
@@ -563,6 +616,28 @@ impl Proxy {
         };
         let started = Instant::now();
         let now = crate::sign::jwt::now_secs(self.signer.clock_offset());
+        if route.upstream.token_gateway {
+            let default_key = self.signer.key();
+            // The cache is per name and key fingerprint.
+            let (name, key): (&str, &ApiKey) = match selected {
+                Selected::Unsigned => return Ok(Auth::None),
+                Selected::Default => match default_key.as_deref() {
+                    Some(k) => (DEFAULT_KEY, k),
+                    None => return Ok(Auth::None),
+                },
+                Selected::Named(cred) => match cred.as_ref() {
+                    Credential::Cdp(k) => ("named", k),
+                    // Checked in select_key: a gateway route's family is cdp.
+                    Credential::Hmac(_) => return Err(ProxyError::Sign),
+                },
+            };
+            let token = self
+                .gateway
+                .token(name, key, now, &self.client, &route.upstream, refused)
+                .await
+                .map_err(|e| ProxyError::Gateway(e.to_string()))?;
+            return Ok(Auth::Bearer(token.to_string()));
+        }
         let auth = match selected {
             Selected::Unsigned => Auth::None,
             Selected::Default => match self

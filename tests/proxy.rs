@@ -345,7 +345,8 @@ async fn two_hundred_concurrent_requests_each_get_a_distinct_nonce() {
 async fn no_route_is_404_from_cbgate() {
     let up = Upstream::start(None).await;
     let gate = Gate::start(up.config(), None).await;
-    for path in ["/", "/api/v2/accounts", "/favicon.ico", "/v2"] {
+    // /api/v2/ is the derivatives gateway's route; /api/v1/ has none.
+    for path in ["/", "/api/v1/accounts", "/favicon.ico", "/v2"] {
         let r = get(&gate, path).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(r.cbgate_error(), Some("no_route"));

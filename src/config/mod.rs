@@ -198,6 +198,8 @@ pub fn default_routes() -> Vec<RouteConfig> {
         ("/api/v3/", "https://api.coinbase.com"),
         ("/v2/", "https://api.coinbase.com"),
         ("/platform/", "https://api.cdp.coinbase.com"),
+        // The derivatives gateway (JSON-RPC 2.0; a CDP key buys an access token).
+        ("/api/v2/", "https://drb.coinbase.com"),
     ]
     .into_iter()
     .map(|(p, u)| RouteConfig::new(p, u))

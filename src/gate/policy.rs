@@ -74,7 +74,7 @@ impl Policy {
     /// (`transactions` matches `transactions.json`). A deny rule then covers every spelling some server might treat as the same path; an
     /// allow rule's extra spellings at worst reach a path Coinbase does not know.
     pub fn check(&self, method: &Method, path: &str) -> Result<(), Denied> {
-        self.check_on(method, path, KeyKind::Cdp, path)
+        self.check_on(method, path, KeyKind::Cdp, path, false)
     }
 
     /// Decides one request to an API of `family`: rules match the path the client sent
@@ -86,6 +86,7 @@ impl Policy {
         path: &str,
         family: KeyKind,
         upstream_path: &str,
+        gateway: bool,
     ) -> Result<(), Denied> {
         let decoded = match_form(path);
         let decoded = decoded.as_str();
@@ -107,7 +108,12 @@ impl Policy {
             }
         }
         let upstream = match_form(upstream_path);
-        if ceiling_allows(self.permission, method, family, &upstream) {
+        let allowed = if gateway {
+            gateway_allows(self.permission, &upstream)
+        } else {
+            ceiling_allows(self.permission, method, family, &upstream)
+        };
+        if allowed {
             return Ok(());
         }
         let (name, scope, next) = match self.permission {
@@ -145,6 +151,31 @@ fn ceiling_allows(permission: Permission, method: &Method, family: KeyKind, path
         Permission::Transfer => true,
         Permission::View => is_read(method),
         Permission::Trade => is_read(method) || trade_endpoint(family, path),
+    }
+}
+
+/// The derivatives gateway is JSON-RPC: every call may be a POST, so the method name in the
+/// path decides. `public/*` and `private/get*` read; orders (buy, sell, edit, cancel, close
+/// a position) trade; everything else (withdraw, transfers, address book, subaccounts,
+/// API keys) is transfer class.
+fn gateway_allows(permission: Permission, path: &str) -> bool {
+    let Some(call) = path.strip_prefix("/api/v2/") else {
+        return permission == Permission::Transfer;
+    };
+    let read = call.starts_with("public/")
+        || call
+            .strip_prefix("private/")
+            .is_some_and(|m| m.starts_with("get") && !m.contains('/'));
+    let trade = call.strip_prefix("private/").is_some_and(|m| {
+        matches!(
+            m,
+            "buy" | "sell" | "edit" | "edit_by_label" | "close_position" | "cancel"
+        ) || (m.starts_with("cancel_") && !m.contains("transfer") && !m.contains("withdrawal"))
+    });
+    match permission {
+        Permission::Transfer => true,
+        Permission::View => read,
+        Permission::Trade => read || trade,
     }
 }
 
@@ -308,8 +339,9 @@ mod tests {
             rules: vec![],
         })
         .expect("policy");
-        let ok =
-            |m: Method, f: KeyKind, up: &str| trade.check_on(&m, &format!("/x{up}"), f, up).is_ok();
+        let ok = |m: Method, f: KeyKind, up: &str| {
+            trade.check_on(&m, &format!("/x{up}"), f, up, false).is_ok()
+        };
         for (m, f, up) in [
             (Method::POST, KeyKind::Exchange, "/orders"),
             (Method::DELETE, KeyKind::Exchange, "/orders/abc"),
@@ -392,9 +424,27 @@ mod tests {
                 "/exchange/withdrawals/crypto",
                 KeyKind::Exchange,
                 "/withdrawals/crypto",
+                false,
             )
             .expect_err("denied");
         assert!(e.to_string().contains("transfer"), "{e}");
+        let gw = |p: Permission, path: &str| gateway_allows(p, path);
+        assert!(gw(Permission::View, "/api/v2/public/get_instruments"));
+        assert!(gw(Permission::View, "/api/v2/private/get_account_summary"));
+        assert!(!gw(Permission::View, "/api/v2/private/buy"));
+        assert!(gw(Permission::Trade, "/api/v2/private/buy"));
+        assert!(gw(Permission::Trade, "/api/v2/private/cancel_all"));
+        assert!(!gw(Permission::Trade, "/api/v2/private/withdraw"));
+        assert!(!gw(Permission::Trade, "/api/v2/private/cancel_withdrawal"));
+        assert!(!gw(
+            Permission::Trade,
+            "/api/v2/private/submit_transfer_to_user"
+        ));
+        assert!(!gw(
+            Permission::Trade,
+            "/api/v2/private/add_to_address_book"
+        ));
+        assert!(gw(Permission::Transfer, "/api/v2/private/withdraw"));
     }
 
     fn policy(permission: Permission, rules: &[(RuleAction, &[&str], &str)]) -> Policy {

@@ -17,6 +17,9 @@ pub struct Upstream {
     pub claims: ClaimStyle,
     /// Which API family (and so which kind of key) this host takes.
     pub family: KeyKind,
+    /// The derivatives gateway: requests carry an access token bought at `public/auth` with
+    /// a CDP JWT, not a per-request signature.
+    pub token_gateway: bool,
 }
 
 impl Upstream {
@@ -40,6 +43,7 @@ impl Upstream {
         Ok(Upstream {
             claims: ClaimStyle::for_host(&host),
             family: KeyKind::for_host(&host),
+            token_gateway: host == "drb.coinbase.com",
             host,
             port,
             authority,
@@ -162,7 +166,10 @@ mod tests {
             host("/platform/v1/networks").as_deref(),
             Some("api.cdp.coinbase.com")
         );
-        assert_eq!(host("/api/v2/x"), None);
+        assert_eq!(host("/api/v2/x").as_deref(), Some("drb.coinbase.com"));
+        assert!(r
+            .find("/api/v2/private/buy")
+            .is_some_and(|r| r.upstream.token_gateway));
         let ex = r.find("/exchange/orders").expect("exchange route");
         assert_eq!(ex.upstream.host, "api.exchange.coinbase.com");
         assert_eq!(ex.upstream.family, KeyKind::Exchange);

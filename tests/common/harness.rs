@@ -38,6 +38,7 @@ pub const HOSTS: &[&str] = &[
     "api.exchange.coinbase.com",
     "api.prime.coinbase.com",
     "api.international.coinbase.com",
+    "drb.coinbase.com",
 ];
 
 /// The forms a secret comes in.
