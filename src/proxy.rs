@@ -85,6 +85,8 @@ struct Outcome<'a> {
     upstream_time: Option<Duration>,
     /// Set once the intent record is durable; becomes the result record.
     audit: Option<Ticket>,
+    /// The name of the credential the request was signed with (`default`, `[keys.NAME]`).
+    key: Option<String>,
 }
 
 impl Proxy {
@@ -249,6 +251,7 @@ impl Proxy {
             route: None,
             upstream_time: None,
             audit: None,
+            key: None,
         };
         let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
@@ -262,7 +265,7 @@ impl Proxy {
                     let key = self.signer.key();
                     let info = RequestInfo {
                         request_id: &rid,
-                        key: key.as_deref().map(|k| k.name()),
+                        key: outcome.key.as_deref().or(key.as_deref().map(|k| k.name())),
                         method: &method,
                         path: &path,
                         query: None,
@@ -275,6 +278,7 @@ impl Proxy {
         };
         resp.headers_mut().insert(&REQUEST_ID, request_id);
         let route = outcome.route.unwrap_or("-");
+        let key_name = outcome.key.as_deref().unwrap_or("-");
         let total = started.elapsed();
         self.metrics
             .request(route, &method, resp.status().as_u16(), total);
@@ -285,6 +289,7 @@ impl Proxy {
             request_id = rid,
             %method,
             route,
+            key = key_name,
             path,
             status = resp.status().as_u16(),
             upstream_ms = outcome.upstream_time.map(|d| d.as_secs_f64() * 1e3),
@@ -348,6 +353,7 @@ impl Proxy {
             && crate::gate::policy::match_form(upstream_path) == crate::forward::gateway::AUTH_PATH;
         // Chosen before anything is read or reserved: a wrong name costs nothing.
         let selected = self.select_key(req.headers(), route)?;
+        outcome.key = selected.name();
         let upstream = &route.upstream;
 
         // Reserve, then act: the upstream slot is taken before signing and connecting, and
@@ -413,7 +419,11 @@ impl Proxy {
                         .get(&REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-"),
-                    key: key.as_deref().map(|k| k.name()),
+                    // The credential's CDP key name (as before) or its [keys.NAME] name.
+                    key: match &selected {
+                        Selected::Named(..) => outcome.key.as_deref(),
+                        _ => key.as_deref().map(|k| k.name()),
+                    },
                     method: &parts.method,
                     path: parts.uri.path(),
                     query: parts.uri.query(),
@@ -594,7 +604,7 @@ impl Proxy {
         if cred.kind() != family {
             return Err(mismatch(cred.kind()));
         }
-        Ok(Selected::Named(cred))
+        Ok(Selected::Named(name, cred))
     }
 
     /// The credentials for one attempt: a fresh JWT, or fresh HMAC headers over the exact
@@ -625,8 +635,8 @@ impl Proxy {
                     Some(k) => (DEFAULT_KEY, k),
                     None => return Ok(Auth::None),
                 },
-                Selected::Named(cred) => match cred.as_ref() {
-                    Credential::Cdp(k) => ("named", k),
+                Selected::Named(n, cred) => match cred.as_ref() {
+                    Credential::Cdp(k) => (n.as_str(), k),
                     // Checked in select_key: a gateway route's family is cdp.
                     Credential::Hmac(_) => return Err(ProxyError::Sign),
                 },
@@ -648,7 +658,7 @@ impl Proxy {
                 Some(t) => Auth::Bearer(t),
                 None => Auth::None,
             },
-            Selected::Named(cred) => match cred.as_ref() {
+            Selected::Named(_, cred) => match cred.as_ref() {
                 Credential::Cdp(key) => Auth::Bearer(
                     crate::sign::jwt::mint(key, now, route.upstream.claims, &binding)
                         .map_err(|_| ProxyError::Sign)?,
@@ -673,7 +683,18 @@ enum Selected {
     /// `[key]`, read from the signer at each attempt (so a rotation mid-request is used).
     Default,
     /// A `[keys.NAME]` credential, as loaded when the request was routed.
-    Named(Arc<Credential>),
+    Named(String, Arc<Credential>),
+}
+
+impl Selected {
+    /// The credential's name, for logs and the audit log.
+    fn name(&self) -> Option<String> {
+        match self {
+            Selected::Unsigned => None,
+            Selected::Default => Some(DEFAULT_KEY.to_owned()),
+            Selected::Named(n, _) => Some(n.clone()),
+        }
+    }
 }
 
 /// What one attempt carries.

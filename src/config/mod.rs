@@ -1574,6 +1574,33 @@ mod tests {
     }
 
     #[test]
+    fn named_keys_and_route_keys_are_checked() {
+        let c = load_toml(
+            "[keys.ex]\nkind = \"exchange\"\nfile = \"/k/ex.json\"\n[keys.p]\nkind = \"prime\"\nkey_env = \"PK\"\nsecret_env = \"PS\"\npassphrase_env = \"PP\"\n[[routes]]\nprefix = \"/exchange/\"\nupstream = \"https://api.exchange.coinbase.com\"\nstrip_prefix = true\nkey = \"ex\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.keys["ex"].kind, KeyKind::Exchange);
+        assert_eq!(c.keys["p"].key_env.as_deref(), Some("PK"));
+        assert_eq!(c.routes[0].key.as_deref(), Some("ex"));
+        for (text, want) in [
+            ("[keys.default]\nfile = \"/k\"", "keys.default"),
+            ("[keys.a]\nkind = \"exchange\"", "keys.a.file"),
+            ("[keys.a]\nfile = \"/k\"\nkey_env = \"X\"", "not both"),
+            ("[keys.a]\nkind = \"intx\"\nkey_env = \"K\"\nsecret_env = \"S\"", "keys.a.passphrase_env"),
+            ("[keys.a]\nkey_env = \"K\"\nsecret_env = \"my secret\"", "environment variable name"),
+            ("[keys.a]\nkind = \"hmac\"\nfile = \"/k\"", "kind"),
+            ("[keys.\"a b\"]\nfile = \"/k\"", "1-64"),
+            ("[[routes]]\nprefix = \"/x/\"\nupstream = \"https://api.coinbase.com\"\nkey = \"nope\"", "routes[0].key"),
+            ("[keys.ex]\nkind = \"exchange\"\nfile = \"/k\"\n[[routes]]\nprefix = \"/x/\"\nupstream = \"https://api.coinbase.com\"\nkey = \"ex\"", "takes cdp keys"),
+            ("[[routes]]\nprefix = \"/exchange/\"\nupstream = \"https://api.exchange.coinbase.com\"\nkey = \"default\"", "takes exchange keys"),
+            ("[[routes]]\nprefix = \"/x\"\nupstream = \"https://api.coinbase.com\"\nstrip_prefix = true", "end with /"),
+        ] {
+            let e = load_toml(text).expect_err(text);
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn zero_websocket_limits_are_refused_naming_the_key() {
         for (toml, key) in [
             (

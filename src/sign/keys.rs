@@ -219,3 +219,41 @@ fn from_env(c: &NamedKeyConfig, env: &HashMap<String, String>) -> Result<Credent
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_credentials_from_the_environment() {
+        let cfg = BTreeMap::from([(
+            "ex".to_owned(),
+            NamedKeyConfig {
+                kind: KeyKind::Exchange,
+                key_env: Some("EXK".into()),
+                secret_env: Some("EXS".into()),
+                passphrase_env: Some("EXP".into()),
+                ..Default::default()
+            },
+        )]);
+        let mut env = HashMap::from([
+            ("EXK".to_owned(), "k1".to_owned()),
+            ("EXS".to_owned(), "c2VjcmV0LXNlY3JldC1zZWNyZXQ=".to_owned()),
+            ("EXP".to_owned(), "pass".to_owned()),
+        ]);
+        let ring = Keyring::load(&cfg, &env).expect("loads");
+        let k = ring.get("ex").expect("named");
+        assert_eq!(k.kind(), KeyKind::Exchange);
+        assert!(matches!(k.current().as_ref(), Credential::Hmac(h) if h.key_id() == "k1"));
+        assert!(
+            k.reload().is_err(),
+            "nothing to reload from the environment"
+        );
+        env.remove("EXP");
+        let e = Keyring::load(&cfg, &env).expect_err("missing variable");
+        assert_eq!(
+            e.to_string(),
+            "credential ex (keys.ex): the environment variable EXP is not set"
+        );
+    }
+}
