@@ -329,7 +329,19 @@ impl Proxy {
                     })?;
             outcome.route = Some(&route.path);
             self.policy.check(req.method(), req.uri().path())?;
-            return ws::proxy(&self.client, &self.ws, self.ws_signer(), route, req).await;
+            let selected = self.select(
+                req.headers(),
+                route.key.as_ref(),
+                route.upstream.family,
+                &route.upstream.host,
+            )?;
+            outcome.key = selected.name();
+            let signer = match selected {
+                Selected::Named(_, cred) => self.ws_signer().with_credential(cred),
+                // No key: subscribes pass unsigned (public channels).
+                Selected::Unsigned | Selected::Default => self.ws_signer(),
+            };
+            return ws::proxy(&self.client, &self.ws, signer, route, req).await;
         }
         let route = self.route(req.uri().path())?;
         outcome.route = Some(&route.prefix);
@@ -557,8 +569,23 @@ impl Proxy {
     /// The credential for this request: the `cbgate-key` header, else the route's `key`,
     /// else `default` (`[key]`); it must be of the route's family.
     fn select_key(&self, headers: &http::HeaderMap, route: &Route) -> Result<Selected, ProxyError> {
+        self.select(
+            headers,
+            route.key.as_ref(),
+            route.upstream.family,
+            &route.upstream.host,
+        )
+    }
+
+    fn select(
+        &self,
+        headers: &http::HeaderMap,
+        route_key: Option<&String>,
+        family: KeyKind,
+        host: &str,
+    ) -> Result<Selected, ProxyError> {
         let header = headers.get(crate::forward::headers::KEY_HEADER);
-        let (name, from) = match (header, &route.key) {
+        let (name, from) = match (header, route_key) {
             (Some(v), _) => {
                 let name = v
                     .to_str()
@@ -575,12 +602,11 @@ impl Proxy {
             (None, Some(k)) => (k.clone(), "the route's key"),
             (None, None) => (DEFAULT_KEY.to_owned(), "the default"),
         };
-        let family = route.upstream.family;
         let mismatch = |kind: KeyKind| ProxyError::KeyKindMismatch {
             name: name.clone(),
             from,
             kind: kind.as_str(),
-            host: route.upstream.host.clone(),
+            host: host.to_owned(),
             family: family.as_str(),
         };
         if name == DEFAULT_KEY {

@@ -248,9 +248,10 @@ impl KeyKind {
     /// host takes CDP JWTs.
     pub fn for_host(host: &str) -> KeyKind {
         match host.to_ascii_lowercase().as_str() {
-            "api.exchange.coinbase.com" | "api-public.sandbox.exchange.coinbase.com" => {
-                KeyKind::Exchange
-            }
+            "api.exchange.coinbase.com"
+            | "api-public.sandbox.exchange.coinbase.com"
+            | "ws-feed.exchange.coinbase.com"
+            | "ws-feed-public.sandbox.exchange.coinbase.com" => KeyKind::Exchange,
             "api.prime.coinbase.com" => KeyKind::Prime,
             "api.international.coinbase.com" | "api-n5e1.coinbase.com" => KeyKind::Intx,
             _ => KeyKind::Cdp,
@@ -295,6 +296,10 @@ pub struct WsRouteConfig {
     pub path: String,
     /// Upstream WebSocket URL, `wss://host[:port]`.
     pub upstream: String,
+    /// The credential this route signs subscribes with unless the upgrade request names one
+    /// in `cbgate-key`.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// The built-in WebSocket routes (Advanced Trade market data and user data).
@@ -302,11 +307,14 @@ pub fn default_ws_routes() -> Vec<WsRouteConfig> {
     [
         ("/ws", "wss://advanced-trade-ws.coinbase.com"),
         ("/ws/user", "wss://advanced-trade-ws-user.coinbase.com"),
+        // Coinbase Exchange's feed: subscribes are signed with an exchange key.
+        ("/exchange/ws", "wss://ws-feed.exchange.coinbase.com"),
     ]
     .into_iter()
     .map(|(p, u)| WsRouteConfig {
         path: p.into(),
         upstream: u.into(),
+        key: None,
     })
     .collect()
 }
@@ -1005,40 +1013,7 @@ impl Config {
                 ));
             }
             if let Some(name) = &r.key {
-                let family = KeyKind::for_host(&base.host);
-                let kind = if name == DEFAULT_KEY {
-                    KeyKind::Cdp
-                } else {
-                    match self.keys.get(name) {
-                        Some(k) => k.kind,
-                        None => {
-                            let mut known: Vec<&str> =
-                                self.keys.keys().map(String::as_str).collect();
-                            known.insert(0, DEFAULT_KEY);
-                            return Err(invalid(
-                                format!("{key}.key"),
-                                format!(
-                                    "{} is not a configured credential; add [keys.{}] or use one of: {}",
-                                    shown(name),
-                                    if valid_key_name(name) { name.as_str() } else { "NAME" },
-                                    known.join(", ")
-                                ),
-                            ));
-                        }
-                    }
-                };
-                if kind != family {
-                    return Err(invalid(
-                        format!("{key}.key"),
-                        format!(
-                            "the credential {name} is kind \"{}\" but {} takes {} keys; pick a [keys.NAME] with kind = \"{}\"",
-                            kind.as_str(),
-                            base.host,
-                            family.as_str(),
-                            family.as_str()
-                        ),
-                    ));
-                }
+                self.check_route_key(&format!("{key}.key"), name, &base.host)?;
             }
         }
         self.validate_keys()?;
@@ -1050,8 +1025,11 @@ impl Config {
                     format!("{} must start with /", shown(&r.path)),
                 ));
             }
-            BaseUrl::parse(&r.upstream, "wss")
+            let base = BaseUrl::parse(&r.upstream, "wss")
                 .map_err(|m| invalid(format!("{key}.upstream"), m))?;
+            if let Some(name) = &r.key {
+                self.check_route_key(&format!("{key}.key"), name, &base.host)?;
+            }
         }
         if self.ws.max_message_bytes == 0 {
             return Err(invalid("ws.max_message_bytes", "must be greater than 0"));
@@ -1142,6 +1120,43 @@ impl Config {
 }
 
 impl Config {
+    /// A route's `key` names a configured credential of the host's family.
+    fn check_route_key(&self, at: &str, name: &str, host: &str) -> Result<(), ConfigError> {
+        let family = KeyKind::for_host(host);
+        let kind = if name == DEFAULT_KEY {
+            KeyKind::Cdp
+        } else {
+            match self.keys.get(name) {
+                Some(k) => k.kind,
+                None => {
+                    let mut known: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+                    known.insert(0, DEFAULT_KEY);
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "{} is not a configured credential; add [keys.{}] or use one of: {}",
+                            shown(name),
+                            if valid_key_name(name) { name } else { "NAME" },
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
+        };
+        if kind != family {
+            return Err(invalid(
+                at,
+                format!(
+                    "the credential {name} is kind \"{}\" but {host} takes {} keys; pick a [keys.NAME] with kind = \"{}\"",
+                    kind.as_str(),
+                    family.as_str(),
+                    family.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks `[keys.NAME]`: names, one source each, and what each kind needs.
     fn validate_keys(&self) -> Result<(), ConfigError> {
         for (name, k) in &self.keys {

@@ -71,6 +71,7 @@ use crate::forward::upstream::{UpstreamClient, UpstreamError};
 use crate::gate::route::WsRoute;
 use crate::ops::metrics::WsCounters;
 use crate::sign::jwt::{self, Binding, Signer};
+use crate::sign::keys::Credential;
 use crate::Body;
 
 /// How long a closing handshake may take on each side before cbgate drops the connection.
@@ -245,12 +246,26 @@ impl Drop for SessionGuard {
 /// them and so cannot borrow the proxy. It shares the proxy's [`Signer`], so a session
 /// signs with the key in use at each subscribe, rotated keys included. Debug never shows a key.
 #[derive(Clone, Debug)]
-pub struct WsSigner(Arc<Signer>);
+pub struct WsSigner {
+    signer: Arc<Signer>,
+    /// The session's credential when it is not `[key]`: an Exchange key (signed subscribe
+    /// fields) or another CDP key (its own JWTs), held as loaded when the session opened.
+    named: Option<Arc<Credential>>,
+}
 
 impl WsSigner {
     /// A subscribe-token minter over the shared signer.
     pub fn new(signer: Arc<Signer>) -> WsSigner {
-        WsSigner(signer)
+        WsSigner {
+            signer,
+            named: None,
+        }
+    }
+
+    /// Signs with the named credential `cred` instead of `[key]` (the clock stays shared).
+    pub fn with_credential(mut self, cred: Arc<Credential>) -> WsSigner {
+        self.named = Some(cred);
+        self
     }
 
     /// A fresh token without request binding (no `uri`), or `None` without a key.
@@ -260,11 +275,53 @@ impl WsSigner {
             host: "",
             path: "",
         };
-        self.0
-            .mint(jwt::ClaimStyle::None, &none)
-            .map_err(|_| ProxyError::Sign)
+        match self.named.as_deref() {
+            Some(Credential::Cdp(k)) => jwt::mint(
+                k,
+                jwt::now_secs(self.signer.clock_offset()),
+                jwt::ClaimStyle::None,
+                &none,
+            )
+            .map(Some)
+            .map_err(|_| ProxyError::Sign),
+            Some(Credential::Hmac(_)) => Ok(None),
+            None => self
+                .signer
+                .mint(jwt::ClaimStyle::None, &none)
+                .map_err(|_| ProxyError::Sign),
+        }
+    }
+
+    /// The credential fields a subscribe gets, each value as JSON text, and whether they
+    /// take the place of the client's `jwt` (else they go last); `None` without a key.
+    fn fields(&self) -> Result<Option<(SubscribeFields, bool)>, ProxyError> {
+        if let Some(Credential::Hmac(h)) = self.named.as_deref() {
+            let now = jwt::now_secs(self.signer.clock_offset());
+            let mut out = Vec::with_capacity(4);
+            for (name, v) in h.ws_subscribe_fields(now) {
+                let name = match name.as_str() {
+                    "signature" => "signature",
+                    "key" => "key",
+                    "passphrase" => "passphrase",
+                    _ => "timestamp",
+                };
+                out.push((
+                    name,
+                    serde_json::to_string(&v).map_err(|_| ProxyError::Sign)?,
+                ));
+            }
+            return Ok(Some((out, false)));
+        }
+        let Some(token) = self.token()? else {
+            return Ok(None);
+        };
+        let quoted = serde_json::to_string(&token).map_err(|_| ProxyError::Sign)?;
+        Ok(Some((vec![("jwt", quoted)], true)))
     }
 }
+
+/// Credential fields for a subscribe: names and values as JSON text.
+type SubscribeFields = Vec<(&'static str, String)>;
 
 /// Whether `req` asks for a WebSocket upgrade (RFC 6455 §4.1).
 pub fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -881,6 +938,7 @@ enum Field {
     // The client's own credentials (legacy Exchange-style auth): never forwarded next to
     // cbgate's token.
     ApiKey,
+    Key,
     Signature,
     Timestamp,
     Passphrase,
@@ -976,7 +1034,10 @@ impl<'de> Deserialize<'de> for Key<'de> {
 /// as their raw text (`RawValue` borrows it from the input), so nothing is parsed into a tree
 /// and the output is at most the input plus the token.
 struct Rewrite<'t> {
-    token: &'t str,
+    /// Field names and their values as JSON text.
+    fields: &'t [(&'static str, String)],
+    /// Whether the fields go where the client's `jwt` was (else last).
+    at_jwt: bool,
     out: &'t mut Vec<u8>,
 }
 
@@ -986,7 +1047,11 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let Rewrite { token, out } = self;
+        let Rewrite {
+            fields,
+            at_jwt,
+            out,
+        } = self;
         let mut first = true;
         let mut jwt_written = false;
         let mut put = |out: &mut Vec<u8>, key: &str, raw: &str| -> Result<(), A::Error> {
@@ -997,17 +1062,22 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
             out.extend_from_slice(raw.as_bytes());
             Ok(())
         };
-        let quoted = serde_json::to_string(token).map_err(de::Error::custom)?;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match Field::deserialize(de::value::StrDeserializer::<A::Error>::new(&key))? {
                 Field::Jwt => {
                     map.next_value::<IgnoredAny>()?;
-                    if !jwt_written {
-                        put(out, "jwt", &quoted)?;
+                    if at_jwt && !jwt_written {
+                        for (name, value) in fields {
+                            put(out, name, value)?;
+                        }
                         jwt_written = true;
                     }
                 }
-                Field::ApiKey | Field::Signature | Field::Timestamp | Field::Passphrase => {
+                Field::ApiKey
+                | Field::Key
+                | Field::Signature
+                | Field::Timestamp
+                | Field::Passphrase => {
                     map.next_value::<IgnoredAny>()?;
                 }
                 Field::Type | Field::Other => {
@@ -1017,7 +1087,9 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
             }
         }
         if !jwt_written {
-            put(out, "jwt", &quoted)?;
+            for (name, value) in fields {
+                put(out, name, value)?;
+            }
         }
         out.push(b'}');
         Ok(())
@@ -1028,13 +1100,15 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
 /// and the client's credential fields removed; `None` without a key or when `text` is not a
 /// JSON object (it then passes unchanged).
 fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, ProxyError> {
-    let Some(token) = signer.token()? else {
+    let Some((fields, at_jwt)) = signer.fields()? else {
         return Ok(None);
     };
-    let mut out = Vec::with_capacity(text.len() + token.len() + 16);
+    let extra: usize = fields.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+    let mut out = Vec::with_capacity(text.len() + extra + 16);
     let mut d = serde_json::Deserializer::from_str(text);
     let rewritten = d.deserialize_map(Rewrite {
-        token: &token,
+        fields: &fields,
+        at_jwt,
         out: &mut out,
     });
     if rewritten.is_err() || d.end().is_err() {

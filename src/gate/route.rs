@@ -81,6 +81,8 @@ impl Route {
 pub struct WsRoute {
     pub path: String,
     pub upstream: Upstream,
+    /// The credential this route signs with when the upgrade request names none.
+    pub key: Option<String>,
 }
 
 /// The route table, longest prefix first, plus the WebSocket routes.
@@ -98,6 +100,7 @@ impl Router {
             router.ws_routes.push(WsRoute {
                 path: c.path.clone(),
                 upstream: Upstream::parse_ws(&c.upstream)?,
+                key: c.key.clone(),
             });
         }
         Ok(router)

@@ -39,6 +39,7 @@ pub const HOSTS: &[&str] = &[
     "api.prime.coinbase.com",
     "api.international.coinbase.com",
     "drb.coinbase.com",
+    "ws-feed.exchange.coinbase.com",
 ];
 
 /// The forms a secret comes in.
