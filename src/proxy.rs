@@ -621,7 +621,8 @@ impl Proxy {
             let mut known = self.keys.names();
             known.insert(0, DEFAULT_KEY);
             return Err(ProxyError::UnknownKey {
-                name,
+                // Logged and returned: a pasted secret is not repeated.
+                name: crate::config::shown(&name),
                 from,
                 known: known.join(", "),
             });
