@@ -41,6 +41,25 @@ pub enum ProxyError {
     BodyTimeout { after: std::time::Duration },
     #[error("could not sign the request")]
     Sign,
+    /// `cbgate-key` or the route named a credential that is not configured.
+    #[error("{from} names the credential {name}, which is not configured; configured: {known}")]
+    UnknownKey {
+        name: String,
+        from: &'static str,
+        known: String,
+    },
+    /// The derivatives gateway's token exchange failed (no token or JWT in the message).
+    #[error("{0}; check the key (a CDP key with access to derivatives) and the clock")]
+    Gateway(String),
+    /// The selected credential is of another family than the route's host.
+    #[error("the credential {name} ({from}) is a {kind} key, but {host} takes {family} keys; send cbgate-key with a {family} credential, or set the route's key")]
+    KeyKindMismatch {
+        name: String,
+        from: &'static str,
+        kind: &'static str,
+        host: String,
+        family: &'static str,
+    },
     #[error("cbgate has ws.max_sessions ({0}) WebSocket sessions open; retry later")]
     TooManySessions(usize),
     #[error("{0}")]
@@ -89,6 +108,9 @@ impl ProxyError {
                 (StatusCode::REQUEST_TIMEOUT, "request_body_timeout")
             }
             ProxyError::Sign => (StatusCode::INTERNAL_SERVER_ERROR, "signing_failed"),
+            ProxyError::UnknownKey { .. } => (StatusCode::BAD_REQUEST, "unknown_key"),
+            ProxyError::Gateway(_) => (StatusCode::BAD_GATEWAY, "gateway_auth_failed"),
+            ProxyError::KeyKindMismatch { .. } => (StatusCode::BAD_REQUEST, "key_kind_mismatch"),
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
             }

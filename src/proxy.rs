@@ -14,6 +14,7 @@ use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::Config;
+use crate::config::{KeyKind, DEFAULT_KEY};
 use crate::error::ProxyError;
 use crate::forward::body_timeout::{BodyTimeout, Direction, TimedBody};
 use crate::forward::date_watch::DateWatch;
@@ -32,6 +33,7 @@ use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
 use crate::sign::jwt::{Binding, ClaimStyle, Signer};
 use crate::sign::key::ApiKey;
+use crate::sign::keys::{Credential, Keyring};
 use crate::sign::wallet::{self, WalletSecret};
 use crate::Body;
 use zeroize::Zeroizing;
@@ -42,6 +44,10 @@ pub struct Proxy {
     router: Router,
     /// The key and clock correction; shared with WebSocket relay tasks, which outlive requests.
     signer: Arc<Signer>,
+    /// The named credentials (`[keys.NAME]`); `[key]` is `signer`'s, named `default`.
+    keys: Arc<Keyring>,
+    /// Derivatives gateway access tokens, per credential.
+    gateway: crate::forward::gateway::TokenCache,
     client: UpstreamClient,
     ws: WsState,
     policy: Policy,
@@ -94,15 +100,22 @@ struct Outcome<'a> {
     upstream_time: Option<Duration>,
     /// Set once the intent record is durable; becomes the result record.
     audit: Option<Ticket>,
+    /// The name of the credential the request was signed with (`default`, `[keys.NAME]`).
+    key: Option<String>,
 }
 
 impl Proxy {
     /// Builds the proxy; `key` is `None` when no key is configured (requests go unsigned).
     pub fn new(cfg: &Config, key: Option<ApiKey>) -> Result<Proxy, BuildError> {
         let metrics = Metrics::new();
+        if key.is_some() {
+            metrics.credential_loaded(DEFAULT_KEY, KeyKind::Cdp.as_str());
+        }
         Ok(Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
             signer: Arc::new(Signer::new(key)),
+            keys: Arc::new(Keyring::default()),
+            gateway: crate::forward::gateway::TokenCache::default(),
             client: UpstreamClient::new(&cfg.upstream)?,
             ws: WsState::new(&cfg.ws, Arc::clone(metrics.ws())),
             policy: Policy::new(&cfg.policy)
@@ -122,6 +135,25 @@ impl Proxy {
             tls: None,
             intercept: cfg.intercept.enabled,
         })
+    }
+
+    /// Uses `keys` as the named credentials (`[keys.NAME]`, loaded by the caller).
+    pub fn with_keys(mut self, keys: Keyring) -> Proxy {
+        for k in keys.iter() {
+            self.metrics.credential_loaded(k.name(), k.kind().as_str());
+        }
+        self.keys = Arc::new(keys);
+        self
+    }
+
+    /// The named credentials.
+    pub fn keys(&self) -> &Arc<Keyring> {
+        &self.keys
+    }
+
+    /// The derivatives gateway's access tokens.
+    pub fn gateway_tokens(&self) -> &crate::forward::gateway::TokenCache {
+        &self.gateway
     }
 
     /// Uses `tls` for the `https://` listeners and intercepted tunnels.
@@ -325,6 +357,7 @@ impl Proxy {
             identity: None,
             upstream_time: None,
             audit: None,
+            key: None,
         };
         let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
@@ -340,7 +373,7 @@ impl Proxy {
                     let info = RequestInfo {
                         request_id: &rid,
                         identity: outcome.identity.as_ref().map(|r| r.identity.name()),
-                        key: key.as_deref().map(|k| k.name()),
+                        key: outcome.key.as_deref().or(key.as_deref().map(|k| k.name())),
                         method: &method,
                         path: &path,
                         query: None,
@@ -353,6 +386,7 @@ impl Proxy {
         };
         resp.headers_mut().insert(&REQUEST_ID, request_id);
         let route = outcome.route.unwrap_or("-");
+        let key_name = outcome.key.as_deref().unwrap_or("-");
         let total = started.elapsed();
         self.metrics
             .request(route, &method, resp.status().as_u16(), total);
@@ -371,6 +405,7 @@ impl Proxy {
             identified_by = by,
             %method,
             route,
+            key = key_name,
             path,
             status = resp.status().as_u16(),
             upstream_ms = outcome.upstream_time.map(|d| d.as_secs_f64() * 1e3),
@@ -437,7 +472,19 @@ impl Proxy {
             })?;
             outcome.route = Some(&route.path);
             identity.check(&self.policy, req.method(), req.uri().path())?;
-            return ws::proxy(&self.client, &self.ws, self.ws_signer(), route, req).await;
+            let selected = self.select(
+                req.headers(),
+                route.key.as_ref(),
+                route.upstream.family,
+                &route.upstream.host,
+            )?;
+            outcome.key = selected.name();
+            let signer = match selected {
+                Selected::Named(_, cred) => self.ws_signer().with_credential(cred),
+                // No key: subscribes pass unsigned (public channels).
+                Selected::Unsigned | Selected::Default => self.ws_signer(),
+            };
+            return ws::proxy(&self.client, &self.ws, signer, route, req).await;
         }
         let route = match &tunnel {
             Some(t) => self
@@ -450,7 +497,34 @@ impl Proxy {
             None => self.route(req.uri().path())?,
         };
         outcome.route = Some(&route.prefix);
-        identity.check(&self.policy, req.method(), req.uri().path())?;
+        let sent = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        // Inside a tunnel the client already speaks the host's paths: nothing to strip, and the
+        // rules see the path as it would have come through the route's prefix.
+        let (target, client_path) = match &tunnel {
+            Some(_) => (sent.to_owned(), route.client_path(req.uri().path())),
+            None => (
+                route.upstream_target(sent).to_owned(),
+                req.uri().path().to_owned(),
+            ),
+        };
+        let upstream_path = target.split_once('?').map_or(target.as_str(), |(p, _)| p);
+        identity.check_on(
+            &self.policy,
+            req.method(),
+            &client_path,
+            route.upstream.family,
+            upstream_path,
+            route.upstream.token_gateway,
+        )?;
+        let local_auth = route.upstream.token_gateway
+            && crate::gate::policy::match_form(upstream_path) == crate::forward::gateway::AUTH_PATH;
+        // Chosen before anything is read or reserved: a wrong name costs nothing.
+        let selected = self.select_key(req.headers(), route)?;
+        outcome.key = selected.name();
         let upstream = &route.upstream;
 
         // Reserve, then act: the upstream slot is taken before signing and connecting, and
@@ -470,16 +544,12 @@ impl Proxy {
         if let Some(id) = &request_id {
             parts.headers.insert(&REQUEST_ID, id.clone());
         }
-        // Path and query go upstream byte for byte, as the client sent them.
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        // Path and query go upstream byte for byte, as the client sent them (less the
+        // route's prefix when it strips it).
         parts.uri = Uri::builder()
             .scheme("https")
             .authority(upstream.authority.as_str())
-            .path_and_query(path_and_query)
+            .path_and_query(target.as_str())
             .build()
             .map_err(|e| ProxyError::BadRequest(format!("cannot build upstream URI: {e}")))?;
         // The pool picks HTTP/1.1 or h2 by ALPN, whatever the client spoke.
@@ -491,6 +561,21 @@ impl Proxy {
         let body = self
             .read_body(self.timed(body, Direction::Request, request_id.as_ref()))
             .await?;
+        // The client's own token exchange: answered here, so the real token never leaves.
+        if local_auth && !matches!(selected, Selected::Unsigned) {
+            let mut resp = Response::new(
+                Full::new(Bytes::from(crate::forward::gateway::local_auth_answer(
+                    &body,
+                )))
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(resp);
+        }
         // Halt and the pre-trade guard decide on the body as it will be sent, before signing.
         let prices = crate::forward::price::ProductPrices {
             client: &self.client,
@@ -511,7 +596,11 @@ impl Proxy {
                         .get(&REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-"),
-                    key: key.as_deref().map(|k| k.name()),
+                    // The credential's CDP key name (as before) or its [keys.NAME] name.
+                    key: match &selected {
+                        Selected::Named(..) => outcome.key.as_deref(),
+                        _ => key.as_deref().map(|k| k.name()),
+                    },
                     method: &parts.method,
                     path: parts.uri.path(),
                     query: parts.uri.query(),
@@ -534,9 +623,25 @@ impl Proxy {
         let sent = Instant::now();
         let deadline = tokio::time::Instant::now() + self.client.request_timeout();
         let mut resent = false;
+        // The derivatives gateway's token a 401 refused, once: the next attempt exchanges anew.
+        let mut refused_token: Option<Zeroizing<String>> = None;
+        let mut refreshed = false;
         let resp = loop {
             // A fresh token per attempt: the JWT's nonce and time window are single-use.
-            let token = self.sign(&parts.method, &upstream.authority, parts.uri.path(), route)?;
+            let auth = self
+                .authorize(
+                    &selected,
+                    &parts.method,
+                    route,
+                    &target,
+                    &body,
+                    refused_token.as_deref().map(|s| s.as_str()),
+                )
+                .await?;
+            let gateway_token = match (&auth, route.upstream.token_gateway) {
+                (Auth::Bearer(t), true) => Some(Zeroizing::new(t.clone())),
+                _ => None,
+            };
             let mut req = Request::new(
                 Full::new(body.clone())
                     .map_err(|never| match never {})
@@ -546,12 +651,20 @@ impl Proxy {
             *req.uri_mut() = parts.uri.clone();
             *req.version_mut() = parts.version;
             *req.headers_mut() = parts.headers.clone();
-            if let Some(token) = token {
-                let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| ProxyError::Sign)?;
-                // Keeps the token out of HPACK tables and hyper's Debug output.
-                value.set_sensitive(true);
-                req.headers_mut().insert(header::AUTHORIZATION, value);
+            match auth {
+                Auth::None => {}
+                Auth::Bearer(token) => {
+                    let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+                        .map_err(|_| ProxyError::Sign)?;
+                    // Keeps the token out of HPACK tables and hyper's Debug output.
+                    value.set_sensitive(true);
+                    req.headers_mut().insert(header::AUTHORIZATION, value);
+                }
+                Auth::Hmac(fields) => {
+                    for (name, value) in *fields {
+                        req.headers_mut().insert(name, value);
+                    }
+                }
             }
             if let (Some(w), Some(hash)) = (&self.wallet, &wallet_hash) {
                 let now = crate::sign::jwt::now_secs(self.signer.clock_offset());
@@ -574,6 +687,16 @@ impl Proxy {
                 Err(UpstreamError::Unprocessed { .. }) if !resent => {
                     resent = true;
                     self.metrics.upstream_resend();
+                }
+                // The gateway revoked or expired the token early: exchange a new one and send
+                // again, once (a 401 on the new token goes to the client).
+                Ok(r)
+                    if r.status() == http::StatusCode::UNAUTHORIZED
+                        && gateway_token.is_some()
+                        && !refreshed =>
+                {
+                    refreshed = true;
+                    refused_token = gateway_token;
                 }
                 other => break other,
             }
@@ -634,29 +757,169 @@ impl Proxy {
         })
     }
 
-    /// A fresh token bound to this request, or `None` when no key is configured.
-    fn sign(
+    /// The credential for this request: the `cbgate-key` header, else the route's `key`,
+    /// else `default` (`[key]`); it must be of the route's family.
+    fn select_key(&self, headers: &http::HeaderMap, route: &Route) -> Result<Selected, ProxyError> {
+        self.select(
+            headers,
+            route.key.as_ref(),
+            route.upstream.family,
+            &route.upstream.host,
+        )
+    }
+
+    fn select(
         &self,
+        headers: &http::HeaderMap,
+        route_key: Option<&String>,
+        family: KeyKind,
+        host: &str,
+    ) -> Result<Selected, ProxyError> {
+        let header = headers.get(crate::forward::headers::KEY_HEADER);
+        let (name, from) = match (header, route_key) {
+            (Some(v), _) => {
+                let name = v
+                    .to_str()
+                    .ok()
+                    .map(str::trim)
+                    .filter(|n| crate::config::valid_key_name(n))
+                    .ok_or_else(|| {
+                        ProxyError::BadRequest(
+                            "the cbgate-key header must be a credential name (1-64 of A-Z a-z 0-9 _ -)".into(),
+                        )
+                    })?;
+                (name.to_owned(), "the cbgate-key header")
+            }
+            (None, Some(k)) => (k.clone(), "the route's key"),
+            (None, None) => (DEFAULT_KEY.to_owned(), "the default"),
+        };
+        let mismatch = |kind: KeyKind| ProxyError::KeyKindMismatch {
+            name: name.clone(),
+            from,
+            kind: kind.as_str(),
+            host: host.to_owned(),
+            family: family.as_str(),
+        };
+        if name == DEFAULT_KEY {
+            return match self.signer.key() {
+                // No [key] at all: forwarded unsigned, as before named keys existed.
+                None => Ok(Selected::Unsigned),
+                Some(_) if family != KeyKind::Cdp => Err(mismatch(KeyKind::Cdp)),
+                Some(_) => Ok(Selected::Default),
+            };
+        }
+        let Some(named) = self.keys.get(&name) else {
+            let mut known = self.keys.names();
+            known.insert(0, DEFAULT_KEY);
+            return Err(ProxyError::UnknownKey {
+                // Logged and returned: a pasted secret is not repeated.
+                name: crate::config::shown(&name),
+                from,
+                known: known.join(", "),
+            });
+        };
+        let cred = named.current();
+        if cred.kind() != family {
+            return Err(mismatch(cred.kind()));
+        }
+        Ok(Selected::Named(name, cred))
+    }
+
+    /// The credentials for one attempt: a fresh JWT, or fresh HMAC headers over the exact
+    /// bytes sent (`target` as sent upstream, `body` as forwarded).
+    async fn authorize(
+        &self,
+        selected: &Selected,
         method: &Method,
-        authority: &str,
-        path: &str,
         route: &Route,
-    ) -> Result<Option<String>, ProxyError> {
+        target: &str,
+        body: &[u8],
+        refused: Option<&str>,
+    ) -> Result<Auth, ProxyError> {
+        let path = target.split_once('?').map_or(target, |(p, _)| p);
         let binding = Binding {
             method: method.as_str(),
-            host: authority,
+            host: &route.upstream.authority,
             path,
         };
         let started = Instant::now();
-        let token = self
-            .signer
-            .mint(route.upstream.claims, &binding)
-            .map_err(|_| ProxyError::Sign)?;
-        if token.is_some() {
+        let now = crate::sign::jwt::now_secs(self.signer.clock_offset());
+        if route.upstream.token_gateway {
+            let default_key = self.signer.key();
+            // The cache is per name and key fingerprint.
+            let (name, key): (&str, &ApiKey) = match selected {
+                Selected::Unsigned => return Ok(Auth::None),
+                Selected::Default => match default_key.as_deref() {
+                    Some(k) => (DEFAULT_KEY, k),
+                    None => return Ok(Auth::None),
+                },
+                Selected::Named(n, cred) => match cred.as_ref() {
+                    Credential::Cdp(k) => (n.as_str(), k),
+                    // Checked in select_key: a gateway route's family is cdp.
+                    Credential::Hmac(_) => return Err(ProxyError::Sign),
+                },
+            };
+            let token = self
+                .gateway
+                .token(name, key, now, &self.client, &route.upstream, refused)
+                .await
+                .map_err(|e| ProxyError::Gateway(e.to_string()))?;
+            return Ok(Auth::Bearer(token.to_string()));
+        }
+        let auth = match selected {
+            Selected::Unsigned => Auth::None,
+            Selected::Default => match self
+                .signer
+                .mint(route.upstream.claims, &binding)
+                .map_err(|_| ProxyError::Sign)?
+            {
+                Some(t) => Auth::Bearer(t),
+                None => Auth::None,
+            },
+            Selected::Named(_, cred) => match cred.as_ref() {
+                Credential::Cdp(key) => Auth::Bearer(
+                    crate::sign::jwt::mint(key, now, route.upstream.claims, &binding)
+                        .map_err(|_| ProxyError::Sign)?,
+                ),
+                Credential::Hmac(key) => Auth::Hmac(Box::new(
+                    key.headers(now, method.as_str(), target, body)
+                        .map_err(|_| ProxyError::Sign)?,
+                )),
+            },
+        };
+        if let Auth::Bearer(_) = auth {
             self.metrics.jwt_signed(started.elapsed());
         }
-        Ok(token)
+        Ok(auth)
     }
+}
+
+/// Which credential a request signs with.
+enum Selected {
+    /// None configured: forwarded unsigned.
+    Unsigned,
+    /// `[key]`, read from the signer at each attempt (so a rotation mid-request is used).
+    Default,
+    /// A `[keys.NAME]` credential, as loaded when the request was routed.
+    Named(String, Arc<Credential>),
+}
+
+impl Selected {
+    /// The credential's name, for logs and the audit log.
+    fn name(&self) -> Option<String> {
+        match self {
+            Selected::Unsigned => None,
+            Selected::Default => Some(DEFAULT_KEY.to_owned()),
+            Selected::Named(n, _) => Some(n.clone()),
+        }
+    }
+}
+
+/// What one attempt carries.
+enum Auth {
+    None,
+    Bearer(String),
+    Hmac(Box<[(http::HeaderName, HeaderValue); 4]>),
 }
 
 /// The request id header.

@@ -361,7 +361,8 @@ async fn two_hundred_concurrent_requests_each_get_a_distinct_nonce() {
 async fn no_route_is_404_from_cbgate() {
     let up = Upstream::start(None).await;
     let gate = Gate::start(up.config(), None).await;
-    for path in ["/", "/api/v2/accounts", "/favicon.ico", "/v2"] {
+    // /api/v2/ is the derivatives gateway's route; /api/v1/ has none.
+    for path in ["/", "/api/v1/accounts", "/favicon.ico", "/v2"] {
         let r = get(&gate, path).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(r.cbgate_error(), Some("no_route"));
@@ -521,10 +522,10 @@ async fn certificate_for_another_name_is_refused() {
     let up = Upstream::start(Some(&key)).await;
     let mut cfg = up.config();
     // The mock's certificate does not cover this name, though the CA is trusted.
-    cfg.routes = vec![cbgate::config::RouteConfig {
-        prefix: "/api/v3/".into(),
-        upstream: "https://api.evil.example".into(),
-    }];
+    cfg.routes = vec![cbgate::config::RouteConfig::new(
+        "/api/v3/",
+        "https://api.evil.example",
+    )];
     cfg.upstream
         .resolve
         .insert("api.evil.example".into(), up.mock.addr);

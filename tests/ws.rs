@@ -1301,3 +1301,92 @@ async fn a_session_where_nobody_sends_is_closed_after_idle_timeout() {
         .await;
     assert_eq!(load(&gate.counters().idle_timeouts), 1);
 }
+
+/// Coinbase Exchange's feed: with `cbgate-key` naming an Exchange key, a subscribe gets
+/// `signature`, `key`, `passphrase` and `timestamp` (the client's own are dropped), and the
+/// signature equals ccxt.pro 4.5.90 `coinbaseexchange.authenticate()`'s for that timestamp.
+#[tokio::test]
+async fn exchange_feed_subscribe_is_signed_as_ccxt_pro_signs() {
+    const SECRET: &str =
+        "dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IGZvciBjYmdhdGUncyBFeGNoYW5nZSBzaWduZXIsIDY0IGJ5dGVzIGxvbmchIQ==";
+    let up = WsUpstream::start(WsMockOptions::default()).await;
+    let file = common::harness::write_private(
+        up.dir.path(),
+        "exchange.json",
+        format!(r#"{{"key": "ex-key-1", "secret": "{SECRET}", "passphrase": "ex-pass"}}"#)
+            .as_bytes(),
+    );
+    let mut cfg = up.config();
+    cfg.upstream
+        .resolve
+        .insert("ws-feed.exchange.coinbase.com".into(), up.mock.addr);
+    cfg.keys.insert(
+        "ex".into(),
+        cbgate::config::NamedKeyConfig {
+            kind: cbgate::config::KeyKind::Exchange,
+            file: Some(file),
+            ..Default::default()
+        },
+    );
+    let gate = Gate::start(cfg, None).await;
+    let (mut ws, _) = try_connect(gate.addr, "/exchange/ws", |r| {
+        r.headers_mut()
+            .insert("cbgate-key", http::HeaderValue::from_static("ex"));
+    })
+    .await
+    .expect("upgrade");
+    ws.send(Message::text(
+        r#"{"type":"subscribe","product_ids":["BTC-USD"],"channels":["full"],"signature":"mine","key":"k0"}"#,
+    ))
+    .await
+    .expect("send");
+    let frames = up
+        .mock
+        .wait_frames(|f| f.iter().any(|r| matches!(r, Rec::Text(_))))
+        .await;
+    let text = frames
+        .iter()
+        .find_map(|r| match r {
+            Rec::Text(t) => Some(t.clone()),
+            _ => None,
+        })
+        .expect("subscribe");
+    let got = json(&text);
+    assert_eq!(
+        keys(&got),
+        [
+            "type",
+            "product_ids",
+            "channels",
+            "signature",
+            "key",
+            "passphrase",
+            "timestamp"
+        ]
+    );
+    assert_eq!(got["key"], "ex-key-1");
+    assert_eq!(got["passphrase"], "ex-pass");
+    let ts = got["timestamp"].as_str().expect("timestamp");
+    let script = r#"
+import json, sys, ccxt.pro
+e = ccxt.pro.coinbaseexchange({'apiKey': 'ex-key-1', 'secret': sys.argv[1], 'password': 'ex-pass'})
+e.nonce = lambda: int(sys.argv[2])
+print(e.authenticate()['signature'])
+"#;
+    let out = std::process::Command::new(common::provision::sdk_python())
+        .args(["-c", script, SECRET, ts])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        got["signature"]
+    );
+    let upgrade = up.mock.upgrades().pop().expect("upgrade");
+    assert!(upgrade.headers.get("cbgate-key").is_none());
+    gate.stop().await;
+}

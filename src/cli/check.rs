@@ -21,8 +21,20 @@ pub fn run(
         client_token,
         client_tokens,
         wallet,
+        keys,
         ..
     } = load(&args.common, Overrides::default(), env)?;
+    let named: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            format!(
+                "credential {}: kind {}, fingerprint {}",
+                k.name(),
+                k.kind().as_str(),
+                k.current().fingerprint()
+            )
+        })
+        .collect();
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -38,7 +50,8 @@ pub fn run(
     let proxy = runtime
         .block_on(async {
             Proxy::new(&cfg, key).and_then(|p| {
-                p.with_client_token(client_token, &cfg)
+                p.with_keys(keys)
+                    .with_client_token(client_token, &cfg)
                     .with_client_tokens(client_tokens)
             })
         })
@@ -105,6 +118,9 @@ pub fn run(
     }
     if wallet.is_some() {
         println!("wallet secret: loaded; X-Wallet-Auth is minted for CDP v2 wallet requests");
+    }
+    for line in &named {
+        println!("{line}");
     }
     let yes_no = |b: bool| if b { "yes" } else { "NO" };
     println!(

@@ -273,6 +273,8 @@ pub struct Loaded {
     pub admin_token: Option<Zeroizing<String>>,
     /// The CDP Wallet Secret (`key.wallet_secret_file` or `CDP_WALLET_SECRET`).
     pub wallet: Option<WalletSecret>,
+    /// The named credentials (`[keys.NAME]`).
+    pub keys: cbgate::sign::keys::Keyring,
 }
 
 /// Flags that override configuration keys (only `serve` has them).
@@ -304,6 +306,16 @@ pub fn load(
     ] {
         if let Some(secret) = sources.env.get_mut(name) {
             secret.zeroize();
+        }
+    }
+    // And of the named credentials' secrets and passphrases.
+    if let Ok(l) = &loaded {
+        for k in l.cfg.keys.values() {
+            for var in [&k.secret_env, &k.passphrase_env].into_iter().flatten() {
+                if let Some(v) = sources.env.get_mut(var) {
+                    v.zeroize();
+                }
+            }
         }
     }
     loaded
@@ -359,7 +371,9 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
         };
         config_err(anyhow::anyhow!("{origin}: {e}"))
     })?;
+    let keys = cbgate::sign::keys::Keyring::load(&cfg.keys, &sources.env).map_err(config_err)?;
     Ok(Loaded {
+        keys,
         cfg,
         key,
         key_file,

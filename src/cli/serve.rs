@@ -73,6 +73,7 @@ pub fn run(
         client_tokens,
         admin_token,
         wallet,
+        keys,
     } = load(
         &args.common,
         Overrides {
@@ -132,6 +133,9 @@ pub fn run(
             "wallet secret loaded: cbgate mints X-Wallet-Auth for CDP v2 wallet requests"
         );
     }
+    for k in keys.iter() {
+        tracing::info!(key = k.name(), kind = k.kind().as_str(), fingerprint = %k.current().fingerprint(), "credential loaded");
+    }
     let runtime = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
         .map_err(Failure::Runtime)?;
@@ -165,6 +169,7 @@ pub fn run(
     let result = runtime.block_on(async move {
         let mut proxy = Proxy::new(&cfg, key)
             .map_err(config_err)?
+            .with_keys(keys)
             .with_wallet_secret(wallet)
             .with_client_token(client_token, &cfg)
             .with_client_tokens(client_tokens)

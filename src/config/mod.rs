@@ -202,21 +202,122 @@ pub struct RouteConfig {
     pub prefix: String,
     /// Upstream base URL, `https://host[:port]`.
     pub upstream: String,
+    /// The credential (`[keys.NAME]`, or `default` for `[key]`) this route signs with unless
+    /// the request names one in `cbgate-key`.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Remove `prefix` (all but its final `/`) before forwarding: `/exchange/orders` goes
+    /// upstream as `/orders`. For hosts whose own paths do not start with the prefix.
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+impl RouteConfig {
+    /// A route with no key of its own and no prefix stripping.
+    pub fn new(prefix: impl Into<String>, upstream: impl Into<String>) -> RouteConfig {
+        RouteConfig {
+            prefix: prefix.into(),
+            upstream: upstream.into(),
+            key: None,
+            strip_prefix: false,
+        }
+    }
 }
 
 /// The built-in routes, used when the configuration names none.
 pub fn default_routes() -> Vec<RouteConfig> {
-    [
+    let mut routes: Vec<RouteConfig> = [
         ("/api/v3/", "https://api.coinbase.com"),
         ("/v2/", "https://api.coinbase.com"),
         ("/platform/", "https://api.cdp.coinbase.com"),
+        // The derivatives gateway (JSON-RPC 2.0; a CDP key buys an access token).
+        ("/api/v2/", "https://drb.coinbase.com"),
     ]
     .into_iter()
-    .map(|(p, u)| RouteConfig {
-        prefix: p.into(),
-        upstream: u.into(),
-    })
-    .collect()
+    .map(|(p, u)| RouteConfig::new(p, u))
+    .collect();
+    // The HMAC families' own paths (`/orders`, `/v1/portfolios`) would clash with each other
+    // and with Advanced Trade, so each lives under a prefix that is stripped.
+    for (p, u) in [
+        ("/exchange/", "https://api.exchange.coinbase.com"),
+        ("/prime/", "https://api.prime.coinbase.com"),
+        ("/intx/", "https://api.international.coinbase.com"),
+    ] {
+        let mut r = RouteConfig::new(p, u);
+        r.strip_prefix = true;
+        routes.push(r);
+    }
+    routes
+}
+
+/// Which Coinbase API family a credential belongs to, and so how it signs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    /// A CDP API key (ES256 or Ed25519 JWT): Advanced Trade, App API, CDP platform.
+    #[default]
+    Cdp,
+    /// Coinbase Exchange: key, base64 secret, passphrase (HMAC, `CB-ACCESS-*`).
+    Exchange,
+    /// Coinbase Prime: access key, signing key, passphrase (HMAC, `X-CB-ACCESS-*`).
+    Prime,
+    /// International Exchange (legacy REST): key, base64 secret, passphrase (HMAC).
+    Intx,
+}
+
+impl KeyKind {
+    /// The name used in `kind = "..."`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Cdp => "cdp",
+            KeyKind::Exchange => "exchange",
+            KeyKind::Prime => "prime",
+            KeyKind::Intx => "intx",
+        }
+    }
+
+    /// The family an upstream host belongs to (production and sandbox hosts); every other
+    /// host takes CDP JWTs.
+    pub fn for_host(host: &str) -> KeyKind {
+        match host.to_ascii_lowercase().as_str() {
+            "api.exchange.coinbase.com"
+            | "api-public.sandbox.exchange.coinbase.com"
+            | "ws-feed.exchange.coinbase.com"
+            | "ws-feed-public.sandbox.exchange.coinbase.com" => KeyKind::Exchange,
+            "api.prime.coinbase.com" => KeyKind::Prime,
+            "api.international.coinbase.com" | "api-n5e1.coinbase.com" => KeyKind::Intx,
+            _ => KeyKind::Cdp,
+        }
+    }
+}
+
+/// The credential name `[key]` goes by.
+pub const DEFAULT_KEY: &str = "default";
+
+/// `[keys.NAME]`: one named credential. Either `file`, or the environment variable names.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamedKeyConfig {
+    /// The credential's JSON file: the CDP key JSON for `cdp`; for the HMAC kinds
+    /// `{"key", "secret", "passphrase"}` or the portals' and SDKs' spellings.
+    pub file: Option<PathBuf>,
+    pub kind: KeyKind,
+    /// Name of the environment variable holding the key name (CDP) or API key (HMAC kinds).
+    pub key_env: Option<String>,
+    /// Name of the environment variable holding the secret.
+    pub secret_env: Option<String>,
+    /// Name of the environment variable holding the passphrase (HMAC kinds).
+    pub passphrase_env: Option<String>,
+    /// Accept a key file readable or writable by group or others.
+    pub allow_insecure_permissions: bool,
+}
+
+/// Whether `name` may name a credential: 1-64 of `A-Z a-z 0-9 _ -`.
+pub fn valid_key_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// One WebSocket route: an upgrade request for exactly `path` goes to `upstream` (`wss://`).
@@ -227,6 +328,10 @@ pub struct WsRouteConfig {
     pub path: String,
     /// Upstream WebSocket URL, `wss://host[:port]`.
     pub upstream: String,
+    /// The credential this route signs subscribes with unless the upgrade request names one
+    /// in `cbgate-key`.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 /// The built-in WebSocket routes (Advanced Trade market data and user data).
@@ -234,11 +339,14 @@ pub fn default_ws_routes() -> Vec<WsRouteConfig> {
     [
         ("/ws", "wss://advanced-trade-ws.coinbase.com"),
         ("/ws/user", "wss://advanced-trade-ws-user.coinbase.com"),
+        // Coinbase Exchange's feed: subscribes are signed with an exchange key.
+        ("/exchange/ws", "wss://ws-feed.exchange.coinbase.com"),
     ]
     .into_iter()
     .map(|(p, u)| WsRouteConfig {
         path: p.into(),
         upstream: u.into(),
+        key: None,
     })
     .collect()
 }
@@ -757,6 +865,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
     pub key: KeyConfig,
+    /// Named credentials besides `[key]` (which is the one named `default`).
+    pub keys: BTreeMap<String, NamedKeyConfig>,
     pub upstream: UpstreamConfig,
     /// Routes, longest prefix wins. Replaces the built-in list when given.
     pub routes: Vec<RouteConfig>,
@@ -825,6 +935,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
             key: KeyConfig::default(),
+            keys: BTreeMap::new(),
             upstream: UpstreamConfig::default(),
             routes: default_routes(),
             ws_routes: default_ws_routes(),
@@ -1095,9 +1206,22 @@ impl Config {
                     format!("{} must start with /", shown(&r.prefix)),
                 ));
             }
-            BaseUrl::parse(&r.upstream, "https")
+            let base = BaseUrl::parse(&r.upstream, "https")
                 .map_err(|m| invalid(format!("{key}.upstream"), m))?;
+            if r.strip_prefix && !r.prefix.ends_with('/') {
+                return Err(invalid(
+                    format!("{key}.prefix"),
+                    format!(
+                        "{} must end with / when strip_prefix = true",
+                        shown(&r.prefix)
+                    ),
+                ));
+            }
+            if let Some(name) = &r.key {
+                self.check_route_key(&format!("{key}.key"), name, &base.host)?;
+            }
         }
+        self.validate_keys()?;
         for (i, r) in self.ws_routes.iter().enumerate() {
             let key = format!("ws_routes[{i}]");
             if !r.path.starts_with('/') {
@@ -1106,8 +1230,11 @@ impl Config {
                     format!("{} must start with /", shown(&r.path)),
                 ));
             }
-            BaseUrl::parse(&r.upstream, "wss")
+            let base = BaseUrl::parse(&r.upstream, "wss")
                 .map_err(|m| invalid(format!("{key}.upstream"), m))?;
+            if let Some(name) = &r.key {
+                self.check_route_key(&format!("{key}.key"), name, &base.host)?;
+            }
         }
         if self.ws.max_message_bytes == 0 {
             return Err(invalid("ws.max_message_bytes", "must be greater than 0"));
@@ -1332,16 +1459,137 @@ impl Config {
         }
         Ok(())
     }
+
+    /// A route's `key` names a configured credential of the host's family.
+    fn check_route_key(&self, at: &str, name: &str, host: &str) -> Result<(), ConfigError> {
+        let family = KeyKind::for_host(host);
+        let kind = if name == DEFAULT_KEY {
+            KeyKind::Cdp
+        } else {
+            match self.keys.get(name) {
+                Some(k) => k.kind,
+                None => {
+                    let mut known: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+                    known.insert(0, DEFAULT_KEY);
+                    return Err(invalid(
+                        at,
+                        format!(
+                            "{} is not a configured credential; add [keys.{}] or use one of: {}",
+                            shown(name),
+                            if valid_key_name(name) { name } else { "NAME" },
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
+        };
+        if kind != family {
+            return Err(invalid(
+                at,
+                format!(
+                    "the credential {name} is kind \"{}\" but {host} takes {} keys; pick a [keys.NAME] with kind = \"{}\"",
+                    kind.as_str(),
+                    family.as_str(),
+                    family.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks `[keys.NAME]`: names, one source each, and what each kind needs.
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        for (name, k) in &self.keys {
+            let at = |field: &str| format!("keys.{}.{field}", shown_name(name));
+            if name == DEFAULT_KEY {
+                return Err(invalid(
+                    "keys.default",
+                    "the name default is [key]'s: configure that credential in [key], or give this one another name",
+                ));
+            }
+            if !valid_key_name(name) {
+                return Err(invalid(
+                    format!("keys.{}", shown_name(name)),
+                    "a credential name is 1-64 of A-Z a-z 0-9 _ -",
+                ));
+            }
+            let hmac = k.kind != KeyKind::Cdp;
+            let any_env =
+                k.key_env.is_some() || k.secret_env.is_some() || k.passphrase_env.is_some();
+            match (&k.file, any_env) {
+                (Some(_), true) => {
+                    return Err(invalid(
+                        at("file"),
+                        "give either file or key_env/secret_env, not both",
+                    ))
+                }
+                (None, false) => {
+                    return Err(invalid(
+                        at("file"),
+                        "is missing: give the credential's JSON file (or key_env and secret_env)",
+                    ))
+                }
+                (Some(f), false) if f.as_os_str().is_empty() => {
+                    return Err(invalid(at("file"), "must be a file path"))
+                }
+                (None, true) => {
+                    let need: &[(&str, &Option<String>)] = if hmac {
+                        &[
+                            ("key_env", &k.key_env),
+                            ("secret_env", &k.secret_env),
+                            ("passphrase_env", &k.passphrase_env),
+                        ]
+                    } else {
+                        &[("key_env", &k.key_env), ("secret_env", &k.secret_env)]
+                    };
+                    for (field, v) in need {
+                        match v {
+                            None => {
+                                return Err(invalid(
+                                    at(field),
+                                    format!(
+                                        "is missing: a {} credential from the environment needs {}",
+                                        k.kind.as_str(),
+                                        need.iter().map(|(f, _)| *f).collect::<Vec<_>>().join(", ")
+                                    ),
+                                ))
+                            }
+                            Some(var) if !valid_env_name(var) => {
+                                return Err(invalid(
+                                    at(field),
+                                    "must be an environment variable name such as EXCHANGE_API_SECRET (the name, not the value)",
+                                ))
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    if !hmac && k.passphrase_env.is_some() {
+                        return Err(invalid(
+                            at("passphrase_env"),
+                            "CDP keys have no passphrase; remove it, or set kind to exchange, prime or intx",
+                        ));
+                    }
+                }
+                (Some(_), false) => {}
+            }
+        }
+        Ok(())
+    }
 }
 
-/// A client name as config messages show it (names come from the file, never secrets, but a
-/// pasted token as a table name is not shown).
 fn shown_name(name: &str) -> String {
-    if looks_like_key_material(name) || name.chars().count() > 64 {
-        "(a name that looks like key material, not shown)".to_owned()
-    } else {
+    if valid_key_name(name) {
         name.to_owned()
+    } else {
+        shown(name)
     }
+}
+
+fn valid_env_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !v.as_bytes()[0].is_ascii_digit()
 }
 
 /// The default `state_dir` from the environment map: systemd's `$STATE_DIRECTORY` (its first
@@ -1578,11 +1826,18 @@ mod tests {
         assert_eq!(c.listen[1].to_string(), "https://127.0.0.1:8443");
         assert_eq!(
             c.upstream_hosts(),
+            // The default routes' hosts, REST then WebSocket: the local CA is constrained to
+            // these and intercept answers CONNECT for them.
             [
                 "api.coinbase.com",
                 "api.cdp.coinbase.com",
+                "drb.coinbase.com",
+                "api.exchange.coinbase.com",
+                "api.prime.coinbase.com",
+                "api.international.coinbase.com",
                 "advanced-trade-ws.coinbase.com",
-                "advanced-trade-ws-user.coinbase.com"
+                "advanced-trade-ws-user.coinbase.com",
+                "ws-feed.exchange.coinbase.com"
             ]
         );
         assert!(!Config::default().needs_client_tls());
@@ -1804,6 +2059,33 @@ mod tests {
         assert!(c.clients.require);
         assert_eq!(c.clients.named["bot"].unix_uid, Some(1001));
         assert_eq!(c.unix_mode, UnixMode(0o660));
+    }
+
+    #[test]
+    fn named_keys_and_route_keys_are_checked() {
+        let c = load_toml(
+            "[keys.ex]\nkind = \"exchange\"\nfile = \"/k/ex.json\"\n[keys.p]\nkind = \"prime\"\nkey_env = \"PK\"\nsecret_env = \"PS\"\npassphrase_env = \"PP\"\n[[routes]]\nprefix = \"/exchange/\"\nupstream = \"https://api.exchange.coinbase.com\"\nstrip_prefix = true\nkey = \"ex\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.keys["ex"].kind, KeyKind::Exchange);
+        assert_eq!(c.keys["p"].key_env.as_deref(), Some("PK"));
+        assert_eq!(c.routes[0].key.as_deref(), Some("ex"));
+        for (text, want) in [
+            ("[keys.default]\nfile = \"/k\"", "keys.default"),
+            ("[keys.a]\nkind = \"exchange\"", "keys.a.file"),
+            ("[keys.a]\nfile = \"/k\"\nkey_env = \"X\"", "not both"),
+            ("[keys.a]\nkind = \"intx\"\nkey_env = \"K\"\nsecret_env = \"S\"", "keys.a.passphrase_env"),
+            ("[keys.a]\nkey_env = \"K\"\nsecret_env = \"my secret\"", "environment variable name"),
+            ("[keys.a]\nkind = \"hmac\"\nfile = \"/k\"", "kind"),
+            ("[keys.\"a b\"]\nfile = \"/k\"", "1-64"),
+            ("[[routes]]\nprefix = \"/x/\"\nupstream = \"https://api.coinbase.com\"\nkey = \"nope\"", "routes[0].key"),
+            ("[keys.ex]\nkind = \"exchange\"\nfile = \"/k\"\n[[routes]]\nprefix = \"/x/\"\nupstream = \"https://api.coinbase.com\"\nkey = \"ex\"", "takes cdp keys"),
+            ("[[routes]]\nprefix = \"/exchange/\"\nupstream = \"https://api.exchange.coinbase.com\"\nkey = \"default\"", "takes exchange keys"),
+            ("[[routes]]\nprefix = \"/x\"\nupstream = \"https://api.coinbase.com\"\nstrip_prefix = true", "end with /"),
+        ] {
+            let e = load_toml(text).expect_err(text);
+            assert!(e.to_string().contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub fn strip_client_credentials(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHORIZATION);
     headers.remove(header::HOST);
     headers.remove(&crate::gate::client::TOKEN_HEADER);
+    headers.remove(KEY_HEADER);
+    // A client's own HMAC headers would ride next to cbgate's (or alone, unsigned).
     let hmac: Vec<HeaderName> = headers
         .keys()
         .filter(|name| is_hmac_credential(name.as_str()))
@@ -85,6 +87,9 @@ fn is_hmac_credential(name: &str) -> bool {
 
 /// The CDP wallet-auth header, which cbgate replaces when it holds the wallet secret.
 pub static WALLET_AUTH: HeaderName = HeaderName::from_static("x-wallet-auth");
+
+/// The request header that picks a credential by name; never forwarded.
+pub const KEY_HEADER: &str = "cbgate-key";
 
 #[cfg(test)]
 mod tests {

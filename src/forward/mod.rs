@@ -3,6 +3,7 @@
 
 pub mod body_timeout;
 pub mod date_watch;
+pub mod gateway;
 pub mod headers;
 pub mod price;
 pub mod upstream;

@@ -72,6 +72,7 @@ use crate::forward::upstream::{UpstreamClient, UpstreamError};
 use crate::gate::route::WsRoute;
 use crate::ops::metrics::WsCounters;
 use crate::sign::jwt::{self, Binding, Signer};
+use crate::sign::keys::Credential;
 use crate::Body;
 
 /// How long a closing handshake may take on each side before cbgate drops the connection.
@@ -246,17 +247,31 @@ impl Drop for SessionGuard {
 /// them and so cannot borrow the proxy. It shares the proxy's [`Signer`], so a session
 /// signs with the key in use at each subscribe, rotated keys included. Debug never shows a key.
 #[derive(Clone, Debug)]
-pub struct WsSigner(Arc<Signer>);
+pub struct WsSigner {
+    signer: Arc<Signer>,
+    /// The session's credential when it is not `[key]`: an Exchange key (signed subscribe
+    /// fields) or another CDP key (its own JWTs), held as loaded when the session opened.
+    named: Option<Arc<Credential>>,
+}
 
 impl WsSigner {
     /// A subscribe-token minter over the shared signer.
     pub fn new(signer: Arc<Signer>) -> WsSigner {
-        WsSigner(signer)
+        WsSigner {
+            signer,
+            named: None,
+        }
     }
 
-    /// Whether a key is configured (subscribes get a `jwt`).
+    /// Signs with the named credential `cred` instead of `[key]` (the clock stays shared).
+    pub fn with_credential(mut self, cred: Arc<Credential>) -> WsSigner {
+        self.named = Some(cred);
+        self
+    }
+
+    /// Whether a credential is configured (subscribes get cbgate's signature).
     pub fn has_key(&self) -> bool {
-        self.0.key().is_some()
+        self.named.is_some() || self.signer.key().is_some()
     }
 
     /// A fresh token without request binding (no `uri`), or `None` without a key.
@@ -266,11 +281,53 @@ impl WsSigner {
             host: "",
             path: "",
         };
-        self.0
-            .mint(jwt::ClaimStyle::None, &none)
-            .map_err(|_| ProxyError::Sign)
+        match self.named.as_deref() {
+            Some(Credential::Cdp(k)) => jwt::mint(
+                k,
+                jwt::now_secs(self.signer.clock_offset()),
+                jwt::ClaimStyle::None,
+                &none,
+            )
+            .map(Some)
+            .map_err(|_| ProxyError::Sign),
+            Some(Credential::Hmac(_)) => Ok(None),
+            None => self
+                .signer
+                .mint(jwt::ClaimStyle::None, &none)
+                .map_err(|_| ProxyError::Sign),
+        }
+    }
+
+    /// The credential fields a subscribe gets, each value as JSON text, and whether they
+    /// take the place of the client's `jwt` (else they go last); `None` without a key.
+    fn fields(&self) -> Result<Option<(SubscribeFields, bool)>, ProxyError> {
+        if let Some(Credential::Hmac(h)) = self.named.as_deref() {
+            let now = jwt::now_secs(self.signer.clock_offset());
+            let mut out = Vec::with_capacity(4);
+            for (name, v) in h.ws_subscribe_fields(now) {
+                let name = match name.as_str() {
+                    "signature" => "signature",
+                    "key" => "key",
+                    "passphrase" => "passphrase",
+                    _ => "timestamp",
+                };
+                out.push((
+                    name,
+                    serde_json::to_string(&v).map_err(|_| ProxyError::Sign)?,
+                ));
+            }
+            return Ok(Some((out, false)));
+        }
+        let Some(token) = self.token()? else {
+            return Ok(None);
+        };
+        let quoted = serde_json::to_string(&token).map_err(|_| ProxyError::Sign)?;
+        Ok(Some((vec![("jwt", quoted)], true)))
     }
 }
+
+/// Credential fields for a subscribe: names and values as JSON text.
+type SubscribeFields = Vec<(&'static str, String)>;
 
 /// Whether `req` asks for a WebSocket upgrade (RFC 6455 §4.1).
 pub fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -890,6 +947,7 @@ enum Field {
     // The client's own credentials (legacy Exchange-style auth): never forwarded next to
     // cbgate's token.
     ApiKey,
+    Key,
     Signature,
     Timestamp,
     Passphrase,
@@ -980,13 +1038,16 @@ impl<'de> Deserialize<'de> for Key<'de> {
     }
 }
 
-/// Writes the object it visits to `out` with `jwt` set to `token` (in the place of the first
-/// client `jwt`, or last; no `jwt` at all without a token) and the client's credential fields
-/// left out, counting them in `dropped`. Other values are copied as their raw text
+/// Writes the object it visits to `out` with cbgate's credential `fields` (a CDP `jwt` in the
+/// place of the first client `jwt`, or last; Exchange's signed fields last; none without a
+/// credential) and the client's credential fields left out, counting them in `dropped`. Other values are copied as their raw text
 /// (`RawValue` borrows it from the input), so nothing is parsed into a tree and the output is
 /// at most the input plus the token.
 struct Rewrite<'t> {
-    token: Option<&'t str>,
+    /// Field names and their values as JSON text.
+    fields: &'t [(&'static str, String)],
+    /// Whether the fields go where the client's `jwt` was (else last).
+    at_jwt: bool,
     out: &'t mut Vec<u8>,
     dropped: &'t mut usize,
 }
@@ -998,7 +1059,8 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let Rewrite {
-            token,
+            fields,
+            at_jwt,
             out,
             dropped,
         } = self;
@@ -1012,20 +1074,23 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
             out.extend_from_slice(raw.as_bytes());
             Ok(())
         };
-        let quoted = token
-            .map(|t| serde_json::to_string(t).map_err(de::Error::custom))
-            .transpose()?;
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match Field::deserialize(de::value::StrDeserializer::<A::Error>::new(&key))? {
                 Field::Jwt => {
                     map.next_value::<IgnoredAny>()?;
                     *dropped += 1;
-                    if let (Some(q), false) = (&quoted, jwt_written) {
-                        put(out, "jwt", q)?;
+                    if at_jwt && !jwt_written {
+                        for (name, value) in fields {
+                            put(out, name, value)?;
+                        }
                         jwt_written = true;
                     }
                 }
-                Field::ApiKey | Field::Signature | Field::Timestamp | Field::Passphrase => {
+                Field::ApiKey
+                | Field::Key
+                | Field::Signature
+                | Field::Timestamp
+                | Field::Passphrase => {
                     map.next_value::<IgnoredAny>()?;
                     *dropped += 1;
                 }
@@ -1035,8 +1100,10 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
                 }
             }
         }
-        if let (Some(q), false) = (&quoted, jwt_written) {
-            put(out, "jwt", q)?;
+        if !jwt_written {
+            for (name, value) in fields {
+                put(out, name, value)?;
+            }
         }
         if first {
             out.push(b'{');
@@ -1050,16 +1117,19 @@ impl<'de> Visitor<'de> for Rewrite<'_> {
 /// key is configured, `jwt` set to a fresh token. `None` when `text` is not a JSON object, or
 /// when there is no key and nothing to remove: it then passes unchanged.
 fn sign_subscription(text: &str, signer: &WsSigner) -> Result<Option<String>, ProxyError> {
-    let token = signer.token()?;
-    let mut out = Vec::with_capacity(text.len() + token.as_ref().map_or(0, String::len) + 16);
+    // Without a credential nothing is added, but the client's credential fields still go.
+    let (fields, at_jwt) = signer.fields()?.unwrap_or_default();
+    let extra: usize = fields.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+    let mut out = Vec::with_capacity(text.len() + extra + 16);
     let mut dropped = 0;
     let mut d = serde_json::Deserializer::from_str(text);
     let rewritten = d.deserialize_map(Rewrite {
-        token: token.as_deref(),
+        fields: &fields,
+        at_jwt,
         out: &mut out,
         dropped: &mut dropped,
     });
-    if rewritten.is_err() || d.end().is_err() || (token.is_none() && dropped == 0) {
+    if rewritten.is_err() || d.end().is_err() || (fields.is_empty() && dropped == 0) {
         return Ok(None);
     }
     // Made of the input's own (UTF-8) text and serde_json's output.

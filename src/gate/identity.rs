@@ -22,7 +22,7 @@ use std::sync::Arc;
 use http::{header, HeaderMap, Method};
 use zeroize::Zeroizing;
 
-use crate::config::{ClientConfig, Config, Permission, ANONYMOUS, DEFAULT_CLIENT};
+use crate::config::{ClientConfig, Config, KeyKind, Permission, ANONYMOUS, DEFAULT_CLIENT};
 use crate::gate::client::{ClientError, TOKEN_HEADER};
 use crate::gate::policy::{Denied, Policy};
 
@@ -93,15 +93,30 @@ impl Identity {
     /// Decides one request: the global policy, then the identity's own (an identity can only
     /// narrow). Refusals name the identity.
     pub fn check(&self, global: &Policy, method: &Method, path: &str) -> Result<(), Denied> {
-        global.check(method, path).map_err(|Denied(m)| {
-            if self.is_anonymous() {
-                Denied(m)
-            } else {
-                Denied(format!("{m} (client identity \"{}\")", self.name))
-            }
-        })?;
+        self.check_on(global, method, path, KeyKind::Cdp, path, false)
+    }
+
+    /// [`Identity::check`] for a request to an API of `family` (see [`Policy::check_on`]).
+    pub fn check_on(
+        &self,
+        global: &Policy,
+        method: &Method,
+        path: &str,
+        family: KeyKind,
+        upstream_path: &str,
+        gateway: bool,
+    ) -> Result<(), Denied> {
+        global
+            .check_on(method, path, family, upstream_path, gateway)
+            .map_err(|Denied(m)| {
+                if self.is_anonymous() {
+                    Denied(m)
+                } else {
+                    Denied(format!("{m} (client identity \"{}\")", self.name))
+                }
+            })?;
         match &self.policy {
-            Some(p) => p.check(method, path),
+            Some(p) => p.check_on(method, path, family, upstream_path, gateway),
             None => Ok(()),
         }
     }

@@ -13,7 +13,7 @@ use http::Method;
 use percent_encoding::percent_decode_str;
 
 use crate::config::pattern::{parse_methods, parse_pattern, segment_problem, Segment};
-use crate::config::{Permission, PolicyConfig, RuleAction};
+use crate::config::{KeyKind, Permission, PolicyConfig, RuleAction};
 
 /// Why a request was denied: a sentence naming the rule or ceiling and how to allow it.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +116,20 @@ impl Policy {
     /// (`transactions` matches `transactions.json`). A deny rule then covers every spelling some server might treat as the same path; an
     /// allow rule's extra spellings at worst reach a path Coinbase does not know.
     pub fn check(&self, method: &Method, path: &str) -> Result<(), Denied> {
+        self.check_on(method, path, KeyKind::Cdp, path, false)
+    }
+
+    /// Decides one request to an API of `family`: rules match the path the client sent
+    /// (`path`), the ceiling judges `upstream_path`, the path the family's host sees (the
+    /// route's prefix stripped), by that family's trade endpoints (see [`trade_endpoint`]).
+    pub fn check_on(
+        &self,
+        method: &Method,
+        path: &str,
+        family: KeyKind,
+        upstream_path: &str,
+        gateway: bool,
+    ) -> Result<(), Denied> {
         let decoded = match_form(path);
         let decoded = decoded.as_str();
         for rule in &self.rules {
@@ -139,44 +153,55 @@ impl Policy {
                 };
             }
         }
-        if ceiling_allows(self.permission, method, decoded)
-            || (self.permission == Permission::Trade && self.cdp_trade_allows(method, decoded))
-        {
+        let upstream = match_form(upstream_path);
+        let allowed = if gateway {
+            gateway_allows(self.permission, &upstream)
+        } else {
+            ceiling_allows(self.permission, method, family, &upstream)
+                || (self.permission == Permission::Trade
+                    && family == KeyKind::Cdp
+                    && self.cdp_trade_allows(method, &upstream))
+        };
+        if allowed {
             return Ok(());
         }
+        let (name, scope) = ceiling_scope(self.permission, family);
         if let Some(client) = &self.client {
-            let (name, scope) = match self.permission {
-                Permission::View => ("view", "GET and HEAD only"),
-                Permission::Trade => (
-                    "trade",
-                    "reads plus Advanced Trade orders, convert and the CDP v2 writes that move no funds; nothing that moves funds",
-                ),
-                Permission::Transfer => ("transfer", "everything"),
-            };
             return Err(Denied(format!(
                 "{method} {path} is above client identity \"{client}\"'s permission ceiling \"{name}\" ({scope}); \
                  to allow it raise clients.{client}.permission (never above policy.permission), or add an allow \
                  rule for this path to clients.{client}.rules"
             )));
         }
-        let (name, scope, next) = match self.permission {
-            Permission::View => (
-                "view",
-                "GET and HEAD only",
-                "policy.permission = \"trade\" (orders and convert) or \"transfer\"",
-            ),
-            Permission::Trade => (
-                "trade",
-                "reads plus Advanced Trade orders, convert and the CDP v2 writes that move no funds; nothing that moves funds",
-                "policy.permission = \"transfer\"",
-            ),
+        let next = match self.permission {
+            Permission::View => {
+                "policy.permission = \"trade\" (orders and convert) or \"transfer\""
+            }
+            Permission::Trade => "policy.permission = \"transfer\"",
             // Transfer allows everything; this arm is never reached.
-            Permission::Transfer => ("transfer", "everything", "nothing"),
+            Permission::Transfer => "nothing",
         };
         Err(Denied(format!(
             "{method} {path} is above cbgate's permission ceiling \"{name}\" ({scope}); \
              to allow it set {next}, or add a [[policy.rules]] allow rule for this path"
         )))
+    }
+}
+
+/// A ceiling's name and what it lets through on an API of `family`, for refusal messages.
+fn ceiling_scope(permission: Permission, family: KeyKind) -> (&'static str, &'static str) {
+    match permission {
+        Permission::View => ("view", "GET and HEAD only"),
+        Permission::Trade => (
+            "trade",
+            match family {
+                KeyKind::Cdp => {
+                    "reads plus Advanced Trade orders, convert and the CDP v2 writes that move no funds; nothing that moves funds"
+                }
+                _ => "reads plus placing and cancelling orders; withdrawals, transfers, address books and conversions are transfer class",
+            },
+        ),
+        Permission::Transfer => ("transfer", "everything"),
     }
 }
 
@@ -705,16 +730,75 @@ fn is_read(method: &Method) -> bool {
     method == Method::GET || method == Method::HEAD
 }
 
-fn ceiling_allows(permission: Permission, method: &Method, path: &str) -> bool {
+fn ceiling_allows(permission: Permission, method: &Method, family: KeyKind, path: &str) -> bool {
     match permission {
         Permission::Transfer => true,
         Permission::View => is_read(method),
-        Permission::Trade => {
-            is_read(method)
-                || path == "/api/v3/brokerage/orders"
-                || path.starts_with("/api/v3/brokerage/orders/")
+        Permission::Trade => is_read(method) || trade_endpoint(family, path),
+    }
+}
+
+/// The derivatives gateway is JSON-RPC: every call may be a POST, so the method name in the
+/// path decides. `public/*` and `private/get*` read; orders (buy, sell, edit, cancel, close
+/// a position) trade; everything else (withdraw, transfers, address book, subaccounts,
+/// API keys) is transfer class.
+fn gateway_allows(permission: Permission, path: &str) -> bool {
+    let Some(call) = path.strip_prefix("/api/v2/") else {
+        return permission == Permission::Transfer;
+    };
+    let read = call.starts_with("public/")
+        || call
+            .strip_prefix("private/")
+            .is_some_and(|m| m.starts_with("get") && !m.contains('/'));
+    let trade = call.strip_prefix("private/").is_some_and(|m| {
+        matches!(
+            m,
+            "buy" | "sell" | "edit" | "edit_by_label" | "close_position" | "cancel"
+        ) || (m.starts_with("cancel_") && !m.contains("transfer") && !m.contains("withdrawal"))
+    });
+    match permission {
+        Permission::Transfer => true,
+        Permission::View => read,
+        Permission::Trade => read || trade,
+    }
+}
+
+/// Whether `path` (match form, as the family's host sees it) is a trade-class endpoint: one
+/// that places, edits or cancels orders. Everything else that is not a read is transfer class
+/// (withdrawals, transfers between profiles or portfolios, address books, conversions, wallet
+/// and profile creation, loans): those move funds or decide where funds may go.
+pub fn trade_endpoint(family: KeyKind, path: &str) -> bool {
+    let under = |p: &str, prefix: &str| {
+        p == prefix
+            || p.strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    match family {
+        // Advanced Trade: orders (create, edit, cancel, preview) and convert (a trade between
+        // two of the user's own currencies, which Coinbase counts as trading).
+        KeyKind::Cdp => {
+            under(path, "/api/v3/brokerage/orders")
                 || path.starts_with("/api/v3/brokerage/convert/")
         }
+        // Exchange: POST /orders, DELETE /orders, DELETE /orders/{id}. Not /conversions
+        // (USD/USDC conversion moves funds between currencies' accounts: transfer).
+        KeyKind::Exchange => under(path, "/orders"),
+        // Prime: /v1/portfolios/{id}/order (create), /order_preview, and
+        // /v1/portfolios/{id}/orders/{order_id}/cancel. Not allocations, conversions,
+        // transfers, withdrawals, wallets or address books.
+        KeyKind::Prime => {
+            let segs: Vec<&str> = path.split('/').collect();
+            matches!(
+                segs.as_slice(),
+                ["", "v1", "portfolios", id, "order" | "order_preview"] if !id.is_empty()
+            ) || matches!(
+                segs.as_slice(),
+                ["", "v1", "portfolios", id, "orders", oid, "cancel"] if !id.is_empty() && !oid.is_empty()
+            )
+        }
+        // INTX: POST/DELETE /api/v1/orders, PUT/DELETE /api/v1/orders/{id}. Not
+        // /api/v1/transfers/** (withdrawals, addresses), /portfolios/transfer, loans.
+        KeyKind::Intx => under(path, "/api/v1/orders"),
     }
 }
 
@@ -831,6 +915,121 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
 mod tests {
     use super::*;
     use crate::config::RuleConfig;
+
+    #[test]
+    fn hmac_families_have_their_own_trade_class() {
+        let trade = Policy::new(&PolicyConfig {
+            permission: Permission::Trade,
+            rules: vec![],
+        })
+        .expect("policy");
+        let ok = |m: Method, f: KeyKind, up: &str| {
+            trade.check_on(&m, &format!("/x{up}"), f, up, false).is_ok()
+        };
+        for (m, f, up) in [
+            (Method::POST, KeyKind::Exchange, "/orders"),
+            (Method::DELETE, KeyKind::Exchange, "/orders/abc"),
+            (Method::DELETE, KeyKind::Exchange, "/Orders/"),
+            (Method::POST, KeyKind::Prime, "/v1/portfolios/p1/order"),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/order_preview",
+            ),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/orders/o1/cancel",
+            ),
+            (Method::POST, KeyKind::Intx, "/api/v1/orders"),
+            (Method::PUT, KeyKind::Intx, "/api/v1/orders/o1"),
+            (
+                Method::GET,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/wallets/w/withdrawals",
+            ),
+        ] {
+            assert!(ok(m.clone(), f, up), "{m} {f:?} {up} should pass");
+        }
+        for (m, f, up) in [
+            (Method::POST, KeyKind::Exchange, "/withdrawals/crypto"),
+            (
+                Method::POST,
+                KeyKind::Exchange,
+                "/withdrawals/payment-method",
+            ),
+            (Method::POST, KeyKind::Exchange, "/profiles/transfer"),
+            (Method::POST, KeyKind::Exchange, "/conversions"),
+            (Method::POST, KeyKind::Exchange, "/address-book"),
+            (Method::POST, KeyKind::Exchange, "/ordersx"),
+            (
+                Method::POST,
+                KeyKind::Exchange,
+                "/orders.json/../withdrawals",
+            ),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/wallets/w/withdrawals",
+            ),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/wallets/w/transfers",
+            ),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/address_book",
+            ),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/wallets/w/conversion",
+            ),
+            (
+                Method::POST,
+                KeyKind::Prime,
+                "/v1/portfolios/p1/allocations",
+            ),
+            (Method::POST, KeyKind::Prime, "/v1/portfolios/p1/order/x"),
+            (Method::POST, KeyKind::Intx, "/api/v1/transfers/withdraw"),
+            (Method::POST, KeyKind::Intx, "/api/v1/transfers/address"),
+            (Method::POST, KeyKind::Intx, "/api/v1/portfolios/transfer"),
+            // A family's trade path is not trade on another family's host.
+            (Method::POST, KeyKind::Exchange, "/api/v3/brokerage/orders"),
+            (Method::POST, KeyKind::Cdp, "/orders"),
+        ] {
+            assert!(!ok(m.clone(), f, up), "{m} {f:?} {up} should be denied");
+        }
+        let e = trade
+            .check_on(
+                &Method::POST,
+                "/exchange/withdrawals/crypto",
+                KeyKind::Exchange,
+                "/withdrawals/crypto",
+                false,
+            )
+            .expect_err("denied");
+        assert!(e.to_string().contains("transfer"), "{e}");
+        let gw = |p: Permission, path: &str| gateway_allows(p, path);
+        assert!(gw(Permission::View, "/api/v2/public/get_instruments"));
+        assert!(gw(Permission::View, "/api/v2/private/get_account_summary"));
+        assert!(!gw(Permission::View, "/api/v2/private/buy"));
+        assert!(gw(Permission::Trade, "/api/v2/private/buy"));
+        assert!(gw(Permission::Trade, "/api/v2/private/cancel_all"));
+        assert!(!gw(Permission::Trade, "/api/v2/private/withdraw"));
+        assert!(!gw(Permission::Trade, "/api/v2/private/cancel_withdrawal"));
+        assert!(!gw(
+            Permission::Trade,
+            "/api/v2/private/submit_transfer_to_user"
+        ));
+        assert!(!gw(
+            Permission::Trade,
+            "/api/v2/private/add_to_address_book"
+        ));
+        assert!(gw(Permission::Transfer, "/api/v2/private/withdraw"));
+    }
 
     fn policy(permission: Permission, rules: &[(RuleAction, &[&str], &str)]) -> Policy {
         Policy::new(&PolicyConfig {

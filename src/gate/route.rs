@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{BaseUrl, RouteConfig, WsRouteConfig};
+use crate::config::{BaseUrl, KeyKind, RouteConfig, WsRouteConfig};
 use crate::sign::jwt::ClaimStyle;
 
 /// An upstream Coinbase API host.
@@ -15,6 +15,11 @@ pub struct Upstream {
     pub authority: String,
     /// Which request-binding claim Coinbase expects from this host.
     pub claims: ClaimStyle,
+    /// Which API family (and so which kind of key) this host takes.
+    pub family: KeyKind,
+    /// The derivatives gateway: requests carry an access token bought at `public/auth` with
+    /// a CDP JWT, not a per-request signature.
+    pub token_gateway: bool,
 }
 
 impl Upstream {
@@ -37,6 +42,8 @@ impl Upstream {
         };
         Ok(Upstream {
             claims: ClaimStyle::for_host(&host),
+            family: KeyKind::for_host(&host),
+            token_gateway: host == "drb.coinbase.com",
             host,
             port,
             authority,
@@ -57,6 +64,35 @@ pub struct Tunnel {
 pub struct Route {
     pub prefix: String,
     pub upstream: Arc<Upstream>,
+    /// The credential this route signs with when the request names none.
+    pub key: Option<String>,
+    /// Whether the prefix (all but its final `/`) is removed before forwarding.
+    pub strip_prefix: bool,
+}
+
+impl Route {
+    /// `upstream_path` (a tunnel's, already in the host's form) as a client of this route
+    /// would have sent it: with the stripped prefix put back, so `[[policy.rules]]`, written
+    /// against the paths clients send, judge tunnelled requests the same way.
+    pub fn client_path(&self, upstream_path: &str) -> String {
+        if self.strip_prefix {
+            format!("{}{}", self.prefix.trim_end_matches('/'), upstream_path)
+        } else {
+            upstream_path.to_owned()
+        }
+    }
+
+    /// The request target as sent upstream: `path_and_query` without the prefix when the
+    /// route strips it (`/exchange/orders?x` -> `/orders?x`), else unchanged.
+    pub fn upstream_target<'a>(&self, path_and_query: &'a str) -> &'a str {
+        if self.strip_prefix {
+            // The prefix ends with `/` (checked at load) and matched: keep that `/`.
+            let cut = self.prefix.len().saturating_sub(1);
+            path_and_query.get(cut..).unwrap_or(path_and_query)
+        } else {
+            path_and_query
+        }
+    }
 }
 
 /// A WebSocket route: exact path.
@@ -64,6 +100,8 @@ pub struct Route {
 pub struct WsRoute {
     pub path: String,
     pub upstream: Upstream,
+    /// The credential this route signs with when the upgrade request names none.
+    pub key: Option<String>,
 }
 
 /// The route table, longest prefix first, plus the WebSocket routes.
@@ -81,6 +119,7 @@ impl Router {
             router.ws_routes.push(WsRoute {
                 path: c.path.clone(),
                 upstream: Upstream::parse_ws(&c.upstream)?,
+                key: c.key.clone(),
             });
         }
         Ok(router)
@@ -97,9 +136,18 @@ impl Router {
         self.ws_routes.iter().find(|r| r.upstream.host == host)
     }
 
-    /// The REST route for `path` when it goes to `host` (a tunnel's host).
+    /// The REST route for `path` inside a tunnel to `host`, where `path` is already the path
+    /// the host sees: a route that keeps its prefix when `path` falls under it, else the route
+    /// that strips its prefix for that host (e.g. `/exchange/` for api.exchange.coinbase.com),
+    /// whose whole path space the host is.
     pub fn find_for_host(&self, path: &str, host: &str) -> Option<&Route> {
-        self.find(path).filter(|r| r.upstream.host == host)
+        self.find(path)
+            .filter(|r| r.upstream.host == host && !r.strip_prefix)
+            .or_else(|| {
+                self.routes
+                    .iter()
+                    .find(|r| r.upstream.host == host && r.strip_prefix)
+            })
     }
 
     /// Every upstream host name (REST and WebSocket), each once: what `[intercept]` answers
@@ -137,6 +185,8 @@ impl Router {
             routes.push(Route {
                 prefix: c.prefix.clone(),
                 upstream,
+                key: c.key.clone(),
+                strip_prefix: c.strip_prefix,
             });
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -175,7 +225,32 @@ mod tests {
             host("/platform/v1/networks").as_deref(),
             Some("api.cdp.coinbase.com")
         );
-        assert_eq!(host("/api/v2/x"), None);
+        assert_eq!(host("/api/v2/x").as_deref(), Some("drb.coinbase.com"));
+        assert!(r
+            .find("/api/v2/private/buy")
+            .is_some_and(|r| r.upstream.token_gateway));
+        let ex = r.find("/exchange/orders").expect("exchange route");
+        assert_eq!(ex.upstream.host, "api.exchange.coinbase.com");
+        assert_eq!(ex.upstream.family, KeyKind::Exchange);
+        assert_eq!(ex.upstream_target("/exchange/orders?a=1"), "/orders?a=1");
+        assert_eq!(ex.upstream_target("/exchange/"), "/");
+        let prime = r.find("/prime/v1/portfolios").expect("prime route");
+        assert_eq!(prime.upstream.family, KeyKind::Prime);
+        assert_eq!(
+            prime.upstream_target("/prime/v1/portfolios"),
+            "/v1/portfolios"
+        );
+        let intx = r.find("/intx/api/v1/orders").expect("intx route");
+        assert_eq!(intx.upstream.family, KeyKind::Intx);
+        assert_eq!(
+            intx.upstream_target("/intx/api/v1/orders"),
+            "/api/v1/orders"
+        );
+        assert_eq!(
+            r.find("/api/v3/brokerage/x")
+                .map(|r| r.upstream_target("/api/v3/brokerage/x")),
+            Some("/api/v3/brokerage/x")
+        );
         assert_eq!(host("/v2"), None);
         assert_eq!(
             r.find("/platform/x").map(|r| r.upstream.claims),
@@ -186,14 +261,8 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let r = Router::new(&[
-            RouteConfig {
-                prefix: "/a/".into(),
-                upstream: "https://one.example".into(),
-            },
-            RouteConfig {
-                prefix: "/a/b/".into(),
-                upstream: "https://two.example:8443".into(),
-            },
+            RouteConfig::new("/a/", "https://one.example"),
+            RouteConfig::new("/a/b/", "https://two.example:8443"),
         ])
         .expect("routes");
         let up = &r.find("/a/b/c").expect("match").upstream;

@@ -30,6 +30,10 @@ pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
         return Some("the proxy listener is not accepting yet".into());
     }
     let Some(key) = proxy.signer().key() else {
+        // Only named credentials: ready; the default route family goes unsigned.
+        if proxy.keys().iter().next().is_some() {
+            return None;
+        }
         return Some(
             "no API key configured: requests are forwarded unsigned; set key.file or COINBASE_API_KEY + COINBASE_API_SECRET"
                 .into(),
@@ -39,6 +43,33 @@ pub fn not_ready_reason(proxy: &Proxy) -> Option<String> {
         return Some(format!("the key failed its signing self-test: {e}"));
     }
     None
+}
+
+/// `default` (`[key]`, when set) and every `[keys.NAME]`, for `/readyz`.
+fn credentials(proxy: &Proxy) -> serde_json::Value {
+    let mut out = Vec::new();
+    if let Some(k) = proxy.signer().key() {
+        out.push(serde_json::json!({
+            "name": crate::config::DEFAULT_KEY,
+            "kind": "cdp",
+            "key": k.name(),
+            "fingerprint": k.fingerprint(),
+        }));
+    }
+    for k in proxy.keys().iter() {
+        let cred = k.current();
+        let id = match cred.as_ref() {
+            crate::sign::keys::Credential::Cdp(c) => c.name().to_owned(),
+            crate::sign::keys::Credential::Hmac(h) => h.key_id().to_owned(),
+        };
+        out.push(serde_json::json!({
+            "name": k.name(),
+            "kind": k.kind().as_str(),
+            "key": id,
+            "fingerprint": cred.fingerprint(),
+        }));
+    }
+    serde_json::Value::Array(out)
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
@@ -232,6 +263,8 @@ fn probes(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
                     "ready": true,
                     "key": key.as_ref().map(|k| k.name()),
                     "algorithm": key.as_ref().map(|k| k.algorithm().as_str()),
+                    // Every credential by name: kind and fingerprint, never the secret.
+                    "keys": credentials(proxy),
                     // The whole seconds applied when signing; the metric
                     // cbgate_clock_offset_seconds is the measured offset.
                     "clock_correction_seconds": proxy.signer().clock_offset(),

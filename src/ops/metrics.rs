@@ -58,6 +58,18 @@ struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialLabels {
+    key: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredentialResultLabels {
+    key: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -169,6 +181,8 @@ pub struct Metrics {
     timeouts: Family<TimeoutLabels, Counter>,
     connections_refused: Family<ListenerLabels, Counter>,
     key_reloads: Family<ResultLabels, Counter>,
+    credentials: Family<CredentialLabels, Gauge>,
+    credential_reloads: Family<CredentialResultLabels, Counter>,
     clock_offset: Gauge<f64, AtomicU64>,
     ws: Arc<WsCounters>,
 }
@@ -205,6 +219,8 @@ impl Metrics {
         let timeouts = Family::<TimeoutLabels, Counter>::default();
         let connections_refused = Family::<ListenerLabels, Counter>::default();
         let key_reloads = Family::<ResultLabels, Counter>::default();
+        let credentials = Family::<CredentialLabels, Gauge>::default();
+        let credential_reloads = Family::<CredentialResultLabels, Counter>::default();
         let clock_offset = Gauge::<f64, AtomicU64>::default();
         let build = Family::<BuildLabels, Gauge>::default();
         build
@@ -292,6 +308,16 @@ impl Metrics {
             key_reloads.clone(),
         );
         registry.register(
+            "credential",
+            "1 for each loaded credential, by name (default is [key]) and kind (cdp, exchange, prime, intx)",
+            credentials.clone(),
+        );
+        registry.register(
+            "credential_reloads",
+            "Reloads of named credentials ([keys.NAME]), by name and result (ok, failed)",
+            credential_reloads.clone(),
+        );
+        registry.register(
             "clock_offset_seconds",
             "Measured offset of Coinbase's clock from the local clock (applied when over 1 s)",
             clock_offset.clone(),
@@ -316,6 +342,8 @@ impl Metrics {
             timeouts,
             connections_refused,
             key_reloads,
+            credentials,
+            credential_reloads,
             clock_offset,
             ws,
         }
@@ -435,6 +463,26 @@ impl Metrics {
         self.connections_refused
             .get_or_create(&ListenerLabels {
                 listener: listener.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Marks the credential `key` of `kind` as loaded.
+    pub fn credential_loaded(&self, key: &str, kind: &str) {
+        self.credentials
+            .get_or_create(&CredentialLabels {
+                key: key.to_owned(),
+                kind: kind.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Records a reload attempt of the named credential `key`.
+    pub fn credential_reload(&self, key: &str, ok: bool) {
+        self.credential_reloads
+            .get_or_create(&CredentialResultLabels {
+                key: key.to_owned(),
+                result: if ok { "ok" } else { "failed" }.to_owned(),
             })
             .inc();
     }

@@ -23,6 +23,8 @@ pub struct KeyReloader {
     allow_insecure_permissions: bool,
     /// SHA-256 of the file content last loaded, to ignore events that changed nothing.
     last_digest: std::sync::Mutex<Option<Vec<u8>>>,
+    /// The same for each named credential's file.
+    named_digests: Digests,
 }
 
 impl KeyReloader {
@@ -33,6 +35,7 @@ impl KeyReloader {
             file,
             allow_insecure_permissions,
             last_digest,
+            named_digests: Digests::default(),
         }
     }
 
@@ -80,14 +83,64 @@ impl KeyReloader {
 
     /// Reloads when the file's content differs from what was last loaded.
     fn reload_if_changed(&self, proxy: &Proxy) {
-        let Some(path) = self.file() else { return };
-        let now = digest_of(path);
-        let changed = self.last_digest.lock().map(|d| *d != now).unwrap_or(true);
-        if changed && now.is_some() {
-            self.reload(proxy, "file changed");
+        if let Some(path) = self.file() {
+            let now = digest_of(path);
+            let changed = self.last_digest.lock().map(|d| *d != now).unwrap_or(true);
+            if changed && now.is_some() {
+                self.reload(proxy, "file changed");
+            }
+        }
+        self.reload_named(proxy, "file changed", true);
+    }
+
+    /// Reloads every named credential that comes from a file (`only_changed`: those whose
+    /// content differs from what was last loaded). Each is checked and swapped on its own: a
+    /// bad file leaves that credential as it was and touches no other.
+    pub fn reload_named(&self, proxy: &Proxy, why: &str, only_changed: bool) {
+        let digests = &self.named_digests;
+        for k in proxy.keys().iter() {
+            let Some(path) = k.file() else { continue };
+            let now = digest_of(path);
+            if only_changed {
+                let same = digests
+                    .lock()
+                    .map(|d| d.get(k.name()) == Some(&now))
+                    .unwrap_or(false);
+                if same || now.is_none() {
+                    continue;
+                }
+            }
+            match k.reload() {
+                Ok(cred) => {
+                    tracing::info!(trigger = why, key = k.name(), kind = k.kind().as_str(), fingerprint = %cred.fingerprint(), "credential reloaded");
+                    proxy.metrics().credential_reload(k.name(), true);
+                }
+                Err(e) => {
+                    tracing::error!(trigger = why, key = k.name(), error = %e, "new credential rejected: the previous one stays in use");
+                    proxy.metrics().credential_reload(k.name(), false);
+                }
+            }
+            // Remembered either way: a bad file is reported once, not on every event.
+            if let Ok(mut d) = digests.lock() {
+                d.insert(k.name().to_owned(), now);
+            }
+        }
+    }
+
+    /// Records the digests of the named credential files as loaded at start.
+    pub fn remember_named(&self, proxy: &Proxy) {
+        if let Ok(mut d) = self.named_digests.lock() {
+            for k in proxy.keys().iter() {
+                if let Some(p) = k.file() {
+                    d.insert(k.name().to_owned(), digest_of(p));
+                }
+            }
         }
     }
 }
+
+/// Content digests of named credential files, by name, as last loaded.
+type Digests = std::sync::Mutex<std::collections::HashMap<String, Option<Vec<u8>>>>;
 
 fn digest_of(path: &Path) -> Option<Vec<u8>> {
     let bytes = zeroize::Zeroizing::new(std::fs::read(path).ok()?);
@@ -108,12 +161,34 @@ pub async fn run(proxy: Arc<Proxy>, reloader: Arc<KeyReloader>) {
         }
     };
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    // Kept alive for as long as this task runs.
-    let _watcher = reloader.file().and_then(|f| watch_dir(f, tx));
+    reloader.remember_named(&proxy);
+    // Kept alive for as long as this task runs: one per directory holding a key file.
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let files = reloader.file().map(Path::to_owned).into_iter().chain(
+        proxy
+            .keys()
+            .iter()
+            .filter_map(|k| k.file().map(Path::to_owned)),
+    );
+    let mut _watchers = Vec::new();
+    for f in files {
+        let dir = dir_of(&f);
+        if dirs.contains(&dir) {
+            continue;
+        }
+        dirs.push(dir);
+        if let Some(w) = watch_dir(&f, tx.clone()) {
+            _watchers.push(w);
+        }
+    }
+    drop(tx);
     loop {
         tokio::select! {
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                reloader.reload(&proxy, "SIGHUP");
+                if reloader.file().is_some() || proxy.keys().iter().next().is_none() {
+                    reloader.reload(&proxy, "SIGHUP");
+                }
+                reloader.reload_named(&proxy, "SIGHUP", false);
             }
             Some(()) = rx.recv() => {
                 // Let a burst of events (write, rename, symlink swap) settle first.
@@ -126,12 +201,16 @@ pub async fn run(proxy: Arc<Proxy>, reloader: Arc<KeyReloader>) {
     }
 }
 
-fn watch_dir(file: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher as _;
-    let dir: PathBuf = match file.parent() {
+fn dir_of(file: &Path) -> PathBuf {
+    match file.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+fn watch_dir(file: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = dir_of(file);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
             // A full channel already holds a pending wake-up: nothing is lost.

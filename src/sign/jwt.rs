@@ -145,6 +145,75 @@ pub fn mint(
     Ok(token)
 }
 
+#[derive(Serialize)]
+struct GatewayHeader<'a> {
+    alg: &'static str,
+    typ: &'static str,
+    kid: &'a str,
+    nonce: &'a str,
+}
+
+#[derive(Serialize)]
+struct GatewayClaims<'a> {
+    aud: [&'static str; 1],
+    sub: &'a str,
+    iss: &'static str,
+    nbf: u64,
+    exp: u64,
+    iat: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uri: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uris: Option<[&'a str; 1]>,
+}
+
+/// The JWT exchanged at the derivatives gateway's `public/auth` for an access token, built as
+/// ccxt 4.5.90 `coinbaseinternational.create_auth_token` builds it (Coinbase documents this
+/// call thinly; ccxt is the one implementation known to work). Header `{alg, typ, kid, nonce}`
+/// with a 16-byte hex nonce; claims `{aud, sub, iss, nbf, exp = nbf + 120, iat}` plus, for an
+/// ES256 key, the legacy `iss: "coinbase-cloud"`, `aud: ["retail_rest_api_proxy"]` and
+/// `uri: "POST host/path"`, and for an Ed25519 key `iss: "cdp"`, `aud: ["cdp_service"]` and
+/// `uris: ["POST host/path"]`. `host_path` is e.g. `drb.coinbase.com/api/v2/public/auth`.
+pub fn mint_gateway_auth(key: &ApiKey, now: u64, host_path: &str) -> Result<String, SignError> {
+    let mut raw = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| SignError)?;
+    let mut nonce = [0u8; 32];
+    hex_lower(&raw, &mut nonce);
+    let nonce = std::str::from_utf8(&nonce).map_err(|_| SignError)?;
+    let header = GatewayHeader {
+        alg: key.algorithm().as_str(),
+        typ: "JWT",
+        kid: key.name(),
+        nonce,
+    };
+    let uri = format!("POST {host_path}");
+    let ed = key.algorithm() == Algorithm::EdDsa;
+    let claims = GatewayClaims {
+        aud: [if ed {
+            "cdp_service"
+        } else {
+            "retail_rest_api_proxy"
+        }],
+        sub: key.name(),
+        iss: if ed { "cdp" } else { "coinbase-cloud" },
+        nbf: now,
+        exp: now + LIFETIME_SECS,
+        iat: now,
+        uri: (!ed).then_some(uri.as_str()),
+        uris: ed.then_some([uri.as_str()]),
+    };
+    let header = serde_json::to_vec(&header).map_err(|_| SignError)?;
+    let claims = serde_json::to_vec(&claims).map_err(|_| SignError)?;
+    let mut token = String::new();
+    URL_SAFE_NO_PAD.encode_string(&header, &mut token);
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(&claims, &mut token);
+    let signature = key.sign(token.as_bytes()).map_err(|_| SignError)?;
+    token.push('.');
+    URL_SAFE_NO_PAD.encode_string(&signature, &mut token);
+    Ok(token)
+}
+
 /// The signing state shared by every request and WebSocket session: the current key (swapped
 /// atomically on rotation; a request keeps the key it loaded) and the clock correction.
 #[derive(Debug, Default)]

@@ -35,6 +35,11 @@ pub const HOSTS: &[&str] = &[
     "api.cdp.coinbase.com",
     "advanced-trade-ws.coinbase.com",
     "advanced-trade-ws-user.coinbase.com",
+    "api.exchange.coinbase.com",
+    "api.prime.coinbase.com",
+    "api.international.coinbase.com",
+    "drb.coinbase.com",
+    "ws-feed.exchange.coinbase.com",
 ];
 
 /// The forms a secret comes in.
@@ -284,10 +289,14 @@ impl Gate {
             Some(Listener::Tcp(l) | Listener::Tls(l)) => l.local_addr().expect("addr"),
             _ => SocketAddr::from(([127, 0, 0, 1], 0)),
         };
+        // `[keys.NAME]` from files, as `cbgate serve` loads them.
+        let keys = cbgate::sign::keys::Keyring::load(&cfg.keys, &std::collections::HashMap::new())
+            .expect("named test keys load");
         let mut proxy = Proxy::new(&cfg, api_key)
             .expect("proxy builds")
             .with_wallet_secret(wallet)
-            .with_client_token(token, &cfg);
+            .with_client_token(token, &cfg)
+            .with_keys(keys);
         if let Some(tls) = tls {
             proxy = proxy.with_tls(tls);
         }

@@ -198,6 +198,10 @@ pub struct MockOptions {
     /// recorded), as a server under load may (RFC 9113 section 8.7). A request is refused once:
     /// a resend with the same `x-request-id` is served.
     pub refuse_every: Option<usize>,
+    /// HMAC keys the mock accepts on the Exchange, Prime and INTX hosts (see [`ExpectedHmac`]).
+    pub hmac: Vec<ExpectedHmac>,
+    /// `expires_in` of the derivatives gateway's access tokens (`drb.coinbase.com`); 0: 3600.
+    pub gateway_token_secs: u64,
     /// Realistic mode: prices the public product endpoint
     /// (`GET /api/v3/brokerage/market/products/{id}`) answers; any other product is 404.
     pub prices: Vec<(String, String)>,
@@ -205,6 +209,28 @@ pub struct MockOptions {
     /// requests must then carry an `X-Wallet-Auth` that verifies against it (see
     /// [`verify_wallet_auth`]); without it `X-Wallet-Auth` is not checked.
     pub wallet_key: Option<Vec<u8>>,
+}
+
+/// An HMAC key (Exchange, Prime or INTX) the mock verifies requests against, written from
+/// Coinbase's documentation of each family (shared/coinbase-auth.md), not from cbgate's code.
+#[derive(Clone, Debug)]
+pub struct ExpectedHmac {
+    /// `exchange`, `prime` or `intx`.
+    pub family: &'static str,
+    pub key: String,
+    /// The secret as the portal shows it (base64 for Exchange and INTX, text for Prime).
+    pub secret: String,
+    pub passphrase: String,
+}
+
+/// The HMAC family a host takes, if any.
+pub fn hmac_family(host: &str) -> Option<&'static str> {
+    match host {
+        "api.exchange.coinbase.com" => Some("exchange"),
+        "api.prime.coinbase.com" => Some("prime"),
+        "api.international.coinbase.com" => Some("intx"),
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -275,6 +301,12 @@ struct State {
     refused: HashSet<String>,
     /// Orders placed through the realistic `POST /api/v3/brokerage/orders`, in order.
     orders: Vec<PlacedOrder>,
+    /// Derivatives gateway tokens issued: token -> (key name, expiry in mock seconds).
+    gateway_tokens: std::collections::HashMap<String, (String, i64)>,
+    /// The key name of every successful `public/auth`, in order.
+    gateway_auths: Vec<String>,
+    /// Requests to the gateway refused for an unknown or expired token.
+    gateway_refused: usize,
 }
 
 impl Inner {
@@ -330,6 +362,30 @@ impl MockCoinbase {
     }
 
     /// Every request received, in order.
+    /// The key names of the derivatives gateway's `public/auth` exchanges, in order.
+    pub fn gateway_auths(&self) -> Vec<String> {
+        self.inner.lock().gateway_auths.clone()
+    }
+
+    /// Gateway requests refused for an unknown, revoked or expired token.
+    pub fn gateway_refused(&self) -> usize {
+        self.inner.lock().gateway_refused
+    }
+
+    /// Every gateway token issued so far, as a client must never see them.
+    pub fn gateway_tokens(&self) -> Vec<String> {
+        self.inner.lock().gateway_tokens.keys().cloned().collect()
+    }
+
+    /// Revokes every gateway token (as a server restart or a key change would).
+    pub fn revoke_gateway_tokens(&self) {
+        let mut st = self.inner.lock();
+        let now = self.inner.now();
+        for (_, exp) in st.gateway_tokens.values_mut() {
+            *exp = now - 1;
+        }
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.lock().requests.clone()
     }
@@ -573,7 +629,56 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         .unwrap_or_else(|| path.clone());
     let host = request_host(&parts);
 
-    let auth = authenticate(&inner, &method, host.as_deref(), &path, &parts.headers);
+    if host.as_deref() == Some("drb.coinbase.com") && path == "/api/v2/public/auth" {
+        let outcome = gateway_auth(&inner, &body);
+        let (auth, resp) = match outcome {
+            Ok((kid, claims, token, secs)) => (
+                AuthOutcome::Valid {
+                    alg: "gateway".into(),
+                    kid,
+                    nonce: String::new(),
+                    claims,
+                },
+                json_response(
+                    StatusCode::OK,
+                    &json!({"jsonrpc": "2.0", "id": 1, "result": {
+                        "access_token": token, "expires_in": secs, "refresh_token": "r",
+                        "scope": "session:x", "token_type": "bearer"}}),
+                ),
+            ),
+            Err(why) => (
+                AuthOutcome::Invalid(why.clone()),
+                json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"jsonrpc": "2.0", "id": 1, "error": {"code": 13004, "message": why}}),
+                ),
+            ),
+        };
+        inner.lock().requests.push(Recorded {
+            method: method.clone(),
+            path_and_query,
+            version: parts.version,
+            headers: parts.headers.clone(),
+            body: body.clone(),
+            auth,
+            wallet_auth: None,
+        });
+        return resp;
+    }
+    let auth = match host.as_deref().and_then(hmac_family) {
+        None if host.as_deref() == Some("drb.coinbase.com") => {
+            gateway_bearer(&inner, &parts.headers)
+        }
+        Some(family) => authenticate_hmac(
+            &inner,
+            family,
+            &method,
+            &path_and_query,
+            &parts.headers,
+            &body,
+        ),
+        None => authenticate(&inner, &method, host.as_deref(), &path, &parts.headers),
+    };
     let wallet_auth = match &inner.opts.wallet_key {
         Some(k) if path.starts_with("/platform/") && cdp_wallet_request(&method, &path) => {
             let checked = verify_wallet_auth(
@@ -1332,6 +1437,205 @@ fn authenticate(
     match verify(inner, key, method, host, path, value) {
         Ok(outcome) => outcome,
         Err(reason) => AuthOutcome::Invalid(reason),
+    }
+}
+
+/// Verifies an HMAC-signed request as the family's server does: the four headers (and no
+/// `Authorization`), the key and passphrase, an integer timestamp within the window (30 s;
+/// INTX 5 s), and the signature over timestamp + METHOD + path (with the query for Exchange
+/// only) + the body bytes exactly as received.
+fn authenticate_hmac(
+    inner: &Inner,
+    family: &'static str,
+    method: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> AuthOutcome {
+    let names: [&str; 4] = if family == "prime" {
+        [
+            "x-cb-access-key",
+            "x-cb-access-signature",
+            "x-cb-access-timestamp",
+            "x-cb-access-passphrase",
+        ]
+    } else {
+        [
+            "cb-access-key",
+            "cb-access-sign",
+            "cb-access-timestamp",
+            "cb-access-passphrase",
+        ]
+    };
+    let got: Vec<Option<String>> = names
+        .iter()
+        .map(|n| {
+            let mut all = headers.get_all(*n).iter();
+            let v = all.next()?.to_str().ok()?.to_owned();
+            all.next().is_none().then_some(v)
+        })
+        .collect();
+    if got.iter().all(Option::is_none) {
+        return AuthOutcome::Missing;
+    }
+    let check = || -> Result<AuthOutcome, String> {
+        if headers.contains_key(AUTHORIZATION) {
+            return Err("an Authorization header was sent to an HMAC host".into());
+        }
+        let [Some(key), Some(sig), Some(ts), Some(pass)] = [&got[0], &got[1], &got[2], &got[3]]
+        else {
+            return Err(format!("missing or repeated one of {names:?}"));
+        };
+        let expected = inner
+            .opts
+            .hmac
+            .iter()
+            .find(|k| k.family == family && &k.key == key)
+            .ok_or_else(|| format!("unknown {family} key {key:?}"))?;
+        if &expected.passphrase != pass {
+            return Err("wrong passphrase".into());
+        }
+        let t: i64 = ts
+            .parse()
+            .map_err(|_| format!("timestamp {ts:?} is not integer seconds"))?;
+        let window = if family == "intx" { 5 } else { 30 };
+        if (t - inner.now()).abs() > window {
+            return Err(format!("timestamp outside the {window} s window"));
+        }
+        let path = if family == "exchange" {
+            path_and_query
+        } else {
+            path_and_query.split('?').next().unwrap_or(path_and_query)
+        };
+        let key_bytes = if family == "prime" {
+            expected.secret.as_bytes().to_vec()
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(&expected.secret)
+                .map_err(|_| "test secret is not base64".to_string())?
+        };
+        let mut msg = Vec::new();
+        msg.extend_from_slice(ts.as_bytes());
+        msg.extend_from_slice(method.as_bytes());
+        msg.extend_from_slice(path.as_bytes());
+        msg.extend_from_slice(body);
+        let mac = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key_bytes),
+            &msg,
+        );
+        let want = base64::engine::general_purpose::STANDARD.encode(mac.as_ref());
+        if &want != sig {
+            return Err(format!("{family} signature does not verify"));
+        }
+        Ok(AuthOutcome::Valid {
+            alg: "HMAC-SHA256".into(),
+            kid: key.clone(),
+            nonce: ts.clone(),
+            claims: json!({"family": family, "signature": sig, "timestamp": ts}),
+        })
+    };
+    check().unwrap_or_else(AuthOutcome::Invalid)
+}
+
+/// `public/auth` on the derivatives gateway: the JSON-RPC body's `grant_type` and a CDP JWT
+/// checked as ccxt 4.5.90's `create_auth_token` builds it (header alg, typ, kid, 32-hex nonce;
+/// ES256: iss coinbase-cloud, aud retail_rest_api_proxy, uri; EdDSA: iss cdp, aud cdp_service,
+/// uris), signature by `jsonwebtoken`. Issues a token valid `gateway_token_secs`.
+fn gateway_auth(inner: &Inner, body: &[u8]) -> Result<(String, Value, String, u64), String> {
+    let v: Value = serde_json::from_slice(body).map_err(|_| "body is not JSON".to_string())?;
+    if v["jsonrpc"] != "2.0" || v["method"] != "public/auth" {
+        return Err("not a JSON-RPC 2.0 public/auth call".into());
+    }
+    if v["params"]["grant_type"] != "coinbase_cdp" {
+        return Err("grant_type is not coinbase_cdp".into());
+    }
+    let token = v["params"]["token"].as_str().ok_or("no token")?;
+    let kid = kid_of(token).ok_or("no kid")?;
+    let key = inner
+        .opts
+        .key
+        .iter()
+        .chain(inner.opts.also_accept.iter())
+        .find(|k| k.name() == kid)
+        .ok_or_else(|| format!("unknown kid {kid:?}"))?;
+    let header: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap_or(""))
+            .map_err(|_| "header not base64url")?,
+    )
+    .map_err(|_| "header not JSON")?;
+    let nonce = header["nonce"].as_str().unwrap_or("");
+    if header["alg"] != key.alg_str()
+        || header["typ"] != "JWT"
+        || nonce.len() != 32
+        || !nonce.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(format!("header {header} is not ccxt's"));
+    }
+    let ed = key.alg_str() == "EdDSA";
+    let mut validation = Validation::new(key.algorithm());
+    validation.set_audience(&[if ed {
+        "cdp_service"
+    } else {
+        "retail_rest_api_proxy"
+    }]);
+    validation.set_issuer(&[if ed { "cdp" } else { "coinbase-cloud" }]);
+    validation.validate_nbf = true;
+    validation.leeway = 0;
+    let data = jsonwebtoken::decode::<Value>(token, &key.decoding_key(), &validation)
+        .map_err(|e| format!("exchange JWT rejected: {e}"))?;
+    let c = data.claims;
+    let want = "POST drb.coinbase.com/api/v2/public/auth";
+    let bound = if ed {
+        c["uris"] == json!([want]) && c.get("uri").is_none()
+    } else {
+        c["uri"] == want && c.get("uris").is_none()
+    };
+    let nbf = c["nbf"].as_i64().unwrap_or(0);
+    if !bound
+        || c["sub"] != kid.as_str()
+        || c["iat"].as_i64() != Some(nbf)
+        || c["exp"].as_i64() != Some(nbf + 120)
+        || (nbf - inner.now()).abs() > 30
+    {
+        return Err(format!("claims {c} are not ccxt's"));
+    }
+    let secs = if inner.opts.gateway_token_secs == 0 {
+        3600
+    } else {
+        inner.opts.gateway_token_secs
+    };
+    let mut st = inner.lock();
+    let token = format!("drb-tok-{}-{}", st.gateway_auths.len() + 1, random_uuid());
+    st.gateway_tokens.insert(
+        token.clone(),
+        (
+            kid.clone(),
+            inner.now() + i64::try_from(secs).unwrap_or(3600),
+        ),
+    );
+    st.gateway_auths.push(kid.clone());
+    Ok((kid, c, token, secs))
+}
+
+/// A private gateway call: `Authorization: Bearer <issued, unexpired token>`.
+fn gateway_bearer(inner: &Inner, headers: &HeaderMap) -> AuthOutcome {
+    let Some(v) = headers.get(AUTHORIZATION) else {
+        return AuthOutcome::Missing;
+    };
+    let token = v.to_str().unwrap_or("").trim_start_matches("Bearer ");
+    let mut st = inner.lock();
+    match st.gateway_tokens.get(token).cloned() {
+        Some((kid, exp)) if inner.now() <= exp => AuthOutcome::Valid {
+            alg: "bearer".into(),
+            kid,
+            nonce: String::new(),
+            claims: json!({}),
+        },
+        _ => {
+            st.gateway_refused += 1;
+            AuthOutcome::Invalid("unknown or expired access token".into())
+        }
     }
 }
 
