@@ -20,12 +20,13 @@ use crate::forward::date_watch::DateWatch;
 use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop};
 use crate::forward::upstream::{SetupError, UpstreamClient, UpstreamError};
 use crate::forward::ws::{self, WsState};
+use crate::gate::budget::{self, Budget, Ticket};
 use crate::gate::client::ClientGate;
 use crate::gate::guard::Guard;
 use crate::gate::halt::{Halt, HaltState};
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router};
-use crate::ops::audit::{self, Audit, RequestInfo, Ticket};
+use crate::ops::audit::{self, Audit, RequestInfo};
 use crate::ops::metrics::Metrics;
 use crate::ops::readiness::Readiness;
 use crate::sign::jwt::{Binding, Signer};
@@ -58,6 +59,8 @@ pub struct Proxy {
     admin_loopback: bool,
     /// The audit log, when `audit.file` is set.
     audit: Option<Audit>,
+    /// The rate budget per credential and class.
+    budget: Budget,
 }
 
 /// Building the proxy failed.
@@ -71,6 +74,8 @@ pub enum BuildError {
     Upstream(#[from] SetupError),
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Budget(#[from] budget::BudgetError),
 }
 
 /// What the log line of one request reports.
@@ -78,13 +83,16 @@ struct Outcome<'a> {
     route: Option<&'a str>,
     upstream_time: Option<Duration>,
     /// Set once the intent record is durable; becomes the result record.
-    audit: Option<Ticket>,
+    audit: Option<audit::Ticket>,
+    /// How long the request waited for a budget token (`x-cbgate-queued-ms`).
+    queued: Option<Duration>,
 }
 
 impl Proxy {
     /// Builds the proxy; `key` is `None` when no key is configured (requests go unsigned).
     pub fn new(cfg: &Config, key: Option<ApiKey>) -> Result<Proxy, BuildError> {
         let metrics = Metrics::new();
+        let budget = Budget::new(&cfg.budget, None, metrics.budget().clone())?;
         Ok(Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
             signer: Arc::new(Signer::new(key)),
@@ -102,7 +110,60 @@ impl Proxy {
             admin_token: None,
             admin_loopback: cfg.admin_listen.ip().is_loopback(),
             audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
+            budget,
         })
+    }
+
+    /// Rebuilds the budget with the Redis password (the content of `budget.redis_password_file`,
+    /// read by the binary). Call before serving.
+    pub fn with_redis_password(
+        mut self,
+        password: Option<Zeroizing<String>>,
+        cfg: &Config,
+    ) -> Result<Proxy, BuildError> {
+        self.budget = Budget::new(&cfg.budget, password, self.metrics.budget().clone())?;
+        Ok(self)
+    }
+
+    /// The rate budget.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Takes a budget token for a request to `host` + `path` (see [`budget::classify`]),
+    /// recording the wait in `outcome`; `Ok(None)` for a request no limit applies to.
+    async fn reserve_budget(
+        &self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        websocket: bool,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Option<Ticket>, ProxyError> {
+        let Some(class) = budget::classify(host, path, method, websocket) else {
+            return Ok(None);
+        };
+        let key = self.signer.key();
+        let credential = key.as_deref().map(|k| k.name()).unwrap_or("unsigned");
+        // Client identities (`[clients.NAME]`, issue 13) are not wired yet: every request is
+        // the one "anonymous" identity, with no budget_share. Pass the identity's name and share
+        // here once they are.
+        match self
+            .budget
+            .acquire(credential, class, budget::ANONYMOUS, None)
+            .await
+        {
+            Ok(t) => {
+                outcome.queued = Some(t.queued);
+                Ok(Some(t))
+            }
+            Err(r) => {
+                if let budget::Refusal::Exhausted { waited, .. } = &r {
+                    outcome.queued = Some(*waited);
+                }
+                Err(ProxyError::Budget(r))
+            }
+        }
     }
 
     /// Requires clients to send `token` as `cbgate-token` (from `client_token_file`).
@@ -219,6 +280,7 @@ impl Proxy {
             route: None,
             upstream_time: None,
             audit: None,
+            queued: None,
         };
         let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
@@ -244,6 +306,10 @@ impl Proxy {
             }
         };
         resp.headers_mut().insert(&REQUEST_ID, request_id);
+        if let Some(q) = outcome.queued {
+            resp.headers_mut()
+                .insert(&QUEUED_MS, HeaderValue::from(q.as_millis() as u64));
+        }
         let route = outcome.route.unwrap_or("-");
         let total = started.elapsed();
         self.metrics
@@ -269,6 +335,8 @@ impl Proxy {
             ProxyError::PolicyDenied(_) => self.metrics.policy_denied(),
             ProxyError::GuardDenied(_) | ProxyError::Halted(_) => self.metrics.guard_denied(),
             ProxyError::Upstream(u) => self.metrics.upstream_error(u.kind()),
+            // Counted by the budget itself (cbgate_budget_refusals_total).
+            ProxyError::Budget(_) => {}
             _ => {}
         }
     }
@@ -294,6 +362,13 @@ impl Proxy {
                     })?;
             outcome.route = Some(&route.path);
             self.policy.check(req.method(), req.uri().path())?;
+            let host = route.upstream.host.clone();
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            // A WebSocket connect counts against its own limit; the ticket has nothing to learn.
+            let _ticket = self
+                .reserve_budget(&host, &method, &path, true, outcome)
+                .await?;
             return ws::proxy(&self.client, &self.ws, self.ws_signer(), route, req).await;
         }
         let route = self.route(req.uri().path())?;
@@ -341,6 +416,17 @@ impl Proxy {
         };
         self.guard
             .admit(&parts.method, parts.uri.path(), &body, &prices)
+            .await?;
+        // Reserve, then act: the budget token is taken before signing and sending, after the
+        // checks that refuse without sending (a refused order spends no token).
+        let ticket = self
+            .reserve_budget(
+                &upstream.host,
+                &parts.method,
+                parts.uri.path(),
+                false,
+                outcome,
+            )
             .await?;
         // Audit (write-ahead): a state-changing request's intent record, with the SHA-256 of
         // the body read above, is on disk before anything is sent.
@@ -396,6 +482,10 @@ impl Proxy {
         };
         outcome.upstream_time = Some(sent.elapsed());
         let (mut parts, body) = resp?.into_parts();
+        if let Some(t) = &ticket {
+            self.budget
+                .observe(t, parts.status.as_u16(), &parts.headers);
+        }
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
@@ -474,6 +564,9 @@ impl Proxy {
         Ok(token)
     }
 }
+
+/// How long the request waited for a budget token, in ms.
+static QUEUED_MS: http::HeaderName = http::HeaderName::from_static("x-cbgate-queued-ms");
 
 /// The request id header.
 static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");

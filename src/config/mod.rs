@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub mod budget;
 mod load;
 pub mod pattern;
+
+pub use budget::{BudgetConfig, ClassLimit, RedisUnavailable};
 
 /// A configuration error; Display names the key, variable, flag or file at fault, and never
 /// quotes the configuration's text or a value that may be a secret.
@@ -639,6 +642,8 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     /// The audit log.
     pub audit: AuditConfig,
+    /// The rate budget per credential and request class (Coinbase's limits).
+    pub budget: BudgetConfig,
 }
 
 impl Default for Config {
@@ -671,6 +676,7 @@ impl Default for Config {
             state_dir_is_default: false,
             admin_token_file: None,
             audit: AuditConfig::default(),
+            budget: BudgetConfig::default(),
         }
     }
 }
@@ -974,6 +980,7 @@ impl Config {
             ));
         }
         self.guard.validate("guard")?;
+        self.budget.validate()?;
         if self.state_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
             return Err(invalid(
                 "state_dir",
@@ -1124,6 +1131,7 @@ mod tests {
         assert_eq!(c.guard, d.guard);
         assert_eq!(c.state_dir, d.state_dir);
         assert_eq!(c.admin_token_file, d.admin_token_file);
+        assert_eq!(c.budget, d.budget);
     }
 
     #[test]
