@@ -211,6 +211,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub auth: AuthOutcome,
+    /// When the mock received it (for rate measurements).
+    pub at: std::time::Instant,
 }
 
 /// An order the realistic mock accepted: the id it issued and the request body it parsed.
@@ -456,6 +458,10 @@ fn unauthorized(reason: &str) -> Response<RespBody> {
 
 fn add_rate_limit_headers(resp: &mut Response<RespBody>) {
     let h = resp.headers_mut();
+    // A handler that set its own (`/ratelimited/`) keeps them.
+    if h.contains_key("x-ratelimit-remaining") {
+        return;
+    }
     h.insert(
         HeaderName::from_static("x-ratelimit-limit"),
         HeaderValue::from_static("30"),
@@ -572,6 +578,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         headers: parts.headers.clone(),
         body: body.clone(),
         auth: auth.clone(),
+        at: std::time::Instant::now(),
     });
 
     if let Some(e) = body_err {
@@ -652,6 +659,22 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return resp;
+    }
+
+    // `/ratelimited/<secs>`: Coinbase's 429, asking the key to wait `secs`.
+    if let Some(secs) = number_after(&path, "/ratelimited/") {
+        let mut resp = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({"errors": [{"id": "rate_limit_exceeded", "message": "Too many requests"}]}),
+        );
+        let h = resp.headers_mut();
+        h.insert("retry-after", HeaderValue::from(secs));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        h.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from(inner.now() as u64 + secs),
+        );
         return resp;
     }
 
