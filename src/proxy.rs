@@ -484,7 +484,8 @@ impl Proxy {
         let (mut parts, body) = resp?.into_parts();
         if let Some(t) = &ticket {
             self.budget
-                .observe(t, parts.status.as_u16(), &parts.headers);
+                .observe(t, parts.status.as_u16(), &parts.headers)
+                .await;
         }
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());

@@ -116,6 +116,10 @@ async fn two_hundred_concurrent_requests_stay_within_rate_and_max_wait() {
     );
     let metrics = gate.proxy.metrics().render();
     assert!(
+        !metrics.contains(&key.name),
+        "metrics never carry a key name"
+    );
+    assert!(
         metrics.contains(
             "cbgate_budget_refusals_total{class=\"advanced_private\",reason=\"exhausted\"}"
         ),
@@ -281,6 +285,7 @@ struct Replica {
     process: Process,
     url: String,
     admin: SocketAddr,
+    config: PathBuf,
 }
 
 /// Starts `cbgate serve` with the shared key and the budget in Redis. The first replica reads
@@ -346,6 +351,7 @@ async fn start_replica(up: &Upstream, key_file: &Path, redis: &RedisServer, n: u
         process,
         url: format!("http://127.0.0.1:{port}"),
         admin,
+        config: cfg,
     }
 }
 
@@ -466,8 +472,47 @@ async fn two_replicas_share_one_budget_through_redis_and_survive_an_outage() {
         "shared again: {n} in {span:.2} s > {most:.1}"
     );
 
+    // A 429 that one replica got pauses the other too (the pause is in Redis).
+    let client = h1_client();
+    let sent_at = Instant::now();
+    let r = get_url(
+        &client,
+        &format!("{}/api/v3/brokerage/ratelimited/2", a.url),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let before = up.mock.requests().len();
+    let mut refused = 0;
+    while sent_at.elapsed() < Duration::from_millis(1500) {
+        let r = get_url(&client, &format!("{}{ACCOUNTS}", b.url)).await;
+        if r.status != StatusCode::OK {
+            assert_budget_refusal(&r);
+            refused += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(refused >= 10, "the other replica refused only {refused}");
+    let pause_end = sent_at + Duration::from_secs(2);
+    for r in &up.mock.requests()[before..] {
+        assert!(r.at >= pause_end, "the other replica sent during the pause");
+    }
+
     let (_, status) = http_get(b.admin, "/status").await;
     assert!(status.contains("redis://:***@127.0.0.1"), "{status}");
+    // `cbgate status` shows the budget: the mode, the redacted URL, the bucket.
+    let out = cbgate_command()
+        .args(["status", "--config"])
+        .arg(&b.config)
+        .output()
+        .expect("cbgate status");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("rate budget: redis via redis://:***@127.0.0.1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("advanced_private"), "{stdout}");
+    assert!(!stdout.contains(password), "{stdout}");
     for r in both {
         let (_, status) = http_get(r.admin, "/status").await;
         let out = r.process.output();
@@ -481,4 +526,27 @@ async fn two_replicas_share_one_budget_through_redis_and_survive_an_outage() {
         assert!(out.contains("answers again"), "{out}");
     }
     drop(redis);
+}
+
+#[test]
+fn the_replicas_example_is_a_valid_configuration() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let text = std::fs::read_to_string(dir.join("cbgate-replicas.toml")).expect("read");
+    let cfg = cbgate::config::Config::from_toml_str(&text).expect("valid configuration");
+    assert_eq!(cfg.budget.redis.as_deref(), Some("redis://redis:6379/0"));
+    assert_eq!(cfg.budget.replicas, 2);
+    assert!(cfg.budget.redis_password_file.is_some());
+    let compose = std::fs::read_to_string(dir.join("compose-replicas.yml")).expect("read");
+    for needle in [
+        "./cbgate-replicas.toml:/etc/cbgate/cbgate.toml:ro",
+        "cbgate-a:",
+        "cbgate-b:",
+        "redis:",
+        "--save ''",
+    ] {
+        assert!(
+            compose.contains(needle),
+            "compose-replicas.yml lacks {needle}"
+        );
+    }
 }

@@ -216,3 +216,45 @@ impl BudgetConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    #[test]
+    fn bad_budget_values_name_the_key_and_never_show_a_password() {
+        for (text, key) in [
+            ("[budget]\nmax_wait = \"0s\"", "budget.max_wait"),
+            ("[budget]\nreplicas = 0", "budget.replicas"),
+            (
+                "[budget.advanced_private]\nrate = 0",
+                "budget.advanced_private.rate",
+            ),
+            (
+                "[budget.cdp_read]\nrate = 5\nburst = 0",
+                "budget.cdp_read.burst",
+            ),
+            (
+                "[budget]\nredis_password_file = \"/run/p\"",
+                "budget.redis_password_file",
+            ),
+            (
+                "[budget]\nredis = \"http://:hunter2-secret@h/0\"",
+                "budget.redis",
+            ),
+            ("[budget.nope]\nrate = 1", "nope"),
+        ] {
+            let e = Config::from_toml_str(text).expect_err(text).to_string();
+            assert!(e.contains(key), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        let c = Config::from_toml_str("[budget.app_v2]\nrate = 100\nper = \"1m\"\n")
+            .expect("partial class table");
+        assert_eq!(c.budget.app_v2.per_second(), 100.0 / 60.0);
+        assert_eq!(c.budget.app_v2.burst(), 1, "one second's worth, at least 1");
+        assert_eq!(
+            c.budget.advanced_private.rate, 30.0,
+            "other classes keep defaults"
+        );
+    }
+}

@@ -433,12 +433,6 @@ impl Metrics {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BucketLabels {
-    credential: String,
-    class: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ClassLabels {
     class: String,
 }
@@ -449,11 +443,11 @@ struct RefusalLabels {
     reason: String,
 }
 
-/// The rate budget's metrics (`cbgate_budget_*`). Labels: the credential's name (configured,
-/// so bounded) and the class.
+/// The rate budget's metrics (`cbgate_budget_*`), labelled by class only: metrics never carry
+/// a key name.
 #[derive(Clone, Debug)]
 pub struct BudgetMetrics {
-    tokens: Family<BucketLabels, Gauge<f64, AtomicU64>>,
+    tokens: Family<ClassLabels, Gauge<f64, AtomicU64>>,
     wait: Family<ClassLabels, Histogram>,
     refusals: Family<RefusalLabels, Counter>,
     upstream_429: Family<ClassLabels, Counter>,
@@ -478,7 +472,7 @@ impl BudgetMetrics {
         };
         registry.register(
             "budget_tokens",
-            "Tokens left in a budget bucket after the last request, by credential and class",
+            "Tokens left in a budget bucket after its last request, by class",
             m.tokens.clone(),
         );
         registry.register(
@@ -517,11 +511,10 @@ impl BudgetMetrics {
         m
     }
 
-    /// Records the tokens left in a bucket.
-    pub fn tokens(&self, credential: &str, class: &str, left: f64) {
+    /// Records the tokens left in a bucket of `class`.
+    pub fn tokens(&self, class: &str, left: f64) {
         self.tokens
-            .get_or_create(&BucketLabels {
-                credential: credential.to_owned(),
+            .get_or_create(&ClassLabels {
                 class: class.to_owned(),
             })
             .set(left);

@@ -109,8 +109,6 @@ struct State {
     queues: VecDeque<Queue>,
     /// Whether a task is handing out tokens to the queue.
     dispatching: bool,
-    /// The last wait the bucket asked for (for `Retry-After`).
-    last_wait: Duration,
     /// Tokens left after the last take (local or as Redis said).
     last_tokens: u32,
     /// Per-identity caps (`budget_share`), each a bucket of its share of the rate.
@@ -227,7 +225,6 @@ impl Budget {
                 paused_until: 0,
                 queues: VecDeque::new(),
                 dispatching: false,
-                last_wait: Duration::ZERO,
                 last_tokens: limit.burst(),
                 shares: HashMap::new(),
             }),
@@ -324,11 +321,13 @@ impl Budget {
             Err(_) => {
                 let (retry, paused) = {
                     let st = lock(&bucket.state);
+                    // The queue ahead at the bucket's rate, or the rest of a pause.
                     let waiting: usize = st.queues.iter().map(|q| q.waiters.len()).sum();
                     let behind = Duration::from_nanos(
-                        bucket.params.interval_ns.saturating_mul(waiting as u64),
+                        bucket.params.interval_ns.saturating_mul(waiting as u64 + 1),
                     );
-                    (st.last_wait.max(behind), st.paused_until > self.now())
+                    let pause = Duration::from_nanos(st.paused_until.saturating_sub(self.now()));
+                    (behind.max(pause), !pause.is_zero())
                 };
                 exhausted(started.elapsed(), retry, paused)
             }
@@ -340,7 +339,7 @@ impl Budget {
         let tokens = lock(&bucket.state).last_tokens;
         self.inner
             .metrics
-            .tokens(&bucket.scope, bucket.class.name(), f64::from(tokens));
+            .tokens(bucket.class.name(), f64::from(tokens));
         self.inner.metrics.waited(bucket.class.name(), queued);
         Ticket {
             queued,
@@ -390,7 +389,6 @@ impl Budget {
                     }
                 }
                 Decision::Wait(w) => {
-                    lock(&bucket.state).last_wait = w;
                     // With Redis, other replicas move the bucket too: look again soon.
                     let nap = if self.inner.redis.is_some() {
                         w.min(Duration::from_millis(100))
@@ -466,8 +464,9 @@ impl Budget {
 
     /// Learns from Coinbase's answer to a budgeted request: a 429, or
     /// `x-ratelimit-remaining: 0` with `x-ratelimit-reset`, pauses the bucket (see
-    /// [`pause_for`]).
-    pub fn observe(&self, ticket: &Ticket, status: u16, headers: &HeaderMap) {
+    /// [`pause_for`]). With Redis, the pause is stored there before this returns (within
+    /// `budget.redis_timeout`), so the other replicas hold off before the client even sees the 429.
+    pub async fn observe(&self, ticket: &Ticket, status: u16, headers: &HeaderMap) {
         let Some(bucket) = &ticket.bucket else {
             return;
         };
@@ -477,10 +476,10 @@ impl Budget {
         let Some(pause) = pause_for(status, headers, &self.inner.cfg, SystemTime::now()) else {
             return;
         };
-        self.pause(bucket, pause);
+        self.pause(bucket, pause).await;
     }
 
-    fn pause(&self, bucket: &Arc<Bucket>, pause: Duration) {
+    async fn pause(&self, bucket: &Arc<Bucket>, pause: Duration) {
         self.inner.metrics.paused(bucket.class.name());
         let until = self
             .now()
@@ -488,7 +487,6 @@ impl Budget {
         {
             let mut st = lock(&bucket.state);
             st.paused_until = st.paused_until.max(until);
-            st.last_wait = st.last_wait.max(pause);
         }
         tracing::warn!(
             class = bucket.class.name(),
@@ -497,17 +495,14 @@ impl Budget {
             "Coinbase's rate limit was reached: the budget is paused for every client"
         );
         if let Some(r) = &self.inner.redis {
-            let r = Arc::clone(r);
-            let key = bucket.redis_key.clone();
-            let params = bucket.params;
-            tokio::spawn(async move { r.pause(&key, params, pause).await });
+            r.pause(&bucket.redis_key, bucket.params, pause).await;
         }
     }
 
     /// Pauses `credential`'s `class` bucket for `pause` (bounded by `budget.max_pause`).
-    pub fn pause_bucket(&self, credential: &str, class: Class, pause: Duration) {
+    pub async fn pause_bucket(&self, credential: &str, class: Class, pause: Duration) {
         let b = self.bucket(credential, class);
-        self.pause(&b, pause.min(self.inner.cfg.max_pause));
+        self.pause(&b, pause.min(self.inner.cfg.max_pause)).await;
     }
 
     /// What `/status` and `/readyz` show of the budget.
@@ -716,7 +711,8 @@ mod tests {
     #[tokio::test]
     async fn a_pause_holds_every_identity_then_refuses_with_retry_after() {
         let b = budget(100.0, 100, 200);
-        b.pause_bucket("k", Class::AdvancedPrivate, Duration::from_secs(2));
+        b.pause_bucket("k", Class::AdvancedPrivate, Duration::from_secs(2))
+            .await;
         let started = Instant::now();
         let r = b
             .acquire("k", Class::AdvancedPrivate, "any", None)
