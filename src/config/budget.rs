@@ -58,8 +58,9 @@ pub enum RedisUnavailable {
     Refuse,
 }
 
-/// `[budget]`. Defaults are Coinbase's published limits.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// `[budget]`. Defaults are Coinbase's published limits. Debug shows `redis` with any
+/// password redacted.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BudgetConfig {
     /// Whether requests are held to the budget at all.
@@ -99,6 +100,34 @@ pub struct BudgetConfig {
     pub exchange: ClassLimit,
     pub prime: ClassLimit,
     pub intx: ClassLimit,
+}
+
+impl std::fmt::Debug for BudgetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redis = self.redis.as_deref().map(|u| match url::Url::parse(u) {
+            Ok(mut p) => {
+                if p.password().is_some() {
+                    let _ = p.set_password(Some("***"));
+                }
+                p.to_string()
+            }
+            Err(_) => "(not a URL)".to_owned(),
+        });
+        f.debug_struct("BudgetConfig")
+            .field("enabled", &self.enabled)
+            .field("max_wait", &self.max_wait)
+            .field("max_pause", &self.max_pause)
+            .field("default_pause", &self.default_pause)
+            .field("redis", &redis)
+            .field("redis_password_file", &self.redis_password_file)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("redis_connect_timeout", &self.redis_connect_timeout)
+            .field("redis_unavailable", &self.redis_unavailable)
+            .field("replicas", &self.replicas)
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("classes", &self.classes())
+            .finish()
+    }
 }
 
 impl Default for BudgetConfig {
@@ -248,6 +277,13 @@ mod tests {
             assert!(e.contains(key), "{text}: {e}");
             assert!(!e.contains("hunter2"), "{e}");
         }
+        let c = Config::from_toml_str("[budget]\nredis = \"redis://:hunter2-secret@h:6379/0\"")
+            .expect("a password in the URL is allowed");
+        let shown = format!("{:?}", c.budget);
+        assert!(
+            !shown.contains("hunter2") && shown.contains("***"),
+            "{shown}"
+        );
         let c = Config::from_toml_str("[budget.app_v2]\nrate = 100\nper = \"1m\"\n")
             .expect("partial class table");
         assert_eq!(c.budget.app_v2.per_second(), 100.0 / 60.0);
