@@ -14,6 +14,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 
 use crate::forward::upstream::{ConnectStage, UpstreamError};
+use crate::gate::budget::Refusal as BudgetRefusal;
 use crate::gate::client::ClientError;
 use crate::gate::guard::Refusal;
 use crate::gate::halt::HaltState;
@@ -82,6 +83,43 @@ pub enum ProxyError {
     /// The intent record could not be made durable: the request is not sent (write-ahead).
     #[error("{0}; the request was not sent; check the disk and audit.file")]
     Audit(#[from] AuditError),
+    /// The credential's rate budget has no token within `budget.max_wait` (429).
+    #[error("{}", budget_message(.0))]
+    Budget(BudgetRefusal),
+}
+
+/// The sentence of a budget refusal.
+fn budget_message(r: &BudgetRefusal) -> String {
+    match r {
+        BudgetRefusal::Exhausted {
+            class,
+            waited,
+            retry_after,
+            paused,
+        } => {
+            let why = if *paused {
+                "Coinbase answered 429, so cbgate pauses this credential's requests for every client"
+            } else {
+                "the credential's rate budget is spent"
+            };
+            format!(
+                "{why} (class {}, budget.{}); waited {} ms (budget.max_wait); retry after {} s",
+                class.name(),
+                class.name(),
+                waited.as_millis(),
+                retry_secs(*retry_after)
+            )
+        }
+        BudgetRefusal::Unavailable { class } => format!(
+            "the shared rate budget (budget.redis) cannot be reached and budget.redis_unavailable = \"refuse\" (class {}); retry shortly, or set it to \"local\"",
+            class.name()
+        ),
+    }
+}
+
+/// `Retry-After` in whole seconds, at least 1.
+fn retry_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
 }
 
 impl From<Refusal> for ProxyError {
@@ -131,6 +169,12 @@ impl ProxyError {
             ProxyError::Halted(_) => (StatusCode::LOCKED, "halted"),
             ProxyError::Audit(_) => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable"),
             ProxyError::ConnectRefused(_) => (StatusCode::FORBIDDEN, "connect_refused"),
+            ProxyError::Budget(BudgetRefusal::Exhausted { .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, "budget_exhausted")
+            }
+            ProxyError::Budget(BudgetRefusal::Unavailable { .. }) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "budget_unavailable")
+            }
             ProxyError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
                 UpstreamError::Other { .. } | UpstreamError::Unprocessed { .. } => {
@@ -152,6 +196,14 @@ impl ProxyError {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
         let mut resp = json_error(status, code, &message);
+        if let ProxyError::Budget(r) = &self {
+            let secs = match r {
+                BudgetRefusal::Exhausted { retry_after, .. } => retry_secs(*retry_after),
+                BudgetRefusal::Unavailable { .. } => 1,
+            };
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         // Order refusals come in Advanced Trade's error shape, which order clients parse.
         if let ProxyError::GuardDenied(_) | ProxyError::InvalidOrder(_) | ProxyError::Halted(_) =
             &self
@@ -215,5 +267,39 @@ mod tests {
         assert_eq!(v["error_details"], message);
         assert_eq!(v["errorType"], "method_not_allowed");
         assert_eq!(v["errorMessage"], message);
+    }
+
+    #[tokio::test]
+    async fn budget_refusals_are_429_with_retry_after() {
+        use crate::gate::budget::Class;
+        use std::time::Duration;
+        let resp = ProxyError::Budget(BudgetRefusal::Exhausted {
+            class: Class::AdvancedPrivate,
+            waited: Duration::from_millis(1000),
+            retry_after: Duration::from_millis(1200),
+            paused: false,
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[ERROR_HEADER], "budget_exhausted");
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(v["error"], "budget_exhausted");
+        assert_eq!(v["errorType"], "budget_exhausted");
+        assert!(
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("advanced_private")),
+            "{v}"
+        );
+        assert_eq!(retry_secs(Duration::ZERO), 1);
+        assert_eq!(retry_secs(Duration::from_secs(3)), 3);
+        let resp = ProxyError::Budget(BudgetRefusal::Unavailable {
+            class: Class::CdpRead,
+        })
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
     }
 }

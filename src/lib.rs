@@ -10,7 +10,7 @@
 //! |-----------------------------------------|---------------|----------------------------------------------------|
 //! | configuration, parsed once              | [`config`]    | typed structs, layering, validation; imports nothing of cbgate's |
 //! | accept                                  | [`listen`]    | listeners, connection limits, drain; smuggling guard; TLS to clients, local CA, CONNECT interception |
-//! | check client -> route -> policy         | [`gate`]      | Origin/Host, client identities, routes, ceilings   |
+//! | check client -> route -> policy -> budget | [`gate`]    | Origin/Host, client identities, routes, ceilings, rate budget |
 //! | sign                                    | [`sign`]      | the API key (the one place that sees the secret), JWTs |
 //! | forward -> stream back                  | [`forward`]   | header hygiene, upstream TLS pool, WebSocket relay, `Date` watch |
 //! | log, metrics, readiness                 | [`ops`]       | metrics, readiness, hardening; admin, clock, key reload, online check |
@@ -18,7 +18,8 @@
 //! | cbgate's own error responses            | [`error`]     | one status and one message per error               |
 //!
 //! Imports point down the table's flow and never back: `config` imports nothing, `sign` only
-//! `config`, `gate` `config` and `sign`, `forward` those plus `ops::metrics`, `proxy` all of
+//! `config`, `gate` `config` and `sign` (and `ops::metrics`, a leaf, for the rate budget's
+//! metrics), `forward` those plus `ops::metrics`, `proxy` all of
 //! them; `ops::{admin, clock, reload, online}` and `listen::server` drive a built [`proxy::Proxy`]
 //! and nothing below imports them. The binary (`src/main.rs`, subcommands in `src/cli/`) loads
 //! the configuration and key, binds the listeners and calls [`listen::server::run`], which

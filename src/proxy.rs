@@ -21,10 +21,11 @@ use crate::forward::date_watch::DateWatch;
 use crate::forward::headers::{strip_client_credentials, strip_hop_by_hop, WALLET_AUTH};
 use crate::forward::upstream::{SetupError, UpstreamClient, UpstreamError};
 use crate::forward::ws::{self, WsState};
+use crate::gate::budget::{self, Budget};
 use crate::gate::client::ClientGate;
 use crate::gate::guard::Guard;
 use crate::gate::halt::{Halt, HaltState};
-use crate::gate::identity::{ClientTokens, Identities, IdentityError, Peer, Recognised};
+use crate::gate::identity::{ClientTokens, Identities, Identity, IdentityError, Peer, Recognised};
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router, Tunnel};
 use crate::listen::tls::TlsContext;
@@ -75,6 +76,8 @@ pub struct Proxy {
     tls: Option<Arc<TlsContext>>,
     /// `[intercept].enabled`: answer CONNECT for the upstream hosts.
     intercept: bool,
+    /// The rate budget per credential and class.
+    budget: Budget,
 }
 
 /// Building the proxy failed.
@@ -90,6 +93,8 @@ pub enum BuildError {
     Audit(#[from] audit::AuditError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Budget(#[from] budget::BudgetError),
 }
 
 /// What the log line of one request reports.
@@ -102,6 +107,8 @@ struct Outcome<'a> {
     audit: Option<Ticket>,
     /// The name of the credential the request was signed with (`default`, `[keys.NAME]`).
     key: Option<String>,
+    /// How long the request waited for a budget token (`x-cbgate-queued-ms`).
+    queued: Option<Duration>,
 }
 
 impl Proxy {
@@ -111,6 +118,7 @@ impl Proxy {
         if key.is_some() {
             metrics.credential_loaded(DEFAULT_KEY, KeyKind::Cdp.as_str());
         }
+        let budget = Budget::new(&cfg.budget, None, metrics.budget().clone())?;
         Ok(Proxy {
             router: Router::with_ws(&cfg.routes, &cfg.ws_routes).map_err(BuildError::Routes)?,
             signer: Arc::new(Signer::new(key)),
@@ -134,7 +142,62 @@ impl Proxy {
             wallet: None,
             tls: None,
             intercept: cfg.intercept.enabled,
+            budget,
         })
+    }
+
+    /// Rebuilds the budget with the Redis password (the content of `budget.redis_password_file`,
+    /// read by the binary). Call before serving.
+    pub fn with_redis_password(
+        mut self,
+        password: Option<Zeroizing<String>>,
+        cfg: &Config,
+    ) -> Result<Proxy, BuildError> {
+        self.budget = Budget::new(&cfg.budget, password, self.metrics.budget().clone())?;
+        Ok(self)
+    }
+
+    /// The rate budget.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// Takes a budget token for a request to `host` + `path` (see [`budget::classify`]),
+    /// recording the wait in `outcome`; `Ok(None)` for a request no limit applies to.
+    async fn reserve_budget(
+        &self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        websocket: bool,
+        credential: &str,
+        identity: &Identity,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Option<budget::Ticket>, ProxyError> {
+        let Some(class) = budget::classify(host, path, method, websocket) else {
+            return Ok(None);
+        };
+        // The queue is fair per identity, and `clients.NAME.budget_share` caps one identity.
+        let share = identity
+            .settings()
+            .budget_share
+            .and_then(|d| rust_decimal::prelude::ToPrimitive::to_f64(&d));
+        match self
+            .budget
+            .acquire(credential, class, identity.name(), share)
+            .await
+        {
+            Ok(t) => {
+                outcome.queued = Some(t.queued);
+                Ok(Some(t))
+            }
+            Err(r) => {
+                if let budget::Refusal::Exhausted { waited, .. } = &r {
+                    outcome.queued = Some(*waited);
+                }
+                Err(ProxyError::Budget(r))
+            }
+        }
     }
 
     /// Uses `keys` as the named credentials (`[keys.NAME]`, loaded by the caller).
@@ -358,6 +421,7 @@ impl Proxy {
             upstream_time: None,
             audit: None,
             key: None,
+            queued: None,
         };
         let mut resp = match self.forward(req, &mut outcome).await {
             Ok(resp) => resp,
@@ -385,6 +449,10 @@ impl Proxy {
             }
         };
         resp.headers_mut().insert(&REQUEST_ID, request_id);
+        if let Some(q) = outcome.queued {
+            resp.headers_mut()
+                .insert(&QUEUED_MS, HeaderValue::from(q.as_millis() as u64));
+        }
         let route = outcome.route.unwrap_or("-");
         let key_name = outcome.key.as_deref().unwrap_or("-");
         let total = started.elapsed();
@@ -420,6 +488,8 @@ impl Proxy {
             ProxyError::PolicyDenied(_) => self.metrics.policy_denied(),
             ProxyError::GuardDenied(_) | ProxyError::Halted(_) => self.metrics.guard_denied(),
             ProxyError::Upstream(u) => self.metrics.upstream_error(u.kind()),
+            // Counted by the budget itself (cbgate_budget_refusals_total).
+            ProxyError::Budget(_) => {}
             _ => {}
         }
     }
@@ -479,6 +549,16 @@ impl Proxy {
                 &route.upstream.host,
             )?;
             outcome.key = selected.name();
+            // A WebSocket connect counts against its own limit; the ticket has nothing to learn.
+            let (host, method, path) = (
+                route.upstream.host.clone(),
+                req.method().clone(),
+                req.uri().path().to_owned(),
+            );
+            let credential = selected.budget_id(&self.signer);
+            let _ticket = self
+                .reserve_budget(&host, &method, &path, true, &credential, &identity, outcome)
+                .await?;
             let signer = match selected {
                 Selected::Named(_, cred) => self.ws_signer().with_credential(cred),
                 // No key: subscribes pass unsigned (public channels).
@@ -525,6 +605,7 @@ impl Proxy {
         // Chosen before anything is read or reserved: a wrong name costs nothing.
         let selected = self.select_key(req.headers(), route)?;
         outcome.key = selected.name();
+        let credential = selected.budget_id(&self.signer);
         let upstream = &route.upstream;
 
         // Reserve, then act: the upstream slot is taken before signing and connecting, and
@@ -583,6 +664,19 @@ impl Proxy {
         };
         self.guard
             .admit(&parts.method, parts.uri.path(), &body, &prices)
+            .await?;
+        // Reserve, then act: the budget token is taken before signing and sending, after the
+        // checks that refuse without sending (a refused order spends no token).
+        let ticket = self
+            .reserve_budget(
+                &upstream.host,
+                &parts.method,
+                parts.uri.path(),
+                false,
+                &credential,
+                &identity,
+                outcome,
+            )
             .await?;
         // Audit (write-ahead): a state-changing request's intent record, with the SHA-256 of
         // the body read above, is on disk before anything is sent.
@@ -703,6 +797,11 @@ impl Proxy {
         };
         outcome.upstream_time = Some(sent.elapsed());
         let (mut parts, body) = resp?.into_parts();
+        if let Some(t) = &ticket {
+            self.budget
+                .observe(t, parts.status.as_u16(), &parts.headers)
+                .await;
+        }
         self.clock_watch
             .observe(&parts.headers, self.signer.clock_offset());
         strip_hop_by_hop(&mut parts.headers);
@@ -905,6 +1004,19 @@ enum Selected {
 }
 
 impl Selected {
+    /// What the rate budget keys this credential's buckets by: its public fingerprint, the
+    /// same in every replica that holds the same key (config names may differ), and different
+    /// for different keys.
+    fn budget_id(&self, signer: &Signer) -> String {
+        match self {
+            Selected::Unsigned => "unsigned".to_owned(),
+            Selected::Default => signer
+                .key()
+                .map_or_else(|| "unsigned".to_owned(), |k| k.fingerprint()),
+            Selected::Named(_, cred) => cred.fingerprint(),
+        }
+    }
+
     /// The credential's name, for logs and the audit log.
     fn name(&self) -> Option<String> {
         match self {
@@ -921,6 +1033,9 @@ enum Auth {
     Bearer(String),
     Hmac(Box<[(http::HeaderName, HeaderValue); 4]>),
 }
+
+/// How long the request waited for a budget token, in ms.
+static QUEUED_MS: http::HeaderName = http::HeaderName::from_static("x-cbgate-queued-ms");
 
 /// The request id header.
 static REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");

@@ -86,6 +86,9 @@ pub fn resume(args: AdminArgs, env: HashMap<String, String>) -> Result<(), Failu
 pub fn status(args: AdminArgs, env: HashMap<String, String>) -> Result<(), Failure> {
     let v = call(&args, env, "GET", "/status", None, TIMEOUT)?;
     print_status(&v);
+    if let Some(b) = v.get("budget") {
+        print_budget(b);
+    }
     Ok(())
 }
 
@@ -102,6 +105,53 @@ fn print_status(v: &serde_json::Value) {
     }
     if v.get("state_dir").is_some_and(|d| d.is_null()) {
         println!("note: no state_dir, so a halt does not survive a restart");
+    }
+}
+
+/// Prints the rate budget of `/status`: the mode, then one line per bucket in use.
+fn print_budget(b: &serde_json::Value) {
+    let s =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+    let mode = s(b, "mode");
+    let redis = b
+        .get("redis")
+        .and_then(|r| r.get("url"))
+        .and_then(|u| u.as_str())
+        .map(|u| format!(" via {u}"))
+        .unwrap_or_default();
+    println!(
+        "rate budget: {mode}{redis}, max wait {} ms",
+        n(b, "max_wait_ms")
+    );
+    if let Some(e) = b
+        .get("redis")
+        .and_then(|r| r.get("last_error"))
+        .and_then(|e| e.as_str())
+    {
+        println!("  last Redis error: {e}");
+    }
+    for bucket in b
+        .get("buckets")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let paused = n(bucket, "paused_ms");
+        let paused = if paused > 0.0 {
+            format!(", PAUSED {paused} ms (Coinbase said 429)")
+        } else {
+            String::new()
+        };
+        println!(
+            "  {} {}: {} of {} tokens left ({}/s), {} waiting{paused}",
+            s(bucket, "credential"),
+            s(bucket, "class"),
+            n(bucket, "tokens"),
+            n(bucket, "burst"),
+            n(bucket, "rate_per_second"),
+            n(bucket, "waiting"),
+        );
     }
 }
 

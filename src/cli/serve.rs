@@ -165,12 +165,18 @@ pub fn run(
             "trading is HALTED (from state_dir): orders are refused until `cbgate resume`"
         );
     }
+    let redis_password = match &cfg.budget.redis_password_file {
+        None => None,
+        Some(path) => Some(load_redis_password(path).map_err(config_err)?),
+    };
     let tls = super::ca::tls_context(&cfg).map_err(config_err)?;
     let result = runtime.block_on(async move {
         let mut proxy = Proxy::new(&cfg, key)
             .map_err(config_err)?
             .with_keys(keys)
             .with_wallet_secret(wallet)
+            .with_redis_password(redis_password, &cfg)
+            .map_err(config_err)?
             .with_client_token(client_token, &cfg)
             .with_client_tokens(client_tokens)
             .map_err(config_err)?
@@ -183,6 +189,13 @@ pub fn run(
             tracing::info!(hosts = cfg.upstream_hosts().join(", "), "intercept: CONNECT is answered for these hosts on port 443 (HTTPS_PROXY)");
         }
         let proxy = Arc::new(proxy);
+        if let Some(url) = &cfg.budget.redis {
+            if cfg.budget.enabled {
+                // Shown with any password redacted.
+                tracing::info!(redis = %cbgate::gate::budget::redacted_url(url), replicas = cfg.budget.replicas, "rate budget: connecting to Redis");
+            }
+        }
+        proxy.budget().start();
         if let Some(file) = &cfg.audit.file {
             tracing::info!(file = %file.display(), "audit log: state-changing requests and refusals are recorded");
         }
@@ -315,6 +328,26 @@ async fn stop_signals(drain: tokio::sync::oneshot::Sender<()>) -> u8 {
         "second stop signal during the drain: exiting now, open requests are cut short"
     );
     code
+}
+
+/// Reads `budget.redis_password_file`: private like the key file, one line, not empty.
+fn load_redis_password(path: &std::path::Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    cbgate::sign::key::check_private_file(path)
+        .map_err(|e| anyhow::anyhow!("budget.redis_password_file: {e}"))?;
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "budget.redis_password_file: file {} cannot be read",
+            path.display()
+        )
+    })?);
+    let password = zeroize::Zeroizing::new(text.trim_end_matches(['\r', '\n']).to_owned());
+    if password.is_empty() || password.contains(['\r', '\n']) {
+        anyhow::bail!(
+            "budget.redis_password_file: file {} must hold the password on one line",
+            path.display()
+        );
+    }
+    Ok(password)
 }
 
 fn log_hardening(r: &harden::Report) {

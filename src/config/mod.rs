@@ -14,8 +14,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub mod budget;
 mod load;
 pub mod pattern;
+
+pub use budget::{BudgetConfig, ClassLimit, RedisUnavailable};
 
 /// A configuration error; Display names the key, variable, flag or file at fault, and never
 /// quotes the configuration's text or a value that may be a secret.
@@ -476,6 +479,10 @@ pub struct ClientConfig {
     pub permission: Option<Permission>,
     /// Rules like `[[policy.rules]]`, applied in addition to the global policy.
     pub rules: Vec<RuleConfig>,
+    /// At most this fraction (0 < share <= 1) of each rate budget bucket's rate for this
+    /// identity (unset: no cap beyond the fair queue).
+    #[serde(deserialize_with = "opt_decimal")]
+    pub budget_share: Option<rust_decimal::Decimal>,
 }
 
 /// `[clients]`: `require` plus one `[clients.NAME]` table per identity.
@@ -924,6 +931,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Intercepting `HTTPS_PROXY` mode.
     pub intercept: InterceptConfig,
+    /// The rate budget per credential and request class (Coinbase's limits).
+    pub budget: BudgetConfig,
 }
 
 impl Default for Config {
@@ -961,6 +970,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             tls: TlsConfig::default(),
             intercept: InterceptConfig::default(),
+            budget: BudgetConfig::default(),
         }
     }
 }
@@ -1322,6 +1332,7 @@ impl Config {
             }
             _ => {}
         }
+        self.budget.validate()?;
         if self.state_dir.as_ref().is_some_and(|d| !d.is_absolute()) {
             return Err(invalid(
                 "state_dir",
@@ -1409,6 +1420,14 @@ impl Config {
                 .is_some_and(|f| f.as_os_str().is_empty())
             {
                 return Err(invalid(format!("{key}.token_file"), "must be a file path"));
+            }
+            if let Some(share) = c.budget_share {
+                if share <= rust_decimal::Decimal::ZERO || share > rust_decimal::Decimal::ONE {
+                    return Err(invalid(
+                        format!("{key}.budget_share"),
+                        format!("{share} is not a fraction of the budget: give a number above 0 and at most 1, e.g. 0.5"),
+                    ));
+                }
             }
             if let Some(p) = c.permission {
                 if p > self.policy.permission {
@@ -1728,6 +1747,7 @@ mod tests {
         assert_eq!(c.unix_mode, d.unix_mode);
         assert_eq!(c.tls, d.tls);
         assert_eq!(c.intercept, d.intercept);
+        assert_eq!(c.budget, d.budget);
     }
 
     #[test]

@@ -169,7 +169,11 @@ async fn control(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
         );
     }
     match path.as_str() {
-        "/status" => json_response(StatusCode::OK, &halt_status(proxy)),
+        "/status" => {
+            let mut v = halt_status(proxy);
+            v["budget"] = proxy.budget().status();
+            json_response(StatusCode::OK, &v)
+        }
         "/resume" => match proxy.resume() {
             Ok(_) => json_response(StatusCode::OK, &halt_status(proxy)),
             Err(e) => control_error(
@@ -270,6 +274,9 @@ fn probes(proxy: &Proxy, req: &Request<Incoming>) -> Response<Body> {
                     "clock_correction_seconds": proxy.signer().clock_offset(),
                     "upstream": upstream_detail(proxy),
                     "halted": halt_status(proxy),
+                    // Detail only: a Redis outage never makes cbgate unready (it falls back or
+                    // refuses as budget.redis_unavailable says).
+                    "budget": proxy.budget().status(),
                 });
                 response(StatusCode::OK, JSON, body.to_string())
             }

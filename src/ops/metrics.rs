@@ -185,6 +185,7 @@ pub struct Metrics {
     credential_reloads: Family<CredentialResultLabels, Counter>,
     clock_offset: Gauge<f64, AtomicU64>,
     ws: Arc<WsCounters>,
+    budget: BudgetMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -325,6 +326,7 @@ impl Metrics {
         registry.register("build_info", "cbgate version", build);
         let ws = Arc::new(WsCounters::default());
         registry.register_collector(Box::new(WsCollector(Arc::clone(&ws))));
+        let budget = BudgetMetrics::register(&mut registry);
         Metrics {
             registry,
             requests,
@@ -346,6 +348,7 @@ impl Metrics {
             credential_reloads,
             clock_offset,
             ws,
+            budget,
         }
     }
 
@@ -504,6 +507,151 @@ impl Metrics {
     /// The WebSocket relay's counters.
     pub fn ws(&self) -> &Arc<WsCounters> {
         &self.ws
+    }
+
+    /// The rate budget's metrics (cheap to clone into the budget).
+    pub fn budget(&self) -> &BudgetMetrics {
+        &self.budget
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    class: String,
+    reason: String,
+}
+
+/// The rate budget's metrics (`cbgate_budget_*`), labelled by class only: metrics never carry
+/// a key name.
+#[derive(Clone, Debug)]
+pub struct BudgetMetrics {
+    tokens: Family<ClassLabels, Gauge<f64, AtomicU64>>,
+    wait: Family<ClassLabels, Histogram>,
+    refusals: Family<RefusalLabels, Counter>,
+    upstream_429: Family<ClassLabels, Counter>,
+    pauses: Family<ClassLabels, Counter>,
+    redis_errors: Family<KindLabels, Counter>,
+    redis_up: Gauge,
+}
+
+impl BudgetMetrics {
+    fn register(registry: &mut Registry) -> BudgetMetrics {
+        let m = BudgetMetrics {
+            tokens: Family::default(),
+            // 1 ms .. ~16 s
+            wait: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 15))
+            }),
+            refusals: Family::default(),
+            upstream_429: Family::default(),
+            pauses: Family::default(),
+            redis_errors: Family::default(),
+            redis_up: Gauge::default(),
+        };
+        registry.register(
+            "budget_tokens",
+            "Tokens left in a budget bucket after its last request, by class",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "budget_wait_seconds",
+            "How long requests waited for a budget token (0 when one was free), by class",
+            m.wait.clone(),
+        );
+        registry.register(
+            "budget_refusals",
+            "Requests refused by the budget, by class and reason (exhausted: 429 after \
+             budget.max_wait; unavailable: 503 while Redis is unreachable and \
+             redis_unavailable = refuse)",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "budget_upstream_429",
+            "429 answers from Coinbase, by class (each pauses the bucket)",
+            m.upstream_429.clone(),
+        );
+        registry.register(
+            "budget_pauses",
+            "Bucket pauses learnt from Coinbase (429, x-ratelimit-remaining: 0), by class",
+            m.pauses.clone(),
+        );
+        registry.register(
+            "budget_redis_errors",
+            "Failed Redis calls of the shared budget, by kind (timeout, error, connect)",
+            m.redis_errors.clone(),
+        );
+        registry.register(
+            "budget_redis_up",
+            "1 while the shared budget's Redis answers (0: local fallback or refusals), \
+             unset without budget.redis",
+            m.redis_up.clone(),
+        );
+        m
+    }
+
+    /// Records the tokens left in a bucket of `class`.
+    pub fn tokens(&self, class: &str, left: f64) {
+        self.tokens
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
+            .set(left);
+    }
+
+    /// Records how long a request waited for its token.
+    pub fn waited(&self, class: &str, took: Duration) {
+        self.wait
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records a refusal (`exhausted` or `unavailable`).
+    pub fn refused(&self, class: &str, reason: &str) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                class: class.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a 429 from Coinbase.
+    pub fn upstream_429(&self, class: &str) {
+        self.upstream_429
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a pause learnt from Coinbase.
+    pub fn paused(&self, class: &str) {
+        self.pauses
+            .get_or_create(&ClassLabels {
+                class: class.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Records a failed Redis call.
+    pub fn redis_error(&self, kind: &str) {
+        self.redis_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets `cbgate_budget_redis_up`.
+    pub fn set_redis_up(&self, up: bool) {
+        self.redis_up.set(i64::from(up));
     }
 }
 

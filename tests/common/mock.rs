@@ -243,6 +243,8 @@ pub struct Recorded {
     pub auth: AuthOutcome,
     /// The verified `X-Wallet-Auth` claims, or why it failed; `None` when not checked.
     pub wallet_auth: Option<Result<Value, String>>,
+    /// When the mock received it (for rate measurements).
+    pub at: std::time::Instant,
 }
 
 /// An order the realistic mock accepted: the id it issued and the request body it parsed.
@@ -521,6 +523,10 @@ fn unauthorized(reason: &str) -> Response<RespBody> {
 
 fn add_rate_limit_headers(resp: &mut Response<RespBody>) {
     let h = resp.headers_mut();
+    // A handler that set its own (`/ratelimited/`) keeps them.
+    if h.contains_key("x-ratelimit-remaining") {
+        return;
+    }
     h.insert(
         HeaderName::from_static("x-ratelimit-limit"),
         HeaderValue::from_static("30"),
@@ -662,6 +668,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
             body: body.clone(),
             auth,
             wallet_auth: None,
+            at: std::time::Instant::now(),
         });
         return resp;
     }
@@ -711,6 +718,7 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         body: body.clone(),
         auth: auth.clone(),
         wallet_auth: wallet_auth.clone(),
+        at: std::time::Instant::now(),
     });
 
     if let Some(e) = body_err {
@@ -799,6 +807,22 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
         let mut resp = Response::new(ChannelBody::new(rx, None).boxed());
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return resp;
+    }
+
+    // `/ratelimited/<secs>`: Coinbase's 429, asking the key to wait `secs`.
+    if let Some(secs) = number_after(&path, "/ratelimited/") {
+        let mut resp = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({"errors": [{"id": "rate_limit_exceeded", "message": "Too many requests"}]}),
+        );
+        let h = resp.headers_mut();
+        h.insert("retry-after", HeaderValue::from(secs));
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        h.insert(
+            "x-ratelimit-reset",
+            HeaderValue::from(inner.now() as u64 + secs),
+        );
         return resp;
     }
 
