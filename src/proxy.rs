@@ -162,19 +162,17 @@ impl Proxy {
         &self.budget
     }
 
-    /// Takes a budget token for a request to `host` + `path` (see [`budget::classify`]),
-    /// recording the wait in `outcome`; `Ok(None)` for a request no limit applies to.
+    /// Takes a budget token of `class` (from [`budget::classify`]) for `identity`'s request
+    /// with `credential`, recording the wait in `outcome`; `Ok(None)` for a request no limit
+    /// applies to (`class` is `None`).
     async fn reserve_budget(
         &self,
-        host: &str,
-        method: &Method,
-        path: &str,
-        websocket: bool,
+        class: Option<budget::Class>,
         credential: &str,
         identity: &Identity,
         outcome: &mut Outcome<'_>,
     ) -> Result<Option<budget::Ticket>, ProxyError> {
-        let Some(class) = budget::classify(host, path, method, websocket) else {
+        let Some(class) = class else {
             return Ok(None);
         };
         // The queue is fair per identity, and `clients.NAME.budget_share` caps one identity.
@@ -557,7 +555,12 @@ impl Proxy {
             );
             let credential = selected.budget_id(&self.signer);
             let _ticket = self
-                .reserve_budget(&host, &method, &path, true, &credential, &identity, outcome)
+                .reserve_budget(
+                    budget::classify(&host, &path, &method, true),
+                    &credential,
+                    &identity,
+                    outcome,
+                )
                 .await?;
             let signer = match selected {
                 Selected::Named(_, cred) => self.ws_signer().with_credential(cred),
@@ -669,10 +672,7 @@ impl Proxy {
         // checks that refuse without sending (a refused order spends no token).
         let ticket = self
             .reserve_budget(
-                &upstream.host,
-                &parts.method,
-                parts.uri.path(),
-                false,
+                budget::classify(&upstream.host, parts.uri.path(), &parts.method, false),
                 &credential,
                 &identity,
                 outcome,
