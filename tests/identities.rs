@@ -1043,3 +1043,103 @@ fn the_readme_example_is_a_valid_configuration() {
         Some(Permission::View)
     );
 }
+
+/// A GET of the accounts as the identity holding `token`.
+fn get_as(url: &str, token: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("{url}/api/v3/brokerage/accounts"))
+        .header("cbgate-token", token)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+/// The rate budget's queue takes turns per identity: a bot flooding a shared key's budget
+/// cannot starve another program using the same key, and `budget_share` caps one identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_serves_identities_in_turn_and_caps_a_share() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = three_identities(&up, dir.path());
+    // 10/s with a burst of 2, waits of up to 1 s: the greedy identity alone wants 6x that.
+    cfg.budget.advanced_private = cbgate::config::ClassLimit {
+        rate: 10.0,
+        per: Duration::from_secs(1),
+        burst: Some(2),
+    };
+    cfg.budget.max_wait = Duration::from_secs(1);
+    // "trader" may use a quarter of the rate at most.
+    cfg.clients
+        .named
+        .get_mut("trader")
+        .expect("trader")
+        .budget_share = Some(rust_decimal::Decimal::new(25, 2));
+    let gate = Served::tcp(cfg, &key).await;
+    let client = h1_client();
+
+    let greedy: Vec<_> = (0..60)
+        .map(|_| {
+            let (c, url) = (client.clone(), gate.url.clone());
+            tokio::spawn(async move { send(&c, get_as(&url, OPS_TOKEN)).await.status })
+        })
+        .collect();
+    // The polite program starts after the flood is queued, one request at a time.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..4 {
+        let r = send(&client, get_as(&gate.url, VIEWER_TOKEN)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "polite request {i} behind a flood of 60: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        // Its turn comes next, not after the flood's queue (which holds up to max_wait = 1 s
+        // of requests): a FIFO queue would make it wait about a second.
+        let queued: u64 = r
+            .headers
+            .get("x-cbgate-queued-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("x-cbgate-queued-ms");
+        assert!(
+            queued < 500,
+            "polite request {i} queued {queued} ms behind the flood"
+        );
+    }
+    let mut greedy_refused = 0;
+    for t in greedy {
+        if t.await.expect("task") == StatusCode::TOO_MANY_REQUESTS {
+            greedy_refused += 1;
+        }
+    }
+    assert!(
+        greedy_refused > 0,
+        "60 requests in about 1 s of a 10/s budget: some must be refused"
+    );
+
+    // The capped identity alone, on a budget that has refilled: at most its share of the rate
+    // (plus the burst) in two seconds, however many it sends.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = up.mock.requests().len();
+    let started = std::time::Instant::now();
+    let capped: Vec<_> = (0..30)
+        .map(|_| {
+            let (c, url) = (client.clone(), gate.url.clone());
+            tokio::spawn(async move { send(&c, get_as(&url, TRADER_TOKEN)).await.status })
+        })
+        .collect();
+    let mut served = 0;
+    for t in capped {
+        if t.await.expect("task") == StatusCode::OK {
+            served += 1;
+        }
+    }
+    let span = started.elapsed().as_secs_f64();
+    assert_eq!(up.mock.requests().len() - before, served);
+    let most = 2.0 + 10.0 * 0.25 * span + 1.0;
+    assert!(
+        (served as f64) <= most,
+        "a 0.25 share of 10/s served {served} in {span:.2} s (at most {most:.1})"
+    );
+    assert!(served >= 1, "the capped identity was never served");
+    gate.stop().await;
+}
