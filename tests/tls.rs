@@ -50,13 +50,22 @@ fn cbgate_ca(state: &Path, args: &[&str]) -> String {
 }
 
 async fn setup_with(intercept: bool, tweak: impl FnOnce(&mut cbgate::config::Config)) -> Setup {
+    setup_mock(intercept, |_| {}, tweak).await
+}
+
+async fn setup_mock(
+    intercept: bool,
+    mock: impl FnOnce(&mut MockOptions),
+    tweak: impl FnOnce(&mut cbgate::config::Config),
+) -> Setup {
     let key = TestKey::generate(KeyForm::P256Sec1);
-    let up = Upstream::start_with(MockOptions {
+    let mut opts = MockOptions {
         key: Some(key.expected.clone()),
         realistic: true,
         ..MockOptions::default()
-    })
-    .await;
+    };
+    mock(&mut opts);
+    let up = Upstream::start_with(opts).await;
     let state = tempfile::tempdir().expect("tempdir");
     let printed = cbgate_ca(state.path(), &[]);
     assert!(
@@ -895,4 +904,72 @@ async fn a_configured_certificate_is_served_instead_of_the_local_ca() {
         .expect_err("readable key refused")
         .to_string();
     assert!(e.contains("tls.key_file"), "{e}");
+}
+
+/// Intercept reaches the HMAC families too: a client that talks to api.exchange.coinbase.com
+/// itself (its own paths, no /exchange/ prefix) through HTTPS_PROXY gets cbgate's Exchange
+/// signature, verified by the mock, and a deny rule written for the /exchange/ route holds
+/// inside the tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn intercept_signs_exchange_requests_and_route_rules_hold_in_the_tunnel() {
+    const SECRET: &str = "dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IGZvciB0aGUgZXhjaGFuZ2Uga2V5IQ==";
+    let s = setup_mock(
+        true,
+        |o| {
+            o.hmac = vec![common::mock::ExpectedHmac {
+                family: "exchange",
+                key: "ex-key-1".into(),
+                secret: SECRET.into(),
+                passphrase: "ex-pass".into(),
+            }]
+        },
+        |cfg| {
+            let dir = cfg.state_dir.clone().expect("state_dir");
+            let file = dir.join("exchange.json");
+            std::fs::write(
+                &file,
+                format!(r#"{{"key": "ex-key-1", "secret": "{SECRET}", "passphrase": "ex-pass"}}"#),
+            )
+            .expect("write");
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod");
+            let text = format!(
+                "[keys.ex]\nkind = \"exchange\"\nfile = {file:?}\n[[policy.rules]]\naction = \"deny\"\npath = \"/exchange/profiles/**\"\n"
+            );
+            let parsed = cbgate::config::Config::from_toml_str(&text).expect("config");
+            cfg.keys = parsed.keys;
+            cfg.policy.rules = parsed.policy.rules;
+            for r in &mut cfg.routes {
+                if r.prefix == "/exchange/" {
+                    r.key = Some("ex".into());
+                }
+            }
+        },
+    )
+    .await;
+    let ca = s.ca_pem.to_str().expect("path");
+    let proxy = format!("http://{}", s.plain);
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sS", "--max-time", "20", "--cacert", ca, "-x", &proxy])
+        .arg("https://api.exchange.coinbase.com/accounts?limit=1");
+    let out = run(c).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout} {stderr}");
+    let seen = s.up.mock.requests();
+    let last = seen.last().expect("the request reached the mock");
+    assert_eq!(last.path_and_query, "/accounts?limit=1");
+    assert!(
+        matches!(last.auth, common::mock::AuthOutcome::Valid { .. }),
+        "{:?}",
+        last.auth
+    );
+    // The rule names /exchange/profiles/**: inside the tunnel /profiles/... is the same route.
+    let before = s.up.mock.requests().len();
+    let mut c = std::process::Command::new("curl");
+    c.args(["-sS", "--max-time", "20", "--cacert", ca, "-x", &proxy])
+        .arg("https://api.exchange.coinbase.com/profiles/transfer");
+    let out = run(c).await;
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("policy_denied"), "{stdout}");
+    assert_eq!(s.up.mock.requests().len(), before, "nothing was sent");
 }
