@@ -599,6 +599,30 @@ fn token_files_are_checked_like_the_key_file() {
         );
         assert!(!stderr.contains(&secret[..16]), "{stderr}");
     }
+    // The admin endpoints' token may not be a client's: that client could halt and resume.
+    let client = write_private(dir.path(), "client.token", secret.as_bytes());
+    let admin = write_private(dir.path(), "admin.token", format!("{secret}\n").as_bytes());
+    std::fs::write(
+        &config,
+        format!(
+            "admin_token_file = \"{}\"\n[clients.dash]\ntoken_file = \"{}\"\n",
+            admin.display(),
+            client.display()
+        ),
+    )
+    .expect("write config");
+    let out = harness::cbgate_command()
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run cbgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("admin_token_file") && stderr.contains("clients.dash.token_file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&secret[..16]), "{stderr}");
     // A good one: check lists the identities; one token in two files is refused, naming both.
     let good = write_private(dir.path(), "good.token", secret.as_bytes());
     let same = write_private(dir.path(), "same.token", format!("{secret}\n").as_bytes());

@@ -102,7 +102,10 @@ pub fn run(
             }
         );
     }
-    if let Some(w) = cfg.unreachable_identities() {
+    for w in [cfg.unreachable_identities(), cfg.group_socket_warning()]
+        .into_iter()
+        .flatten()
+    {
         println!("warning: {w}");
     }
     match key_lines {

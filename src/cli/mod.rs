@@ -358,6 +358,21 @@ fn load_from(sources: &Sources) -> Result<Loaded, Failure> {
     };
     let client_tokens = cbgate::gate::identity::ClientTokens::read(&cfg)
         .map_err(|e| config_err(anyhow::anyhow!("{e}")))?;
+    // The admin token halts and resumes trading: a client holding the same one could too.
+    if let Some(admin) = &admin_token {
+        let holder = if client_token.as_deref() == Some(admin) {
+            Some("client_token_file".to_owned())
+        } else {
+            client_tokens
+                .holder_of(admin)
+                .map(|n| format!("clients.{n}.token_file"))
+        };
+        if let Some(h) = holder {
+            return Err(config_err(anyhow::anyhow!(
+                "admin_token_file holds the same token as {h}: that client could halt and resume trading; give the admin endpoints a token of their own"
+            )));
+        }
+    }
     let wallet = WalletSecret::select(
         cfg.key.wallet_secret_file.as_deref(),
         sources.env.get("CDP_WALLET_SECRET").map(String::as_str),

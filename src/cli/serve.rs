@@ -108,7 +108,10 @@ pub fn run(
             "client identity"
         );
     }
-    if let Some(w) = cfg.unreachable_identities() {
+    for w in [cfg.unreachable_identities(), cfg.group_socket_warning()]
+        .into_iter()
+        .flatten()
+    {
         tracing::warn!("{w}");
     }
     if !cfg.clients.named.is_empty() && !cfg.identity_required() {

@@ -1379,6 +1379,19 @@ impl Config {
         })
     }
 
+    /// A warning when a Unix socket lets its group connect (`unix_mode` with group bits) while
+    /// a request from no known identity is still served with the global ceiling: then every
+    /// member of the socket's group that is no identity gets that ceiling.
+    pub fn group_socket_warning(&self) -> Option<String> {
+        let unix = self.listen.iter().any(|l| matches!(l, ListenAddr::Unix(_)));
+        (unix && self.unix_mode.0 & 0o060 != 0 && !self.identity_required()).then(|| {
+            format!(
+                "unix_mode {:04o} lets the socket's group connect, and with clients.require = false a group member that is no client identity gets the global ceiling (policy.permission); set clients.require = true to serve only configured identities",
+                self.unix_mode.0
+            )
+        })
+    }
+
     /// Whether a request over TCP needs a token: an identity is required and TCP clients can
     /// only be recognised by one (Unix peer credentials do not exist there).
     fn tokens_required(&self) -> bool {
@@ -1387,6 +1400,13 @@ impl Config {
     }
 
     fn validate_clients(&self) -> Result<(), ConfigError> {
+        if self.clients.require && self.clients.named.is_empty() && self.client_token_file.is_none()
+        {
+            return Err(invalid(
+                "clients.require",
+                "is true but no client identity is configured, so every request would be refused: add a [clients.NAME] table (token_file, unix_uid or unix_gid), or set require = false",
+            ));
+        }
         let mut uids: BTreeMap<u32, &str> = BTreeMap::new();
         let mut gids: BTreeMap<u32, &str> = BTreeMap::new();
         for (name, c) in &self.clients.named {
@@ -2012,6 +2032,16 @@ mod tests {
         assert_eq!(c.clients.named["dash"].permission, Some(Permission::View));
         assert_eq!(c.clients.named["bot"].unix_uid, Some(1001));
         assert_eq!(c.clients.named["bot"].rules.len(), 1);
+        // A group-readable socket warns only while unknown peers get the global ceiling.
+        let group = |require: bool| {
+            load_toml(&format!(
+                "listen = [\"unix:/run/cbgate.sock\"]\nunix_mode = \"0660\"\n[clients]\nrequire = {require}\n[clients.bot]\nunix_uid = 1001\n"
+            ))
+            .expect("load")
+            .group_socket_warning()
+        };
+        assert!(group(false).is_some_and(|w| w.contains("clients.require = true")));
+        assert!(group(true).is_none());
         for (text, key, words) in [
             (
                 "[policy]\npermission = \"trade\"\n[clients.ops]\nunix_uid = 1\npermission = \"transfer\"",
@@ -2020,6 +2050,12 @@ mod tests {
             ),
             ("[clients.ops]\nunix_uid = 1\npermision = \"view\"", "clients.ops.permision", "permission"),
             ("[clients.ops]\npermission = \"view\"", "clients.ops", "recognises nobody"),
+            ("[clients]\nrequire = true", "clients.require", "no client identity is configured"),
+            (
+                "[clients.ops]\nunix_uid = 1\nbudget_share = 1.5",
+                "clients.ops.budget_share",
+                "at most 1",
+            ),
             ("[clients.Ops]\nunix_uid = 1", "clients.Ops", "a-z"),
             ("[clients.anonymous]\nunix_uid = 1", "clients.anonymous", "cbgate's own"),
             (

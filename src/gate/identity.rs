@@ -145,6 +145,14 @@ impl ClientTokens {
         self.0.insert(name.to_owned(), token);
     }
 
+    /// The identity whose token is `token`, if any (a start-up check, not the request path).
+    pub fn holder_of(&self, token: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(_, t)| t.as_str() == token)
+            .map(|(n, _)| n.as_str())
+    }
+
     /// Reads every `clients.NAME.token_file` (permissions checked as for the key file). The
     /// error names the key; `client_token_file` is read by the caller (it names its own
     /// setting's origin).
@@ -434,6 +442,16 @@ fn default_identity() -> Identity {
     }
 }
 
+/// A presented token as text, trimmed. Token files are text: bytes that are not UTF-8 match no
+/// identity (the empty token), rather than a lossy copy that would not be zeroized.
+fn text_token(raw: &[u8]) -> Zeroizing<String> {
+    Zeroizing::new(
+        std::str::from_utf8(raw)
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default(),
+    )
+}
+
 /// The token a `CONNECT` presents: its one `cbgate-token`, else the password of its one
 /// `Proxy-Authorization: Basic` (RFC 7617: base64 of `user:password`; the user is ignored).
 fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError> {
@@ -442,9 +460,7 @@ fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>
         if tokens.next().is_some() {
             return Err(ClientError::Ambiguous("cbgate-token"));
         }
-        return Ok(Some(Zeroizing::new(
-            String::from_utf8_lossy(v.as_bytes()).trim().to_owned(),
-        )));
+        return Ok(Some(text_token(v.as_bytes())));
     }
     let mut auth = headers.get_all(header::PROXY_AUTHORIZATION).iter();
     let Some(v) = auth.next() else {
@@ -469,9 +485,7 @@ fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>
         .iter()
         .position(|&c| c == b':')
         .map_or(&raw[..0], |i| &raw[i + 1..]);
-    Ok(Some(Zeroizing::new(
-        String::from_utf8_lossy(password).trim().to_owned(),
-    )))
+    Ok(Some(text_token(password)))
 }
 
 /// The token the request presents: its one `cbgate-token`, else the `Bearer` credentials of its
@@ -482,9 +496,7 @@ fn presented_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, Cli
         if tokens.next().is_some() {
             return Err(ClientError::Ambiguous("cbgate-token"));
         }
-        return Ok(Some(Zeroizing::new(
-            String::from_utf8_lossy(v.as_bytes()).trim().to_owned(),
-        )));
+        return Ok(Some(text_token(v.as_bytes())));
     }
     let mut auth = headers.get_all(header::AUTHORIZATION).iter();
     let Some(v) = auth.next() else {
