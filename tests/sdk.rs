@@ -297,7 +297,10 @@ async fn cdp_sdk_node_creates_an_account_and_signs_with_cbgates_wallet_auth() {
 
 /// Node runs `source` as an ES module from `dir` (so `import` finds its node_modules).
 async fn run_node_module(dir: &std::path::Path, source: &str, env: &[(&str, String)]) -> Output {
-    let file = dir.join(format!("cbgate-test-{}.mjs", std::process::id()));
+    // One file per call: under `cargo test` the tests of this binary run at once in one process.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = dir.join(format!("cbgate-test-{}-{n}.mjs", std::process::id()));
     std::fs::write(&file, source).expect("write script");
     let out = run("node", file.to_str().expect("path"), "", Some(dir), env).await;
     let _ = std::fs::remove_file(&file);
