@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use http::{header, HeaderMap, Method};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use zeroize::Zeroizing;
 
 use crate::config::{ClientConfig, Config, KeyKind, Permission, ANONYMOUS, DEFAULT_CLIENT};
@@ -452,32 +452,56 @@ fn text_token(raw: &[u8]) -> Zeroizing<String> {
     )
 }
 
+/// The one value of header `name`, if any; two are refused: which one counts would be a guess.
+fn one_header<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+    shown: &'static str,
+) -> Result<Option<&'h HeaderValue>, ClientError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ClientError::Ambiguous(shown));
+    }
+    Ok(first)
+}
+
+/// The credentials of an authorization header value `<scheme> <credentials>` when its scheme
+/// is `scheme` (RFC 9110 §11.1: case-insensitive).
+fn credentials<'v>(value: &'v HeaderValue, scheme: &str) -> Option<&'v [u8]> {
+    let b = value.as_bytes().trim_ascii();
+    let space = b.iter().position(|&c| c == b' ')?;
+    let (s, rest) = b.split_at(space);
+    s.eq_ignore_ascii_case(scheme.as_bytes())
+        .then(|| rest.trim_ascii())
+}
+
+/// The token the request presents: its one `cbgate-token`, else the `Bearer` credentials of its
+/// one `Authorization` header.
+fn presented_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError> {
+    if let Some(v) = one_header(headers, &TOKEN_HEADER, "cbgate-token")? {
+        return Ok(Some(text_token(v.as_bytes())));
+    }
+    Ok(
+        one_header(headers, &header::AUTHORIZATION, "Authorization")?
+            .and_then(|v| credentials(v, "bearer"))
+            .map(text_token),
+    )
+}
+
 /// The token a `CONNECT` presents: its one `cbgate-token`, else the password of its one
 /// `Proxy-Authorization: Basic` (RFC 7617: base64 of `user:password`; the user is ignored).
 fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError> {
-    let mut tokens = headers.get_all(&TOKEN_HEADER).iter();
-    if let Some(v) = tokens.next() {
-        if tokens.next().is_some() {
-            return Err(ClientError::Ambiguous("cbgate-token"));
-        }
+    if let Some(v) = one_header(headers, &TOKEN_HEADER, "cbgate-token")? {
         return Ok(Some(text_token(v.as_bytes())));
     }
-    let mut auth = headers.get_all(header::PROXY_AUTHORIZATION).iter();
-    let Some(v) = auth.next() else {
+    let basic = one_header(headers, &header::PROXY_AUTHORIZATION, "Proxy-Authorization")?
+        .and_then(|v| credentials(v, "basic"));
+    let Some(b64) = basic else {
         return Ok(None);
     };
-    if auth.next().is_some() {
-        return Err(ClientError::Ambiguous("Proxy-Authorization"));
-    }
-    let text = String::from_utf8_lossy(v.as_bytes());
-    let Some((scheme, b64)) = text.trim().split_once(' ') else {
-        return Ok(None);
-    };
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Ok(None);
-    }
     use base64::Engine as _;
-    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) else {
+    let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64) else {
         return Ok(None);
     };
     let raw = Zeroizing::new(raw);
@@ -486,34 +510,6 @@ fn presented_proxy_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>
         .position(|&c| c == b':')
         .map_or(&raw[..0], |i| &raw[i + 1..]);
     Ok(Some(text_token(password)))
-}
-
-/// The token the request presents: its one `cbgate-token`, else the `Bearer` credentials of its
-/// one `Authorization` header. Two of either are refused: which one counts would be a guess.
-fn presented_token(headers: &HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError> {
-    let mut tokens = headers.get_all(&TOKEN_HEADER).iter();
-    if let Some(v) = tokens.next() {
-        if tokens.next().is_some() {
-            return Err(ClientError::Ambiguous("cbgate-token"));
-        }
-        return Ok(Some(text_token(v.as_bytes())));
-    }
-    let mut auth = headers.get_all(header::AUTHORIZATION).iter();
-    let Some(v) = auth.next() else {
-        return Ok(None);
-    };
-    if auth.next().is_some() {
-        return Err(ClientError::Ambiguous("Authorization"));
-    }
-    let text = String::from_utf8_lossy(v.as_bytes());
-    let text = text.trim();
-    // RFC 9110 §11.1: the scheme is case-insensitive.
-    match text.split_once(' ') {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
-            Ok(Some(Zeroizing::new(rest.trim().to_owned())))
-        }
-        _ => Ok(None),
-    }
 }
 
 #[cfg(test)]
