@@ -97,27 +97,8 @@ fn client(program: &str, args: &[&Path], env: &[(&str, &str)]) -> Command {
 }
 
 /// Runs `cmd` to completion (30 s at most) off the async runtime, which keeps serving cbgate.
-async fn run(mut cmd: Command) -> Output {
-    let what = format!("{cmd:?}");
-    tokio::task::spawn_blocking(move || {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        child.wait_with_output().expect("collect output")
-    })
-    .await
-    .expect("join")
+async fn run(cmd: Command) -> Output {
+    common::harness::run_within(cmd, Duration::from_secs(30)).await
 }
 
 fn text(out: &Output) -> (String, String) {

@@ -51,7 +51,7 @@ fn pinned_sdks_are_installed() {
 // ---------------------------------------------------------------------------
 
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use base64::Engine as _;
@@ -108,26 +108,7 @@ async fn run(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let what = format!("{program} {flag} <script>");
-    tokio::task::spawn_blocking(move || {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {what}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while child.try_wait().expect("wait").is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        child.wait_with_output().expect("collect output")
-    })
-    .await
-    .expect("join")
+    common::harness::run_within(cmd, Duration::from_secs(60)).await
 }
 
 fn show(out: &Output) -> String {

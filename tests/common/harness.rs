@@ -648,3 +648,29 @@ pub fn assert_no_secret(haystack: &str, secret: &str, what: &str) {
         panic!("{what} contains part of the secret: {s:?}");
     }
 }
+
+/// Runs `cmd` off the async runtime (which keeps serving cbgate) and collects its output,
+/// killing it after `limit` so a hung client fails its test instead of the whole run.
+pub async fn run_within(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let what = format!("{cmd:?}");
+    tokio::task::spawn_blocking(move || {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let deadline = std::time::Instant::now() + limit;
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        child.wait_with_output().expect("collect output")
+    })
+    .await
+    .expect("join")
+}
