@@ -61,6 +61,14 @@ pub enum ProxyError {
         host: String,
         family: &'static str,
     },
+    /// The selected credential is not one the client identity may use (`clients.NAME.keys`).
+    #[error("the credential {key} ({from}) is not one client identity \"{identity}\" may use (clients.{identity}.keys: {allowed}); send cbgate-key with one of those, or add {key} to clients.{identity}.keys")]
+    KeyNotAllowed {
+        key: String,
+        from: &'static str,
+        identity: String,
+        allowed: String,
+    },
     #[error("cbgate has ws.max_sessions ({0}) WebSocket sessions open; retry later")]
     TooManySessions(usize),
     #[error("{0}")]
@@ -149,6 +157,7 @@ impl ProxyError {
             ProxyError::UnknownKey { .. } => (StatusCode::BAD_REQUEST, "unknown_key"),
             ProxyError::Gateway(_) => (StatusCode::BAD_GATEWAY, "gateway_auth_failed"),
             ProxyError::KeyKindMismatch { .. } => (StatusCode::BAD_REQUEST, "key_kind_mismatch"),
+            ProxyError::KeyNotAllowed { .. } => (StatusCode::FORBIDDEN, "key_not_allowed"),
             ProxyError::TooManySessions(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
             }

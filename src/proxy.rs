@@ -435,7 +435,11 @@ impl Proxy {
                     let info = RequestInfo {
                         request_id: &rid,
                         identity: outcome.identity.as_ref().map(|r| r.identity.name()),
-                        key: outcome.key.as_deref().or(key.as_deref().map(|k| k.name())),
+                        // A refused key_not_allowed records the key asked for, not [key]'s.
+                        key: match &e {
+                            ProxyError::KeyNotAllowed { key, .. } => Some(key.as_str()),
+                            _ => outcome.key.as_deref().or(key.as_deref().map(|k| k.name())),
+                        },
                         method: &method,
                         path: &path,
                         query: None,
@@ -545,6 +549,7 @@ impl Proxy {
                 route.key.as_ref(),
                 route.upstream.family,
                 &route.upstream.host,
+                &identity,
             )?;
             outcome.key = selected.name();
             // A WebSocket connect counts against its own limit; the ticket has nothing to learn.
@@ -606,7 +611,7 @@ impl Proxy {
         let local_auth = route.upstream.token_gateway
             && crate::gate::policy::match_form(upstream_path) == crate::forward::gateway::AUTH_PATH;
         // Chosen before anything is read or reserved: a wrong name costs nothing.
-        let selected = self.select_key(req.headers(), route)?;
+        let selected = self.select_key(req.headers(), route, &identity)?;
         outcome.key = selected.name();
         let credential = selected.budget_id(&self.signer);
         let upstream = &route.upstream;
@@ -857,13 +862,20 @@ impl Proxy {
     }
 
     /// The credential for this request: the `cbgate-key` header, else the route's `key`,
-    /// else `default` (`[key]`); it must be of the route's family.
-    fn select_key(&self, headers: &http::HeaderMap, route: &Route) -> Result<Selected, ProxyError> {
+    /// else the identity's `default_key`, else `default` (`[key]`); the identity must be
+    /// allowed it (`clients.NAME.keys`) and it must be of the route's family.
+    fn select_key(
+        &self,
+        headers: &http::HeaderMap,
+        route: &Route,
+        identity: &Identity,
+    ) -> Result<Selected, ProxyError> {
         self.select(
             headers,
             route.key.as_ref(),
             route.upstream.family,
             &route.upstream.host,
+            identity,
         )
     }
 
@@ -873,6 +885,7 @@ impl Proxy {
         route_key: Option<&String>,
         family: KeyKind,
         host: &str,
+        identity: &Identity,
     ) -> Result<Selected, ProxyError> {
         let header = headers.get(crate::forward::headers::KEY_HEADER);
         let (name, from) = match (header, route_key) {
@@ -890,8 +903,30 @@ impl Proxy {
                 (name.to_owned(), "the cbgate-key header")
             }
             (None, Some(k)) => (k.clone(), "the route's key"),
-            (None, None) => (DEFAULT_KEY.to_owned(), "the default"),
+            (None, None) => match &identity.settings().default_key {
+                Some(k) => (k.clone(), "the identity's default_key"),
+                None => (DEFAULT_KEY.to_owned(), "the default"),
+            },
         };
+        // Before the name is looked up: an identity limited to some credentials learns
+        // nothing about the others (not even which names exist).
+        if !identity.settings().may_use(&name) {
+            return Err(ProxyError::KeyNotAllowed {
+                key: if crate::config::looks_like_key_material(&name) {
+                    crate::config::shown(&name)
+                } else {
+                    name.clone()
+                },
+                from,
+                identity: identity.name().to_owned(),
+                allowed: identity
+                    .settings()
+                    .keys
+                    .as_deref()
+                    .unwrap_or_default()
+                    .join(", "),
+            });
+        }
         let mismatch = |kind: KeyKind| ProxyError::KeyKindMismatch {
             name: name.clone(),
             from,

@@ -1025,3 +1025,193 @@ async fn readme_rest_snippets_reach_the_mock_signed() {
         gate.stop().await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// examples/three-programs: one cbgate, three keys, three identities
+// ---------------------------------------------------------------------------
+
+/// The kid of the JWT the mock verified, or a panic naming why it did not.
+fn signer(r: &common::mock::Recorded) -> String {
+    match &r.auth {
+        AuthOutcome::Valid { kid, .. } => kid.clone(),
+        other => panic!("{} {}: not verified: {other:?}", r.method, r.path_and_query),
+    }
+}
+
+/// examples/three-programs/cbgate.toml as shipped, with only what cannot be on this machine
+/// replaced: the key and token files (written to `dir`) and the upstream (the mock). Each
+/// program runs unmodified with its own token file; the mock checks which key signed each
+/// request; the refusals shown never reach it.
+#[tokio::test]
+async fn three_programs_example_each_program_gets_its_own_key_and_ceiling() {
+    require_curl();
+    let toml = read("three-programs/cbgate.toml");
+    let mut cfg = Config::from_toml_str(&toml).expect("the example is a valid configuration");
+    let names = ["dashboard", "bot", "ops"];
+    assert_eq!(
+        cfg.keys.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["bot", "dashboard", "ops"]
+    );
+    assert!(cfg.clients.require, "the example requires known identities");
+    assert!(cfg.guard.is_active(), "the bot's orders are guarded");
+    for (name, permission) in names.iter().zip(["view", "trade", "transfer"]) {
+        let c = &cfg.clients.named[*name];
+        assert_eq!(c.permission.map(|p| p.as_str()), Some(permission), "{name}");
+        assert_eq!(c.keys.as_deref(), Some(&[name.to_string()][..]), "{name}");
+        assert_eq!(c.default_key.as_deref(), Some(*name), "{name}");
+    }
+
+    let keys = [
+        TestKey::generate(KeyForm::P256Sec1),
+        TestKey::generate(KeyForm::Ed25519B64_64),
+        TestKey::generate(KeyForm::P256Pkcs8),
+    ];
+    let up = Upstream::start_with(MockOptions {
+        key: Some(keys[0].expected.clone()),
+        also_accept: vec![keys[1].expected.clone(), keys[2].expected.clone()],
+        realistic: true,
+        ..MockOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tokens = Vec::new();
+    for (name, key) in names.iter().zip(&keys) {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        cfg.keys.get_mut(*name).expect("key").file = Some(key.write_json(&sub));
+        let token = write_private(
+            dir.path(),
+            &format!("{name}.token"),
+            format!("{name}-example-token-{}\n", uuid_like(name)).as_bytes(),
+        );
+        cfg.clients.named.get_mut(*name).expect("client").token_file = Some(token.clone());
+        tokens.push(token);
+    }
+    let test_cfg = up.config();
+    cfg.upstream.ca_file = test_cfg.upstream.ca_file;
+    cfg.upstream.resolve = test_cfg.upstream.resolve;
+    let gate = Gate::start(cfg, None).await;
+
+    // Runs one program; returns its output and what the mock received meanwhile.
+    let run_program =
+        |program: &'static str, script: &'static str, token: PathBuf, args: Vec<String>| {
+            let url = gate.url.clone();
+            let up = &up;
+            async move {
+                let before = up.mock.requests().len();
+                let path = example(&format!("three-programs/{script}"));
+                let mut cmd = client(
+                    program,
+                    &[&path],
+                    &[
+                        ("CBGATE_URL", url.as_str()),
+                        ("CBGATE_TOKEN_FILE", token.to_str().expect("utf-8 path")),
+                    ],
+                );
+                cmd.args(args);
+                let out = run(cmd).await;
+                let (stdout, stderr) = text(&out);
+                println!("---- {script}\n{stdout}{stderr}");
+                assert!(
+                    out.status.success(),
+                    "{script} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+                    out.status
+                );
+                (stdout, up.mock.requests()[before..].to_vec())
+            }
+        };
+    let seen = |recs: &[common::mock::Recorded]| -> Vec<(String, String)> {
+        recs.iter()
+            .map(|r| (format!("{} {}", r.method, r.path_and_query), signer(r)))
+            .collect()
+    };
+
+    // The dashboard: reads with its key; its order is refused by its view ceiling.
+    let (stdout, recs) = run_program(python(), "dashboard.py", tokens[0].clone(), vec![]).await;
+    let d = keys[0].name.clone();
+    assert_eq!(
+        seen(&recs),
+        [
+            (
+                "GET /api/v3/brokerage/accounts?limit=250".to_owned(),
+                d.clone()
+            ),
+            ("GET /api/v3/brokerage/portfolios".to_owned(), d),
+        ]
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("account") && l.contains("BTC"))
+            && stdout.contains("portfolio 8b5a5a1c-0000-4000-8000-000000000002 CONSUMER"),
+        "the dashboard printed balances and portfolios:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("refused as it should be: HTTP 403 policy_denied")
+            && stdout.contains("\"dashboard\""),
+        "{stdout}"
+    );
+
+    // The bot: places and cancels with its key; the ops key is refused.
+    let (stdout, recs) = run_program(python(), "bot.py", tokens[1].clone(), vec![]).await;
+    let b = keys[1].name.clone();
+    assert_eq!(
+        seen(&recs),
+        [
+            ("POST /api/v3/brokerage/orders".to_owned(), b.clone()),
+            ("POST /api/v3/brokerage/orders/batch_cancel".to_owned(), b),
+        ]
+    );
+    let orders = up.mock.orders();
+    assert_eq!(orders.len(), 1);
+    assert!(orders[0].cancelled);
+    assert!(
+        stdout.contains(&format!("placed order {}", orders[0].order_id)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("refused as it should be: HTTP 403 key_not_allowed")
+            && stdout.contains("credential ops")
+            && stdout.contains("\"bot\""),
+        "{stdout}"
+    );
+
+    // The ops script: moves funds with its key; without a token it is refused.
+    let [source, target] = common::mock::PORTFOLIOS.map(|(uuid, _, _)| uuid.to_owned());
+    let (stdout, recs) = run_program(
+        "bash",
+        "ops.sh",
+        tokens[2].clone(),
+        vec![source.clone(), target.clone(), "10".into(), "USD".into()],
+    )
+    .await;
+    let o = keys[2].name.clone();
+    assert_eq!(
+        seen(&recs),
+        [
+            ("GET /api/v3/brokerage/portfolios".to_owned(), o.clone()),
+            ("POST /api/v3/brokerage/portfolios/move_funds".to_owned(), o),
+        ]
+    );
+    let moved: Value = serde_json::from_slice(&recs[1].body).expect("move_funds body");
+    assert_eq!(
+        moved,
+        json!({"funds": {"value": "10", "currency": "USD"},
+               "source_portfolio_uuid": source, "target_portfolio_uuid": target})
+    );
+    assert!(
+        stdout.contains("refused as it should be: HTTP 401 without a token")
+            && stdout.contains(&format!("moved 10 USD to {target}")),
+        "{stdout}"
+    );
+    // No token reached Coinbase.
+    for r in up.mock.requests() {
+        assert!(r.headers.get("cbgate-token").is_none() && r.headers.get("cbgate-key").is_none());
+    }
+    gate.stop().await;
+}
+
+/// A token suffix that differs per program (token files need 16+ characters, all distinct).
+fn uuid_like(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}

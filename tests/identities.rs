@@ -54,9 +54,13 @@ impl Served {
             .client_token_file
             .as_deref()
             .map(|p| read_token_file(p).expect("client_token_file read"));
+        // `[keys.NAME]` from files, as `serve` loads them.
+        let keys = cbgate::sign::keys::Keyring::load(&cfg.keys, &std::collections::HashMap::new())
+            .expect("named keys load");
         let proxy = Arc::new(
             Proxy::new(&cfg, Some(api_key))
                 .expect("proxy builds")
+                .with_keys(keys)
                 .with_client_token(default, &cfg)
                 .with_client_tokens(tokens)
                 .expect("tokens are distinct"),
@@ -1165,5 +1169,408 @@ async fn the_budget_serves_identities_in_turn_and_caps_a_share() {
         "a 0.25 share of 10/s served {served} in {span:.2} s (at most {most:.1})"
     );
     assert!(served >= 1, "the capped identity was never served");
+    gate.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Which credentials an identity may use: clients.NAME.keys and default_key
+// ---------------------------------------------------------------------------
+
+const BOT_TOKEN: &str = "bot-token-5e2a9c7f1d3b";
+const ANY_TOKEN: &str = "any-token-0b7d3f9e5a1c";
+
+/// `[key]` (`default`), `[keys.bot]` and `[keys.ops]`, all accepted by the mock (by kid); a
+/// route `/api/v3/brokerage/portfolios` signed with `ops`; identities `bot` (keys = ["bot"],
+/// default_key = "bot") and `any` (every key, default_key = "ops"), by token.
+struct KeyedSetup {
+    default: TestKey,
+    bot: TestKey,
+    ops: TestKey,
+    up: Upstream,
+    dir: tempfile::TempDir,
+}
+
+impl KeyedSetup {
+    async fn start() -> KeyedSetup {
+        let default = TestKey::generate(KeyForm::P256Sec1);
+        let bot = TestKey::generate(KeyForm::Ed25519B64_64);
+        let ops = TestKey::generate(KeyForm::P256Pkcs8);
+        let up = Upstream::start_with(common::mock::MockOptions {
+            key: Some(default.expected.clone()),
+            also_accept: vec![bot.expected.clone(), ops.expected.clone()],
+            ..Default::default()
+        })
+        .await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        KeyedSetup {
+            default,
+            bot,
+            ops,
+            up,
+            dir,
+        }
+    }
+
+    fn config(&self) -> Config {
+        let dir = self.dir.path();
+        let mut cfg = self.up.config();
+        for (name, key) in [("bot", &self.bot), ("ops", &self.ops)] {
+            let sub = dir.join(name);
+            std::fs::create_dir_all(&sub).expect("mkdir");
+            cfg.keys.insert(
+                name.into(),
+                cbgate::config::NamedKeyConfig {
+                    file: Some(key.write_json(&sub)),
+                    ..Default::default()
+                },
+            );
+        }
+        let mut by_route = cbgate::config::RouteConfig::new(
+            "/api/v3/brokerage/portfolios",
+            "https://api.coinbase.com",
+        );
+        by_route.key = Some("ops".into());
+        cfg.routes.insert(0, by_route);
+        for (name, token, keys, default_key) in [
+            ("bot", BOT_TOKEN, Some(vec!["bot".to_owned()]), "bot"),
+            ("any", ANY_TOKEN, None, "ops"),
+        ] {
+            let file = write_private(dir, &format!("{name}.token"), token.as_bytes());
+            cfg.clients.named.insert(
+                name.into(),
+                ClientConfig {
+                    token_file: Some(file),
+                    keys,
+                    default_key: Some(default_key.into()),
+                    ..ClientConfig::default()
+                },
+            );
+        }
+        cfg
+    }
+}
+
+fn get_with(url: &str, path: &str, token: Option<&str>, key: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::get(format!("{url}{path}"));
+    if let Some(t) = token {
+        b = b.header("cbgate-token", t);
+    }
+    if let Some(k) = key {
+        b = b.header("cbgate-key", k);
+    }
+    b.body(Full::new(Bytes::new())).expect("request")
+}
+
+/// How many budget tokens of `class` were taken (`cbgate_budget_wait_seconds_count`).
+fn budget_taken(proxy: &Proxy, class: &str) -> u64 {
+    let metrics = proxy.metrics().render();
+    let prefix = format!("cbgate_budget_wait_seconds_count{{class=\"{class}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().expect("a count"))
+}
+
+#[tokio::test]
+async fn identity_keys_limit_and_default_key_picks_the_credential() {
+    let s = KeyedSetup::start().await;
+    let mut cfg = s.config();
+    let audit_file = s.dir.path().join("audit.log");
+    cfg.audit.file = Some(audit_file.clone());
+    let gate = Served::tcp(cfg, &s.default).await;
+    let client = h1_client();
+    const ACCOUNTS: &str = "/api/v3/brokerage/accounts";
+    const PORTFOLIOS: &str = "/api/v3/brokerage/portfolios";
+
+    // Served: (token, cbgate-key, path) -> the key the mock saw sign it.
+    for (token, key, path, want, why) in [
+        (Some(BOT_TOKEN), None, ACCOUNTS, &s.bot, "bot's default_key"),
+        (
+            Some(BOT_TOKEN),
+            Some("bot"),
+            PORTFOLIOS,
+            &s.bot,
+            "the header beats the route's key",
+        ),
+        (Some(ANY_TOKEN), None, ACCOUNTS, &s.ops, "any's default_key"),
+        (
+            Some(ANY_TOKEN),
+            Some("default"),
+            ACCOUNTS,
+            &s.default,
+            "the header beats default_key",
+        ),
+        (
+            Some(ANY_TOKEN),
+            Some("bot"),
+            PORTFOLIOS,
+            &s.bot,
+            "any may use every key",
+        ),
+        (
+            Some(ANY_TOKEN),
+            None,
+            PORTFOLIOS,
+            &s.ops,
+            "the route's key beats default_key",
+        ),
+        (
+            None,
+            None,
+            ACCOUNTS,
+            &s.default,
+            "anonymous: the global default",
+        ),
+        (None, Some("bot"), ACCOUNTS, &s.bot, "anonymous: any key"),
+    ] {
+        let r = send(&client, get_with(&gate.url, path, token, key)).await;
+        assert_eq!(r.status, StatusCode::OK, "{why}: {}", r.text());
+        let rec = up_last(&s.up);
+        match &rec.auth {
+            AuthOutcome::Valid { kid, .. } => assert_eq!(kid, &want.name, "{why}"),
+            other => panic!("{why}: not verified: {other:?}"),
+        }
+        assert!(
+            rec.headers.get("cbgate-key").is_none(),
+            "{why}: header stripped"
+        );
+    }
+    let forwarded = s.up.mock.requests().len();
+    let taken = budget_taken(&gate.proxy, "advanced_private");
+    assert_eq!(
+        taken, forwarded as u64,
+        "one budget token per forwarded request"
+    );
+
+    // Refused: bot may use only "bot", by header or by the route's key.
+    for (key, path, from) in [
+        (Some("ops"), ACCOUNTS, "the cbgate-key header"),
+        (Some("default"), ACCOUNTS, "the cbgate-key header"),
+        (None, PORTFOLIOS, "the route's key"),
+    ] {
+        let r = send(&client, get_with(&gate.url, path, Some(BOT_TOKEN), key)).await;
+        assert_eq!(
+            r.status,
+            StatusCode::FORBIDDEN,
+            "{key:?} {path}: {}",
+            r.text()
+        );
+        assert_eq!(r.cbgate_error(), Some("key_not_allowed"), "{}", r.text());
+        let v = r.json();
+        let m = v["message"].as_str().unwrap_or_default();
+        let asked = key.unwrap_or("ops");
+        assert!(
+            m.contains(&format!("credential {asked} ({from})"))
+                && m.contains("client identity \"bot\"")
+                && m.contains("clients.bot.keys: bot"),
+            "names the key, where it came from and the identity: {m}"
+        );
+        // Both error shapes, as every other refusal.
+        assert_eq!(v["errorType"], "key_not_allowed");
+        assert_eq!(v["errorMessage"], m);
+        assert!(!r.text().contains(BOT_TOKEN));
+    }
+    assert_eq!(
+        s.up.mock.requests().len(),
+        forwarded,
+        "a refused request reached Coinbase"
+    );
+    assert_eq!(
+        budget_taken(&gate.proxy, "advanced_private"),
+        taken,
+        "a refused request spent a budget token"
+    );
+    // An order from bot through its default_key: the audit intent names the key "bot"; the
+    // refusal names the key asked for, not [key]'s.
+    let order = |key: Option<&str>| {
+        let mut b = Request::post(format!("{}/api/v3/brokerage/orders", gate.url))
+            .header("content-type", "application/json")
+            .header("cbgate-token", BOT_TOKEN);
+        if let Some(k) = key {
+            b = b.header("cbgate-key", k);
+        }
+        b.body(Full::new(Bytes::from_static(ORDER.as_bytes())))
+            .expect("request")
+    };
+    let r = send(&client, order(None)).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = send(&client, order(Some("ops"))).await;
+    assert_eq!(r.cbgate_error(), Some("key_not_allowed"));
+    let metrics = gate.proxy.metrics().render();
+    assert!(
+        metrics.contains(r#"cbgate_client_requests_total{identity="bot",route="/api/v3/",method="POST",status="4xx"} 1"#),
+        "{metrics}"
+    );
+    gate.stop().await;
+    let text = std::fs::read_to_string(&audit_file).expect("audit log");
+    let recs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let intent = recs
+        .iter()
+        .find(|r| r["type"] == "intent" && r["identity"] == "bot")
+        .unwrap_or_else(|| panic!("bot's intent record in {text}"));
+    assert_eq!(intent["key"], "bot", "{text}");
+    let refusal = recs
+        .iter()
+        .rfind(|r| r["type"] == "refusal" && r["identity"] == "bot")
+        .unwrap_or_else(|| panic!("bot's refusal record in {text}"));
+    assert_eq!(refusal["key"], "ops", "{text}");
+    assert!(!text.contains(BOT_TOKEN));
+}
+
+fn up_last(up: &Upstream) -> common::mock::Recorded {
+    up.mock
+        .requests()
+        .pop()
+        .expect("a request reached the mock")
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_with_a_key_the_identity_may_not_use_is_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let s = KeyedSetup::start().await;
+    let ws = common::ws_mock::WsUpstream::start(common::ws_mock::WsMockOptions::default()).await;
+    let mut cfg = s.config();
+    // The WebSocket hosts go to the WebSocket mock, trusted by its own CA.
+    let ws_cfg = ws.config();
+    cfg.upstream.ca_file = ws_cfg.upstream.ca_file.clone();
+    cfg.upstream.resolve = ws_cfg.upstream.resolve.clone();
+    let gate = Served::tcp(cfg, &s.default).await;
+    let addr = gate.addr.expect("tcp");
+    let upgrade = |key: Option<&'static str>| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut req = format!("ws://{addr}/ws/user")
+            .into_client_request()
+            .expect("request");
+        req.headers_mut()
+            .insert("cbgate-token", http::HeaderValue::from_static(BOT_TOKEN));
+        if let Some(k) = key {
+            req.headers_mut()
+                .insert("cbgate-key", http::HeaderValue::from_static(k));
+        }
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio_tungstenite::client_async(req, tcp),
+        )
+        .await
+        .expect("handshake within 20 s")
+    };
+    for key in ["ops", "default"] {
+        match upgrade(Some(key)).await {
+            Err(WsError::Http(resp)) => {
+                assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{key}");
+                assert_eq!(
+                    resp.headers()
+                        .get("x-cbgate-error")
+                        .and_then(|v| v.to_str().ok()),
+                    Some("key_not_allowed"),
+                    "{key}"
+                );
+                let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                let m = v["message"].as_str().unwrap_or_default();
+                assert!(
+                    m.contains(&format!("credential {key} (the cbgate-key header)"))
+                        && m.contains("client identity \"bot\""),
+                    "{body}"
+                );
+            }
+            Ok(_) => panic!("bot upgraded with the {key} key"),
+            Err(e) => panic!("{key}: {e}"),
+        }
+    }
+    assert_eq!(
+        ws.mock.connections(),
+        0,
+        "a refused upgrade reached Coinbase"
+    );
+    assert_eq!(
+        budget_taken(&gate.proxy, "ws_connect"),
+        0,
+        "a refused upgrade spent a token"
+    );
+    // Control: bot's own key (its default_key) upgrades.
+    let (mut client, resp) = upgrade(None).await.expect("bot's own key upgrades");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(ws.mock.upgrades().len(), 1);
+    assert_eq!(budget_taken(&gate.proxy, "ws_connect"), 1);
+    let _ = futures_util::SinkExt::close(&mut client).await;
+    gate.stop().await;
+}
+
+#[tokio::test]
+async fn client_tokens_are_read_again_on_sighup_all_or_nothing() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = three_identities(&up, dir.path());
+    cfg.clients.require = true;
+    let gate = Served::tcp(cfg, &key).await;
+    let client = h1_client();
+    let status = |token: &'static str| {
+        let client = &client;
+        let url = gate.url.clone();
+        async move { send(client, get_as(&url, token)).await.status }
+    };
+    assert_eq!(status(VIEWER_TOKEN).await, StatusCode::OK);
+    const NEW_VIEWER: &str = "viewer-token-rotated-77aa31";
+    write_private(dir.path(), "viewer.token", NEW_VIEWER.as_bytes());
+    // Not before the reload: tokens are read at start and on SIGHUP only.
+    assert_eq!(status(NEW_VIEWER).await, StatusCode::UNAUTHORIZED);
+    cbgate::ops::reload::reload_client_tokens(&gate.proxy);
+    assert_eq!(status(NEW_VIEWER).await, StatusCode::OK);
+    assert_eq!(
+        status(VIEWER_TOKEN).await,
+        StatusCode::UNAUTHORIZED,
+        "the old token is gone"
+    );
+    assert_eq!(
+        status(TRADER_TOKEN).await,
+        StatusCode::OK,
+        "the others stay"
+    );
+
+    // One bad file: nothing changes (the good new trader token is not taken either).
+    write_private(dir.path(), "trader.token", b"trader-token-rotated-0042aa");
+    write_private(dir.path(), "ops.token", b"short");
+    let e = gate
+        .proxy
+        .identities()
+        .reload_tokens(None)
+        .expect_err("a short token is refused");
+    assert!(
+        e.contains("clients.ops.token_file") && !e.contains("short"),
+        "{e}"
+    );
+    assert_eq!(status(OPS_TOKEN).await, StatusCode::OK);
+    assert_eq!(status(TRADER_TOKEN).await, StatusCode::OK);
+    assert_eq!(
+        status("trader-token-rotated-0042aa").await,
+        StatusCode::UNAUTHORIZED
+    );
+    // Two identities with one token: refused as at start.
+    write_private(dir.path(), "ops.token", NEW_VIEWER.as_bytes());
+    let e = gate
+        .proxy
+        .identities()
+        .reload_tokens(None)
+        .expect_err("shared");
+    assert!(e.contains("the same token"), "{e}");
+    // A client token equal to the admin token: refused.
+    write_private(dir.path(), "ops.token", OPS_TOKEN.as_bytes());
+    let e = gate
+        .proxy
+        .identities()
+        .reload_tokens(Some(OPS_TOKEN))
+        .expect_err("admin");
+    assert!(
+        e.contains("clients.ops.token_file") && e.contains("admin_token_file"),
+        "{e}"
+    );
+    assert_eq!(status(NEW_VIEWER).await, StatusCode::OK);
     gate.stop().await;
 }

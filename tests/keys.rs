@@ -959,3 +959,202 @@ fn cdp_environment_variables_give_the_key_and_the_wallet_secret() {
     let out = cbgate(["check"], &[("CDP_API_KEY_ID", key.name.as_str())]);
     assert_check_fails(&out, "CDP_API_KEY_SECRET", &key.secret);
 }
+
+// ---------------------------------------------------------------------------
+// 4. Named credentials on the command line: token --key, check --online --key
+// ---------------------------------------------------------------------------
+
+const EX_SECRET: &str =
+    "dGhpcyBpcyBhIHRlc3Qgc2VjcmV0IGZvciBjYmdhdGUncyBFeGNoYW5nZSBzaWduZXIsIDY0IGJ5dGVzIGxvbmchIQ==";
+
+/// A cbgate.toml in `dir` with `[keys.bot]` (CDP, `bot`'s JSON), `[keys.ex]` (Exchange) and the
+/// mock as upstream; returns its path.
+fn named_keys_config(dir: &Path, up: &Upstream, bot: &TestKey) -> PathBuf {
+    let bot_dir = dir.join("bot");
+    std::fs::create_dir_all(&bot_dir).expect("mkdir");
+    let bot_file = bot.write_json(&bot_dir);
+    let ex_file = write_private(
+        dir,
+        "exchange.json",
+        format!(r#"{{"key": "ex-key-1", "secret": "{EX_SECRET}", "passphrase": "ex-pass"}}"#)
+            .as_bytes(),
+    );
+    let path = dir.join("cbgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[keys.bot]\nfile = {bot_file:?}\n[keys.ex]\nkind = \"exchange\"\nfile = {ex_file:?}\n\
+             [upstream]\nca_file = {ca:?}\n[upstream.resolve]\n\"api.coinbase.com\" = \"{mock}\"\n",
+            ca = up.ca_file,
+            mock = up.mock.addr,
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+#[tokio::test]
+async fn token_key_mints_for_the_named_cdp_credential_and_refuses_hmac_kinds() {
+    let default = TestKey::generate(KeyForm::P256Sec1);
+    let bot = TestKey::generate(KeyForm::Ed25519B64_64);
+    let up = Upstream::start(None).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = named_keys_config(dir.path(), &up, &bot);
+    let default_file = default.write_json(dir.path());
+    let token = |key: Option<&str>| {
+        let mut args: Vec<&OsStr> = vec![
+            "token".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--key-file".as_ref(),
+            default_file.as_os_str(),
+        ];
+        if let Some(k) = key {
+            args.extend([OsStr::new("--key"), OsStr::new(k)]);
+        }
+        args.extend([OsStr::new("GET"), OsStr::new("/api/v3/brokerage/accounts")]);
+        cbgate(args, &[])
+    };
+    for (key, want) in [
+        (Some("bot"), &bot),
+        (None, &default),
+        (Some("default"), &default),
+    ] {
+        let out = token(key);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{key:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let jwt = stdout.trim();
+        let t = common::mock::verify_signature(&want.expected, jwt)
+            .unwrap_or_else(|e| panic!("{key:?}: not signed by {}: {e}", want.name));
+        assert_eq!(t.kid, want.name, "{key:?}");
+        assert_eq!(
+            t.claims["uri"],
+            "GET api.coinbase.com/api/v3/brokerage/accounts"
+        );
+    }
+    // An Exchange key has no token; an unknown name is named. Exit 2, one line, nothing on
+    // stdout, no secret.
+    for (key, phrase) in [
+        ("ex", "--key ex is of kind exchange"),
+        (
+            "nope",
+            "\"nope\", which is not configured; configured: default, bot, ex",
+        ),
+    ] {
+        let out = token(Some(key));
+        assert_check_fails(&out, phrase, EX_SECRET);
+        assert_no_secret(&String::from_utf8_lossy(&out.stderr), &bot.secret);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_online_probes_every_cdp_credential_and_key_limits_it_to_one() {
+    let default = TestKey::generate(KeyForm::P256Pkcs8);
+    let bot = TestKey::generate(KeyForm::Ed25519B64_32);
+    let portfolio = |uuid: &str, kind: &str, trade: bool| {
+        json!({"can_view": true, "can_trade": trade, "can_transfer": false,
+               "portfolio_uuid": uuid, "portfolio_type": kind})
+    };
+    let up = Upstream::start_with(common::mock::MockOptions {
+        key: Some(default.expected.clone()),
+        also_accept: vec![bot.expected.clone()],
+        permissions: vec![
+            (
+                default.name.clone(),
+                portfolio("11111111-aaaa", "DEFAULT", false),
+            ),
+            (
+                bot.name.clone(),
+                portfolio("22222222-bbbb", "CONSUMER", true),
+            ),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = named_keys_config(dir.path(), &up, &bot);
+    let default_file = default.write_json(dir.path());
+    let run = |key: Option<&'static str>| {
+        let (cfg, default_file) = (cfg.clone(), default_file.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut args: Vec<&OsStr> = vec![
+                "check".as_ref(),
+                "--online".as_ref(),
+                "--config".as_ref(),
+                cfg.as_os_str(),
+                "--key-file".as_ref(),
+                default_file.as_os_str(),
+            ];
+            if let Some(k) = key {
+                args.extend([OsStr::new("--key"), OsStr::new(k)]);
+            }
+            cbgate(args, &[])
+        })
+    };
+    let line = |name: &str, uuid: &str, kind: &str, trade: bool| {
+        format!(
+            "online: credential {name}: ok; portfolio_uuid: \"{uuid}\", portfolio_type: \"{kind}\"; can_view: true, can_trade: {trade}, can_transfer: false"
+        )
+    };
+    let probes = || {
+        up.mock
+            .requests_to("GET", cbgate::ops::online::PERMISSIONS_PATH)
+    };
+    let out = run(None).await.expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for want in [
+        line("default", "11111111-aaaa", "DEFAULT", false),
+        line("bot", "22222222-bbbb", "CONSUMER", true),
+    ] {
+        assert!(lines.contains(&want.as_str()), "{want:?} in\n{stdout}");
+    }
+    // The Exchange key is not probed (key_permissions is a CDP endpoint): two calls, one per
+    // CDP credential, each signed by its own key.
+    let kids: Vec<String> = probes()
+        .iter()
+        .map(|r| match &r.auth {
+            AuthOutcome::Valid { kid, .. } => kid.clone(),
+            other => panic!("not verified: {other:?}"),
+        })
+        .collect();
+    assert_eq!(kids, [default.name.clone(), bot.name.clone()]);
+    for secret in [&default.secret, &bot.secret] {
+        assert_no_secret(&stdout, secret);
+    }
+    assert_no_secret(&stdout, EX_SECRET);
+
+    // --key bot: that one only.
+    let out = run(Some("bot")).await.expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l == line("bot", "22222222-bbbb", "CONSUMER", true)),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("credential default"), "{stdout}");
+    assert_eq!(probes().len(), 3);
+    assert!(matches!(&probes()[2].auth, AuthOutcome::Valid { kid, .. } if *kid == bot.name));
+
+    // --key ex: not a CDP credential; nothing is sent, the reason is given, exit 1.
+    let out = run(Some("ex")).await.expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("credential ex: of kind exchange: key_permissions is a CDP endpoint"),
+        "{stderr}"
+    );
+    assert_eq!(probes().len(), 3);
+    assert_no_secret(&stderr, EX_SECRET);
+}

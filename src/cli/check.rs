@@ -1,9 +1,11 @@
-//! `cbgate check [--online]`: the same validation `serve` runs, then optionally one signed call.
+//! `cbgate check [--online [--key NAME]]`: the same validation `serve` runs, then optionally one
+//! signed call per CDP credential.
 
 use std::collections::HashMap;
 
 use anyhow::Context as _;
 
+use cbgate::config::KeyKind;
 use cbgate::ops::harden;
 use cbgate::proxy::Proxy;
 
@@ -45,7 +47,8 @@ pub fn run(
             format!("public key fingerprint: {}", k.fingerprint()),
         ]
     });
-    let online = args.online && key.is_some();
+    // Any CDP credential will do: `[key]` or a CDP `[keys.NAME]`.
+    let has_cdp = key.is_some() || keys.iter().any(|k| k.kind() == KeyKind::Cdp);
     // Exactly what `serve` builds before it binds, so `check` fails where `serve` would.
     let proxy = runtime
         .block_on(async {
@@ -153,35 +156,43 @@ pub fn run(
     if !args.online {
         return Ok(());
     }
-    if !online {
+    if !has_cdp {
         return Err(config_err(anyhow::anyhow!(
-            "--online needs a key: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"
+            "--online needs a CDP key: pass --key-file, set COINBASE_API_KEY + COINBASE_API_SECRET, or configure a [keys.NAME] with kind = \"cdp\""
         )));
     }
-    let report = runtime.block_on(cbgate::ops::online::online(&proxy));
+    let report = runtime.block_on(cbgate::ops::online::online(&proxy, args.key.as_deref()));
     match &report.clock_offset {
         Ok(o) => println!("clock offset: {o:+.2} s (Coinbase minus local)"),
         Err(e) => println!("clock offset: not measured ({e})"),
     }
-    match report.permissions {
-        Ok(p) => {
-            println!("online: ok");
-            for field in [
-                "can_view",
-                "can_trade",
-                "can_transfer",
-                "portfolio_uuid",
-                "portfolio_type",
-            ] {
+    let mut failed = Vec::new();
+    for (name, result) in &report.permissions {
+        match result {
+            Ok(p) => {
+                let field = |f: &str| p.get(f).unwrap_or(&serde_json::Value::Null).to_string();
+                // One line per credential: which portfolio it is scoped to, and what it may do.
                 println!(
-                    "{field}: {}",
-                    p.get(field).unwrap_or(&serde_json::Value::Null)
+                    "online: credential {name}: ok; portfolio_uuid: {}, portfolio_type: {}; can_view: {}, can_trade: {}, can_transfer: {}",
+                    field("portfolio_uuid"),
+                    field("portfolio_type"),
+                    field("can_view"),
+                    field("can_trade"),
+                    field("can_transfer"),
                 );
             }
-            Ok(())
+            Err(e) => {
+                println!("online: credential {name}: FAILED");
+                failed.push(format!("credential {name}: {e}"));
+            }
         }
-        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
-            "online check failed: {e}"
-        ))),
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Runtime(anyhow::anyhow!(
+            "online check failed: {}",
+            failed.join("; ")
+        )))
     }
 }

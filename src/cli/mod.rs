@@ -128,10 +128,14 @@ pub enum AuditCommand {
 pub struct CheckArgs {
     #[command(flatten)]
     pub common: Common,
-    /// Also call GET /api/v3/brokerage/key_permissions through the signing path and print the
-    /// key's permissions, or the exact reason it failed.
+    /// Also call GET /api/v3/brokerage/key_permissions through the signing path with every
+    /// CDP credential and print each one's portfolio and permissions, or the exact reason it
+    /// failed.
     #[arg(long)]
     pub online: bool,
+    /// With --online: probe only the credential NAME (`default` is `[key]`).
+    #[arg(long, value_name = "NAME", requires = "online")]
+    pub key: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -191,6 +195,10 @@ pub struct TokenArgs {
     /// A WebSocket subscribe token (no request binding); METHOD and PATH are not needed.
     #[arg(long)]
     pub ws: bool,
+    /// Mint with the CDP credential NAME (`[keys.NAME]`; `default` is `[key]`) instead of
+    /// `[key]`. Exchange, Prime and INTX keys have no token: they sign each request.
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
     /// HTTP method, e.g. GET.
     #[arg(required_unless_present = "ws")]
     pub method: Option<String>,

@@ -1,23 +1,58 @@
-//! `cbgate token`: a fresh JWT for one request, as the Coinbase docs' script prints.
+//! `cbgate token`: a fresh JWT for one request, as the Coinbase docs' script prints; `--key`
+//! picks a named CDP credential.
 
 use std::collections::HashMap;
 
 use anyhow::Context as _;
 
-use cbgate::config::Config;
+use cbgate::config::{Config, DEFAULT_KEY};
 use cbgate::gate::route::{Router, Upstream};
 use cbgate::sign::jwt::{self, Binding, ClaimStyle};
+use cbgate::sign::key::ApiKey;
+use cbgate::sign::keys::Credential;
 
 use super::{config_err, load, Failure, Loaded, Overrides, TokenArgs};
 
 /// Prints one token.
 pub fn run(args: TokenArgs, env: HashMap<String, String>) -> Result<(), Failure> {
-    let Loaded { cfg, key, .. } = load(&args.common, Overrides::default(), env)?;
-    let key = key.ok_or_else(|| {
-        config_err(anyhow::anyhow!(
-            "no API key configured: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET"
-        ))
-    })?;
+    let Loaded { cfg, key, keys, .. } = load(&args.common, Overrides::default(), env)?;
+    // The named credential stays loaded (and zeroized on drop) for as long as `key` borrows it.
+    let named;
+    let key: &ApiKey = match args.key.as_deref() {
+        None | Some(DEFAULT_KEY) => key.as_ref().ok_or_else(|| {
+            config_err(anyhow::anyhow!(
+                "no API key configured: pass --key-file or set COINBASE_API_KEY + COINBASE_API_SECRET{}",
+                if keys.names().is_empty() {
+                    String::new()
+                } else {
+                    format!(", or pick a named credential with --key ({})", keys.names().join(", "))
+                }
+            ))
+        })?,
+        Some(name) => {
+            named = keys
+                .get(name)
+                .ok_or_else(|| {
+                    let mut known = keys.names();
+                    known.insert(0, DEFAULT_KEY);
+                    config_err(anyhow::anyhow!(
+                        "--key names the credential {}, which is not configured; configured: {}",
+                        cbgate::config::shown(name),
+                        known.join(", ")
+                    ))
+                })?
+                .current();
+            match named.as_ref() {
+                Credential::Cdp(k) => k,
+                Credential::Hmac(h) => {
+                    return Err(config_err(anyhow::anyhow!(
+                        "--key {name} is of kind {}: Exchange, Prime and INTX keys sign each request with HMAC headers, there is no token to mint; send the request through cbgate (cbgate-key: {name}), or give a CDP credential",
+                        h.kind().as_str()
+                    )))
+                }
+            }
+        }
+    };
     let now = jwt::now_secs(0);
     let token = if args.ws {
         let none = Binding {
@@ -25,7 +60,7 @@ pub fn run(args: TokenArgs, env: HashMap<String, String>) -> Result<(), Failure>
             host: "",
             path: "",
         };
-        jwt::mint(&key, now, ClaimStyle::None, &none)
+        jwt::mint(key, now, ClaimStyle::None, &none)
     } else {
         let method = args.method.unwrap_or_default().to_ascii_uppercase();
         let target = args.path_or_url.unwrap_or_default();
@@ -35,7 +70,7 @@ pub fn run(args: TokenArgs, env: HashMap<String, String>) -> Result<(), Failure>
             host: &upstream.authority,
             path: &path,
         };
-        jwt::mint(&key, now, upstream.claims, &binding)
+        jwt::mint(key, now, upstream.claims, &binding)
     }
     .map_err(|e| Failure::Runtime(e.into()))?;
     println!("{token}");

@@ -483,6 +483,20 @@ pub struct ClientConfig {
     /// identity (unset: no cap beyond the fair queue).
     #[serde(deserialize_with = "opt_decimal")]
     pub budget_share: Option<rust_decimal::Decimal>,
+    /// The credentials this identity may sign with (`default` is `[key]`); unset: every one.
+    /// Any other, by `cbgate-key` or a route's `key`, is refused with 403 `key_not_allowed`.
+    pub keys: Option<Vec<String>>,
+    /// The credential used when neither `cbgate-key` nor the route names one (unset: `default`).
+    pub default_key: Option<String>,
+}
+
+impl ClientConfig {
+    /// Whether this identity may sign with the credential `name` (`keys` unset: every one).
+    pub fn may_use(&self, name: &str) -> bool {
+        self.keys
+            .as_ref()
+            .is_none_or(|k| k.iter().any(|n| n == name))
+    }
 }
 
 /// `[clients]`: `require` plus one `[clients.NAME]` table per identity.
@@ -1461,6 +1475,7 @@ impl Config {
                     ));
                 }
             }
+            self.check_client_keys(&key, c)?;
             for (i, r) in c.rules.iter().enumerate() {
                 pattern::parse_pattern(&r.path)
                     .map_err(|m| invalid(format!("{key}.rules[{i}].path"), m))?;
@@ -1495,6 +1510,65 @@ impl Config {
                 "unix_mode",
                 format!("{mode:04o} lets every local user connect: set clients.require = true so that only configured identities (unix_uid, unix_gid, token) are served, or use \"0660\" with a group"),
             ));
+        }
+        Ok(())
+    }
+
+    /// `clients.NAME.keys` and `default_key` name configured credentials, and `default_key`
+    /// is one of `keys` when both are set. `at` is `clients.NAME`.
+    fn check_client_keys(&self, at: &str, c: &ClientConfig) -> Result<(), ConfigError> {
+        let configured = |name: &str| name == DEFAULT_KEY || self.keys.contains_key(name);
+        let known = || {
+            let mut known: Vec<&str> = self.keys.keys().map(String::as_str).collect();
+            known.insert(0, DEFAULT_KEY);
+            known.join(", ")
+        };
+        let unknown = |field: String, name: &str| {
+            invalid(
+                field,
+                format!(
+                    "{} is not a configured credential; add [keys.{}] or use one of: {}",
+                    shown(name),
+                    if valid_key_name(name) { name } else { "NAME" },
+                    known()
+                ),
+            )
+        };
+        if let Some(keys) = &c.keys {
+            if keys.is_empty() {
+                return Err(invalid(
+                    format!("{at}.keys"),
+                    "is empty, so this identity could sign with no credential: list the credentials it may use, e.g. keys = [\"default\"], or remove the setting to allow every one",
+                ));
+            }
+            for (i, name) in keys.iter().enumerate() {
+                if !configured(name) {
+                    return Err(unknown(format!("{at}.keys[{i}]"), name));
+                }
+            }
+        }
+        if c.default_key.is_none() && !c.may_use(DEFAULT_KEY) {
+            return Err(invalid(
+                format!("{at}.default_key"),
+                format!(
+                    "is missing: {at}.keys does not include default, so every request that names no credential would be refused; set default_key to one of: {}",
+                    c.keys.as_deref().unwrap_or_default().join(", ")
+                ),
+            ));
+        }
+        if let Some(name) = &c.default_key {
+            if !configured(name) {
+                return Err(unknown(format!("{at}.default_key"), name));
+            }
+            if !c.may_use(name) {
+                return Err(invalid(
+                    format!("{at}.default_key"),
+                    format!(
+                        "{name} is not in {at}.keys ({}): the identity could not use its own default; add it to keys or pick one of them",
+                        c.keys.as_deref().unwrap_or_default().join(", ")
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -2017,6 +2091,61 @@ mod tests {
         assert!(e.to_string().contains("routes[0].upstream"), "{e}");
         let e = load_toml("[upstream]\nconnect_timeout = \"soon\"").expect_err("bad duration");
         assert!(e.to_string().contains("connect_timeout"), "{e}");
+    }
+
+    #[test]
+    fn client_keys_and_default_key_name_configured_credentials() {
+        const KEYS: &str =
+            "[keys.bot]\nfile = \"/k/bot.json\"\n[keys.ops]\nfile = \"/k/ops.json\"\n";
+        let c = load_toml(&format!(
+            "{KEYS}[clients.bot]\nunix_uid = 1\nkeys = [\"bot\"]\ndefault_key = \"bot\"\n\
+             [clients.any]\nunix_uid = 2\ndefault_key = \"ops\"\n\
+             [clients.dflt]\nunix_uid = 3\nkeys = [\"default\", \"ops\"]\n"
+        ))
+        .expect("load");
+        let bot = &c.clients.named["bot"];
+        assert_eq!(bot.keys.as_deref(), Some(&["bot".to_owned()][..]));
+        assert_eq!(bot.default_key.as_deref(), Some("bot"));
+        assert!(bot.may_use("bot") && !bot.may_use("ops") && !bot.may_use(DEFAULT_KEY));
+        // Unset keys: every credential.
+        assert!(c.clients.named["any"].may_use("ops") && c.clients.named["any"].may_use("x"));
+        assert!(c.clients.named["dflt"].may_use(DEFAULT_KEY));
+        for (text, key, words) in [
+            (
+                "[clients.bot]\nunix_uid = 1\nkeys = [\"bot\", \"nope\"]\ndefault_key = \"bot\"",
+                "clients.bot.keys[1]",
+                "\"nope\" is not a configured credential; add [keys.nope] or use one of: default, bot, ops",
+            ),
+            (
+                "[clients.bot]\nunix_uid = 1\ndefault_key = \"nope\"",
+                "clients.bot.default_key",
+                "\"nope\" is not a configured credential",
+            ),
+            (
+                "[clients.bot]\nunix_uid = 1\nkeys = [\"bot\"]\ndefault_key = \"ops\"",
+                "clients.bot.default_key",
+                "ops is not in clients.bot.keys (bot)",
+            ),
+            (
+                "[clients.bot]\nunix_uid = 1\nkeys = [\"bot\", \"ops\"]",
+                "clients.bot.default_key",
+                "set default_key to one of: bot, ops",
+            ),
+            (
+                "[clients.bot]\nunix_uid = 1\nkeys = []",
+                "clients.bot.keys",
+                "is empty",
+            ),
+            (
+                "[clients.bot]\nunix_uid = 1\nkey = \"bot\"",
+                "clients.bot.key",
+                "did you mean clients.bot.keys?",
+            ),
+        ] {
+            let e = load_toml(&format!("{KEYS}{text}")).expect_err(text);
+            let shown = e.to_string();
+            assert!(shown.contains(key) && shown.contains(words), "{text}: {shown}");
+        }
     }
 
     #[test]

@@ -16,8 +16,10 @@
 //! a token; the files' text is zeroized once hashed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method};
 use zeroize::Zeroizing;
@@ -234,12 +236,17 @@ fn setting(name: &str) -> String {
     }
 }
 
+/// SHA-256 of each token, with the identity it stands for.
+type TokenDigests = Vec<([u8; 32], Arc<Identity>)>;
+
 /// Every configured identity and how to recognise it.
 pub struct Identities {
     anonymous: Arc<Identity>,
     by_name: BTreeMap<String, Arc<Identity>>,
-    /// SHA-256 of each identity's token.
-    tokens: Vec<([u8; 32], Arc<Identity>)>,
+    /// SHA-256 of each identity's token; swapped whole when the token files are read again.
+    tokens: ArcSwap<TokenDigests>,
+    /// `client_token_file` (the identity `default`), to read it again on reload.
+    default_token_file: Option<PathBuf>,
     uids: HashMap<u32, Arc<Identity>>,
     gids: HashMap<u32, Arc<Identity>>,
     require: bool,
@@ -249,7 +256,7 @@ impl std::fmt::Debug for Identities {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identities")
             .field("names", &self.by_name.keys().collect::<Vec<_>>())
-            .field("tokens", &self.tokens.len())
+            .field("tokens", &self.tokens.load().len())
             .field("uids", &self.uids.keys().collect::<Vec<_>>())
             .field("gids", &self.gids.keys().collect::<Vec<_>>())
             .field("require", &self.require)
@@ -300,7 +307,8 @@ impl Identities {
         Ok(Identities {
             anonymous,
             by_name,
-            tokens: Vec::new(),
+            tokens: ArcSwap::from_pointee(Vec::new()),
+            default_token_file: cfg.client_token_file.clone(),
             uids,
             gids,
             require: cfg.identity_required(),
@@ -309,39 +317,91 @@ impl Identities {
 
     /// Sets the identities' tokens (from [`ClientTokens::read`], plus `default` for
     /// `client_token_file`); two identities with one token are an error.
-    pub fn with_tokens(mut self, tokens: ClientTokens) -> Result<Identities, IdentityError> {
-        let mut seen: Vec<([u8; 32], String)> = self
-            .tokens
-            .iter()
-            .map(|(d, id)| (*d, id.name.clone()))
-            .collect();
+    pub fn with_tokens(self, tokens: ClientTokens) -> Result<Identities, IdentityError> {
+        let current = self.tokens.load_full();
+        let next = self.digests(current.as_slice(), &tokens)?;
+        self.tokens.store(Arc::new(next));
+        Ok(self)
+    }
+
+    /// `base` plus the digests of `tokens`; an unknown name or a token two identities share
+    /// is an error.
+    fn digests(
+        &self,
+        base: &[([u8; 32], Arc<Identity>)],
+        tokens: &ClientTokens,
+    ) -> Result<TokenDigests, IdentityError> {
+        let mut out = base.to_vec();
         for (name, token) in &tokens.0 {
             let Some(id) = self.by_name.get(name) else {
                 return Err(IdentityError::Unknown(name.clone()));
             };
             let d = digest(token);
-            if let Some((_, other)) = seen.iter().find(|(o, _)| *o == d) {
-                return Err(IdentityError::SameToken(other.clone(), name.clone()));
+            if let Some((_, other)) = out.iter().find(|(o, _)| *o == d) {
+                return Err(IdentityError::SameToken(other.name.clone(), name.clone()));
             }
-            seen.push((d, name.clone()));
-            self.tokens.push((d, Arc::clone(id)));
+            out.push((d, Arc::clone(id)));
         }
-        Ok(self)
+        Ok(out)
+    }
+
+    /// Reads every identity's `token_file` (and `client_token_file`) again and swaps the new
+    /// set in at once: all files good, or nothing changes (the error names the setting, never
+    /// a token). `admin`: the admin token, which no client may share. Returns how many tokens
+    /// are now in use. The identities themselves (names, ceilings, keys) do not change.
+    pub fn reload_tokens(&self, admin: Option<&str>) -> Result<usize, String> {
+        let mut tokens = ClientTokens::default();
+        if let Some(path) = &self.default_token_file {
+            let t = read_token_file(path).map_err(|e| format!("client_token_file: {e}"))?;
+            tokens.insert(DEFAULT_CLIENT, t);
+        }
+        for (name, id) in &self.by_name {
+            if let Some(path) = &id.settings.token_file {
+                let t =
+                    read_token_file(path).map_err(|e| format!("clients.{name}.token_file: {e}"))?;
+                tokens.insert(name, t);
+            }
+        }
+        if let Some(admin) = admin {
+            if let Some(holder) = tokens.holder_of(admin) {
+                return Err(format!(
+                    "{} holds the same token as admin_token_file: that client could halt and resume trading; give it a token of its own",
+                    setting(holder)
+                ));
+            }
+        }
+        // A default token given without client_token_file (a library caller) is kept as it is.
+        let kept: Vec<_> = match &self.default_token_file {
+            Some(_) => Vec::new(),
+            None => self
+                .tokens
+                .load()
+                .iter()
+                .filter(|(_, id)| id.name == DEFAULT_CLIENT)
+                .cloned()
+                .collect(),
+        };
+        let next = self.digests(&kept, &tokens).map_err(|e| e.to_string())?;
+        let n = next.len();
+        self.tokens.store(Arc::new(next));
+        Ok(n)
     }
 
     /// Requires `token` from every client as the identity `default` (what `client_token_file`
     /// does), or removes that requirement's token with `None`.
     pub fn set_default_token(&mut self, token: Option<Zeroizing<String>>) {
-        self.tokens.retain(|(_, id)| id.name != DEFAULT_CLIENT);
+        let mut tokens = (*self.tokens.load_full()).clone();
+        tokens.retain(|(_, id)| id.name != DEFAULT_CLIENT);
         if let Some(t) = token {
             let id = Arc::clone(
                 self.by_name
                     .entry(DEFAULT_CLIENT.to_owned())
                     .or_insert_with(|| Arc::new(default_identity())),
             );
-            self.tokens.push((digest(&t), id));
+            tokens.push((digest(&t), id));
             self.require = true;
         }
+        self.tokens.store(Arc::new(tokens));
     }
 
     /// Whether a request from no known identity is refused.
@@ -382,13 +442,14 @@ impl Identities {
         presented: fn(&HeaderMap) -> Result<Option<Zeroizing<String>>, ClientError>,
     ) -> Result<Recognised, ClientError> {
         let mut token_sent = false;
-        if !self.tokens.is_empty() {
+        let tokens = self.tokens.load();
+        if !tokens.is_empty() {
             if let Some(presented) = presented(headers)? {
                 token_sent = true;
                 let d = digest(&presented);
                 let mut found = None;
                 // Every digest is compared (no early exit): timing says nothing of which one.
-                for (known, id) in &self.tokens {
+                for (known, id) in tokens.iter() {
                     if aws_lc_rs::constant_time::verify_slices_are_equal(known, &d).is_ok() {
                         found = Some(id);
                     }

@@ -103,31 +103,24 @@ impl Listener {
             ListenAddr::Unix(path) => {
                 use std::os::unix::fs::FileTypeExt as _;
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if !meta.file_type().is_socket() {
+                    // A symlink is replaced below (rename swaps the link itself), never followed.
+                    if !meta.file_type().is_socket() && !meta.file_type().is_symlink() {
                         return Err(err(io::Error::new(
                             io::ErrorKind::AlreadyExists,
                             "path exists and is not a socket",
                         )));
                     }
                     // A socket someone still answers on belongs to a running instance.
-                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    if meta.file_type().is_socket()
+                        && std::os::unix::net::UnixStream::connect(path).is_ok()
+                    {
                         return Err(err(io::Error::new(
                             io::ErrorKind::AddrInUse,
                             "another process is serving on this socket",
                         )));
                     }
-                    std::fs::remove_file(path).map_err(err)?;
                 }
-                // Create the socket with its mode from the start: a chmod after bind would leave
-                // a window in which group members (umask 002) could connect. umask is
-                // process-wide, so it is restored at once.
-                let mode = unix_mode & 0o666;
-                let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(!mode & 0o777));
-                let bound = UnixListener::bind(path);
-                rustix::process::umask(old);
-                let listener = bound.map_err(err)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .map_err(err)?;
+                let listener = bind_private(path, unix_mode & 0o666).map_err(err)?;
                 Ok(Listener::Unix {
                     listener,
                     path: path.clone(),
@@ -150,6 +143,36 @@ impl Listener {
             Listener::Unix { path, .. } => format!("unix:{}", path.display()),
         }
     }
+}
+
+/// Binds a Unix socket at `path` with `mode`: bound in a fresh directory next to it that only
+/// this user can enter (0700), given its mode there, then renamed onto `path`. So no one can
+/// connect before the mode is set, without touching the process-wide umask; the chmod is on a
+/// path no one else can swap for a symlink; and the rename replaces whatever is at `path` (a
+/// stale socket, a symlink) atomically instead of following it.
+fn bind_private(path: &std::path::Path, mode: u32) -> io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let mut raw = [0u8; 4];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| io::Error::other("no random bytes"))?;
+    // Short, so that the temporary path stays within the 108 bytes of a socket address.
+    let dir = parent.join(format!(".cbgate-{:08x}", u32::from_le_bytes(raw)));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let tmp = dir.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    bound
 }
 
 /// Serving options for one listener (the proxy's or the admin's).
@@ -995,4 +1018,65 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileTypeExt as _;
+
+    fn mode_of(p: &std::path::Path) -> u32 {
+        std::fs::symlink_metadata(p)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_replaces_a_symlink_at_its_path_and_never_follows_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"not cbgate's").expect("write");
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let sock = dir.path().join("cbgate.sock");
+        std::os::unix::fs::symlink(&victim, &sock).expect("symlink");
+        let addr = ListenAddr::Unix(sock.clone());
+
+        let listener = Listener::bind_mode(&addr, 0o660).await.expect("bind");
+        let meta = std::fs::symlink_metadata(&sock).expect("stat");
+        assert!(
+            meta.file_type().is_socket(),
+            "the symlink was replaced by the socket"
+        );
+        assert_eq!(mode_of(&sock), 0o660);
+        // The link's target is untouched: neither chmodded nor overwritten.
+        assert_eq!(mode_of(&victim), 0o600);
+        assert_eq!(std::fs::read(&victim).expect("read"), b"not cbgate's");
+        assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        // No temporary directory is left next to it.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+
+        // A live socket is another instance's; a stale one is replaced; a file is refused.
+        let Err(e) = Listener::bind_mode(&addr, 0o600).await else {
+            panic!("in use: bound")
+        };
+        assert_eq!(e.cause.kind(), io::ErrorKind::AddrInUse);
+        drop(listener);
+        let again = Listener::bind_mode(&addr, 0o600)
+            .await
+            .expect("stale socket replaced");
+        assert_eq!(mode_of(&sock), 0o600);
+        drop(again);
+        let file = ListenAddr::Unix(victim.clone());
+        let Err(e) = Listener::bind_mode(&file, 0o600).await else {
+            panic!("a file: bound")
+        };
+        assert_eq!(e.cause.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&victim).expect("read"), b"not cbgate's");
+    }
 }

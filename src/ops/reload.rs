@@ -1,4 +1,5 @@
-//! Key rotation without a restart: on SIGHUP, and when the key file changes.
+//! Key rotation without a restart: on SIGHUP, and when the key file changes; client tokens
+//! are read again on SIGHUP.
 //!
 //! The directory is watched, not the file: Kubernetes secret volumes replace a key by swapping
 //! the `..data` symlink, which never touches the file's own inode. A new key is loaded, checked
@@ -189,6 +190,7 @@ pub async fn run(proxy: Arc<Proxy>, reloader: Arc<KeyReloader>) {
                     reloader.reload(&proxy, "SIGHUP");
                 }
                 reloader.reload_named(&proxy, "SIGHUP", false);
+                reload_client_tokens(&proxy);
             }
             Some(()) = rx.recv() => {
                 // Let a burst of events (write, rename, symlink swap) settle first.
@@ -198,6 +200,19 @@ pub async fn run(proxy: Arc<Proxy>, reloader: Arc<KeyReloader>) {
             }
             else => return,
         }
+    }
+}
+
+/// Reads the client identities' token files again (on SIGHUP): all at once or, on any error,
+/// none (the previous tokens stay in use).
+pub fn reload_client_tokens(proxy: &Proxy) {
+    match proxy.identities().reload_tokens(proxy.admin_control().0) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(tokens = n, "client tokens reloaded"),
+        Err(e) => tracing::error!(
+            error = %e,
+            "new client tokens rejected: the previous ones stay in use"
+        ),
     }
 }
 

@@ -296,7 +296,12 @@ impl Gate {
             .expect("proxy builds")
             .with_wallet_secret(wallet)
             .with_client_token(token, &cfg)
-            .with_keys(keys);
+            .with_keys(keys)
+            // `clients.NAME.token_file`s, as `cbgate serve` reads them.
+            .with_client_tokens(
+                cbgate::gate::identity::ClientTokens::read(&cfg).expect("client token files read"),
+            )
+            .expect("client tokens are distinct");
         if let Some(tls) = tls {
             proxy = proxy.with_tls(tls);
         }

@@ -209,6 +209,9 @@ pub struct MockOptions {
     /// requests must then carry an `X-Wallet-Auth` that verifies against it (see
     /// [`verify_wallet_auth`]); without it `X-Wallet-Auth` is not checked.
     pub wallet_key: Option<Vec<u8>>,
+    /// `GET /api/v3/brokerage/key_permissions` answers, by the JWT's kid (a CDP key is scoped
+    /// to one portfolio, so each key has its own); a kid not listed gets the default answer.
+    pub permissions: Vec<(String, Value)>,
 }
 
 /// An HMAC key (Exchange, Prime or INTX) the mock verifies requests against, written from
@@ -758,6 +761,18 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
     }
 
     if path == "/api/v3/brokerage/key_permissions" {
+        let signer = match &auth {
+            AuthOutcome::Valid { kid, .. } => Some(kid.as_str()),
+            _ => None,
+        };
+        if let Some((_, answer)) = inner
+            .opts
+            .permissions
+            .iter()
+            .find(|(kid, _)| Some(kid.as_str()) == signer)
+        {
+            return json_response(StatusCode::OK, answer);
+        }
         return json_response(
             StatusCode::OK,
             &json!({
@@ -1159,7 +1174,47 @@ fn trading(
         ("GET", "/v2/accounts") => Some(app_accounts()),
         ("POST", "/api/v3/brokerage/orders") => Some(place_order(inner, body)),
         ("POST", "/api/v3/brokerage/orders/batch_cancel") => Some(batch_cancel(inner, body)),
+        ("GET", "/api/v3/brokerage/portfolios") => Some(json_response(
+            StatusCode::OK,
+            &json!({"portfolios": PORTFOLIOS.iter().map(|(uuid, kind, name)| json!({
+                "name": name, "uuid": uuid, "type": kind, "deleted": false,
+            })).collect::<Vec<_>>()}),
+        )),
+        ("POST", "/api/v3/brokerage/portfolios/move_funds") => Some(move_funds(body)),
         _ => None,
+    }
+}
+
+/// The portfolios the realistic mock lists: (uuid, type, name).
+pub const PORTFOLIOS: [(&str, &str, &str); 2] = [
+    ("8b5a5a1c-0000-4000-8000-000000000001", "DEFAULT", "Default"),
+    ("8b5a5a1c-0000-4000-8000-000000000002", "CONSUMER", "Bot"),
+];
+
+/// `POST /portfolios/move_funds`: Coinbase answers with the two portfolio ids; an unknown
+/// portfolio or a malformed body is a 400.
+fn move_funds(body: &[u8]) -> Response<RespBody> {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let known = |field: &str| {
+        v[field]
+            .as_str()
+            .filter(|id| PORTFOLIOS.iter().any(|(uuid, _, _)| uuid == id))
+            .map(str::to_owned)
+    };
+    match (
+        known("source_portfolio_uuid"),
+        known("target_portfolio_uuid"),
+        v["funds"]["value"].as_str(),
+        v["funds"]["currency"].as_str(),
+    ) {
+        (Some(source), Some(target), Some(_), Some(_)) if source != target => json_response(
+            StatusCode::OK,
+            &json!({"source_portfolio_uuid": source, "target_portfolio_uuid": target}),
+        ),
+        _ => json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "INVALID_ARGUMENT", "message": "invalid move_funds request"}),
+        ),
     }
 }
 
