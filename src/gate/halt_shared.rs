@@ -503,7 +503,7 @@ impl SharedHalt {
             tracing::warn!(
                 redis = self.shown,
                 error = why,
-                "the shared halt's Redis is unreachable: this replica keeps its last known halt state; a halt made here is pushed when Redis answers"
+                "cannot reach the shared halt's Redis: this replica keeps its last known halt state; a halt made here is pushed when Redis answers"
             );
         }
         v.up = false;
