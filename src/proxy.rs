@@ -25,6 +25,7 @@ use crate::gate::budget::{self, Budget};
 use crate::gate::client::ClientGate;
 use crate::gate::guard::Guard;
 use crate::gate::halt::{Halt, HaltState};
+use crate::gate::halt_shared::SharedHalt;
 use crate::gate::identity::{ClientTokens, Identities, Identity, IdentityError, Peer, Recognised};
 use crate::gate::policy::{check_path, Policy};
 use crate::gate::route::{Route, Router, Tunnel};
@@ -78,6 +79,8 @@ pub struct Proxy {
     intercept: bool,
     /// The rate budget per credential and class.
     budget: Budget,
+    /// The kill switch shared through Redis, when `budget.redis` is set.
+    shared_halt: Option<Arc<SharedHalt>>,
 }
 
 /// Building the proxy failed.
@@ -143,18 +146,31 @@ impl Proxy {
             tls: None,
             intercept: cfg.intercept.enabled,
             budget,
+            shared_halt: None,
         })
     }
 
     /// Rebuilds the budget with the Redis password (the content of `budget.redis_password_file`,
-    /// read by the binary). Call before serving.
+    /// read by the binary) and the CA of `budget.redis_ca_file`. Call before serving.
     pub fn with_redis_password(
         mut self,
-        password: Option<Zeroizing<String>>,
+        access: impl Into<budget::RedisAccess>,
         cfg: &Config,
     ) -> Result<Proxy, BuildError> {
-        self.budget = Budget::new(&cfg.budget, password, self.metrics.budget().clone())?;
+        let access = access.into();
+        self.budget = Budget::with_access(&cfg.budget, &access, self.metrics.budget().clone())?;
         Ok(self)
+    }
+
+    /// Shares the kill switch through Redis (`budget.redis`, `budget.shared_halt`).
+    pub fn with_shared_halt(mut self, shared: Option<Arc<SharedHalt>>) -> Proxy {
+        self.shared_halt = shared;
+        self
+    }
+
+    /// The kill switch's Redis sync, when the halt is shared.
+    pub fn shared_halt(&self) -> Option<&Arc<SharedHalt>> {
+        self.shared_halt.as_ref()
     }
 
     /// The rate budget.
@@ -552,6 +568,8 @@ impl Proxy {
                 &identity,
             )?;
             outcome.key = selected.name();
+            // The session slot first: an upgrade refused for ws.max_sessions spends no token.
+            let reserved = ws::reserve(&self.ws, &req)?;
             // A WebSocket connect counts against its own limit; the ticket has nothing to learn.
             let (host, method, path) = (
                 route.upstream.host.clone(),
@@ -572,7 +590,7 @@ impl Proxy {
                 // No key: subscribes pass unsigned (public channels).
                 Selected::Unsigned | Selected::Default => self.ws_signer(),
             };
-            return ws::proxy(&self.client, &self.ws, signer, route, req).await;
+            return ws::proxy_reserved(&self.client, &self.ws, signer, route, req, reserved).await;
         }
         let route = match &tunnel {
             Some(t) => self

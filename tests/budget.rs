@@ -17,6 +17,7 @@ use common::harness::{
     cbgate_command, free_port, h1_client, http_get, send, write_private, Gate, KeyForm, Process,
     Resp, TestClient, TestKey, Upstream, HOSTS,
 };
+use common::redis_server::RedisServer;
 
 const ACCOUNTS: &str = "/api/v3/brokerage/accounts";
 
@@ -197,89 +198,6 @@ async fn an_upstream_429_pauses_the_bucket_for_every_client() {
 
 // ---------------------------------------------------------------------------------------------
 // Two cbgate processes, one key, one Redis.
-
-/// A redis-server on a loopback port, without persistence; killed on drop.
-struct RedisServer {
-    child: Option<std::process::Child>,
-    port: u16,
-    password: String,
-    _dir: tempfile::TempDir,
-}
-
-fn redis_server_binary() -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .map(|d| d.join("redis-server"))
-        .find(|p| p.is_file());
-    found.unwrap_or_else(|| {
-        panic!("redis-server is not installed: apt-get install redis-server (as .ci/run does)")
-    })
-}
-
-impl RedisServer {
-    fn start(port: u16, password: &str) -> RedisServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let child = std::process::Command::new(redis_server_binary())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--requirepass", password])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let r = RedisServer {
-            child: Some(child),
-            port,
-            password: password.to_owned(),
-            _dir: dir,
-        };
-        r.wait_answering();
-        r
-    }
-
-    fn wait_answering(&self) {
-        use std::io::{Read as _, Write as _};
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-                let cmd = format!("AUTH {}\r\nPING\r\n", self.password);
-                let mut buf = [0u8; 64];
-                if s.write_all(cmd.as_bytes()).is_ok() {
-                    let mut got = Vec::new();
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                        if got.windows(5).any(|w| w == b"+PONG") {
-                            return;
-                        }
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not answer");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 struct Replica {
     process: Process,
@@ -462,9 +380,19 @@ async fn two_replicas_share_one_budget_through_redis_and_survive_an_outage() {
         assert!(ready.contains("\"up\":false"), "{ready}");
     }
 
-    // Redis is back (empty): both share again.
+    // Redis is back (empty): both share again, and /status no longer shows the error as
+    // current: it is the last outage, with the time it ended.
     let redis = RedisServer::start(redis_port, password);
     wait_mode(&both, "redis").await;
+    for r in &both {
+        let (_, s) = http_get(r.admin, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&s).expect("json");
+        assert!(v["budget"]["redis"]["last_error"].is_null(), "{s}");
+        assert!(
+            v["budget"]["redis"]["last_outage"]["recovered_at"].is_string(),
+            "{s}"
+        );
+    }
     let (n, span) = drive(&up, &both, 6, Duration::from_secs(2), bound).await;
     let most = burst + rate * span;
     assert!(

@@ -996,6 +996,47 @@ async fn sessions_over_ws_max_sessions_get_503() {
     assert!(admitted, "a freed session slot is reused");
 }
 
+/// Finding: the `ws_connect` budget token was taken before the `ws.max_sessions` slot, so an
+/// upgrade refused for max_sessions had spent a token of Coinbase's connect limit.
+#[tokio::test]
+async fn an_upgrade_refused_for_max_sessions_spends_no_connect_token() {
+    let up = WsUpstream::start(WsMockOptions::default()).await;
+    let mut cfg = up.config();
+    cfg.ws.max_sessions = 1;
+    // Two connects in all (no refill within the test): one per session admitted.
+    cfg.budget.ws_connect = cbgate::config::ClassLimit {
+        rate: 1.0,
+        per: Duration::from_secs(3600),
+        burst: Some(2),
+    };
+    cfg.budget.max_wait = Duration::from_millis(50);
+    let gate = Gate::start(cfg, None).await;
+    let (mut first, _) = try_connect(gate.addr, "/ws", |_| {})
+        .await
+        .expect("first session");
+    for _ in 0..5 {
+        let (status, code, message) = refused(try_connect(gate.addr, "/ws", |_| {}).await);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{message}");
+        assert_eq!(code, "too_many_connections", "{message}");
+    }
+    first.close(None).await.expect("close");
+    while let Some(Ok(_)) = first.next().await {}
+    // The second token is still there for the next session (refusals until the slot frees
+    // are max_sessions ones, never the budget's 429).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_connect(gate.addr, "/ws", |_| {}).await {
+            Ok(_) => break,
+            Err(e) => {
+                let (status, code, message) = refused(Err(e));
+                assert_eq!(code, "too_many_connections", "{status}: {message}");
+            }
+        }
+        assert!(Instant::now() < deadline, "the freed slot was not reused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// cbgate in-process with its `Proxy` at hand, for tests that read the relay's counters.
 struct InProc {
     proxy: Arc<Proxy>,

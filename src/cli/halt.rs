@@ -60,6 +60,17 @@ pub fn halt(args: HaltArgs, env: HashMap<String, String>) -> Result<(), Failure>
     )?;
     print_status(&v);
     let mut ok = v.get("error").is_none();
+    match v.get("replicas") {
+        Some(r) if r.get("reached").and_then(|x| x.as_bool()) == Some(false) => {
+            ok = false;
+            eprintln!(
+                "cbgate: {}",
+                r.get("message").and_then(|m| m.as_str()).unwrap_or("")
+            );
+        }
+        Some(_) => println!("shared through Redis: every replica halts within a poll"),
+        None => {}
+    }
     if let Some(c) = v.get("cancel") {
         ok &= print_cancel(c);
     }
@@ -103,8 +114,46 @@ fn print_status(v: &serde_json::Value) {
     } else {
         println!("not halted: orders pass (subject to [guard])");
     }
+    if let Some(by) = v.get("by").and_then(|b| b.as_str()) {
+        println!("  halted by replica {by}");
+    }
     if v.get("state_dir").is_some_and(|d| d.is_null()) {
         println!("note: no state_dir, so a halt does not survive a restart");
+    }
+    print_shared(v.get("shared").unwrap_or(&serde_json::Value::Null));
+}
+
+/// The shared kill switch of `/status`: Redis, this replica, the last change seen there.
+fn print_shared(sh: &serde_json::Value) {
+    if sh.is_null() {
+        println!("kill switch: this replica only (no budget.redis, or shared_halt = false)");
+        return;
+    }
+    let s = |k: &str| sh.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+    println!(
+        "kill switch: shared through {} as replica {} ({})",
+        s("redis"),
+        s("replica"),
+        s("state")
+    );
+    if let Some(c) = sh.get("last_change").filter(|c| !c.is_null()) {
+        let what = if c.get("halted").and_then(|h| h.as_bool()) == Some(true) {
+            "halted"
+        } else {
+            "resumed"
+        };
+        println!(
+            "  last change: {what} by {} at {} (version {})",
+            c.get("by").and_then(|x| x.as_str()).unwrap_or("?"),
+            c.get("at").and_then(|x| x.as_str()).unwrap_or("?"),
+            c.get("version").and_then(|x| x.as_u64()).unwrap_or(0)
+        );
+    }
+    if sh.get("pending_push").and_then(|p| p.as_bool()) == Some(true) {
+        println!("  the halt made here is NOT yet in Redis: the other replicas are not halted until it answers");
+    }
+    if let Some(e) = sh.get("last_error").and_then(|e| e.as_str()) {
+        println!("  Redis error since {}: {e}", s("last_error_at"));
     }
 }
 
@@ -129,7 +178,24 @@ fn print_budget(b: &serde_json::Value) {
         .and_then(|r| r.get("last_error"))
         .and_then(|e| e.as_str())
     {
-        println!("  last Redis error: {e}");
+        let at = b
+            .get("redis")
+            .and_then(|r| r.get("last_error_at"))
+            .and_then(|e| e.as_str())
+            .unwrap_or("?");
+        println!("  Redis error since {at}: {e}");
+    } else if let Some(o) = b
+        .get("redis")
+        .and_then(|r| r.get("last_outage"))
+        .filter(|o| !o.is_null())
+    {
+        let s = |k: &str| o.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_owned();
+        println!(
+            "  recovered at {} from a Redis outage since {}: {}",
+            s("recovered_at"),
+            s("at"),
+            s("error")
+        );
     }
     for bucket in b
         .get("buckets")

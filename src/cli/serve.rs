@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use cbgate::config::{Config, ListenAddr, LogFormat};
 use cbgate::gate::client::ClientGate;
 use cbgate::gate::halt::Halt;
+use cbgate::gate::halt_shared::SharedHalt;
 use cbgate::listen::server::{self, Listener, ServeOptions};
 use cbgate::ops::reload::{self, KeyReloader};
 use cbgate::ops::{admin, clock, harden};
@@ -168,17 +169,25 @@ pub fn run(
             "trading is HALTED (from state_dir): orders are refused until `cbgate resume`"
         );
     }
-    let redis_password = match &cfg.budget.redis_password_file {
-        None => None,
-        Some(path) => Some(load_redis_password(path).map_err(config_err)?),
+    let redis_access = cbgate::gate::budget::RedisAccess {
+        password: match &cfg.budget.redis_password_file {
+            None => None,
+            Some(path) => Some(load_redis_password(path).map_err(config_err)?),
+        },
+        ca_pem: match &cfg.budget.redis_ca_file {
+            None => None,
+            Some(path) => Some(load_redis_ca(path).map_err(config_err)?),
+        },
     };
+    // rustls for rediss:// picks the process-wide provider: the one cbgate uses everywhere.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let tls = super::ca::tls_context(&cfg).map_err(config_err)?;
     let result = runtime.block_on(async move {
         let mut proxy = Proxy::new(&cfg, key)
             .map_err(config_err)?
             .with_keys(keys)
             .with_wallet_secret(wallet)
-            .with_redis_password(redis_password, &cfg)
+            .with_redis_password(redis_access.clone(), &cfg)
             .map_err(config_err)?
             .with_client_token(client_token, &cfg)
             .with_client_tokens(client_tokens)
@@ -191,7 +200,22 @@ pub fn run(
         if cfg.intercept.enabled {
             tracing::info!(hosts = cfg.upstream_hosts().join(", "), "intercept: CONNECT is answered for these hosts on port 443 (HTTPS_PROXY)");
         }
-        let proxy = Arc::new(proxy);
+        let replica = cfg.budget.replica_name.clone().unwrap_or_else(default_replica_name);
+        let shared = SharedHalt::new(&cfg.budget, &redis_access, replica, proxy.metrics().budget().clone())
+            .map_err(config_err)?
+            .map(Arc::new);
+        if let Some(s) = &shared {
+            // Learn the shared state before serving (bounded by redis_connect_timeout): a
+            // replica that starts while the others are halted starts halted.
+            if let Err(e) = s.reconcile(proxy.halt_state()).await {
+                tracing::error!(error = %e, "the shared halt could not be applied to state_dir");
+            }
+            tracing::info!(replica = s.replica(), halted = proxy.halt_state().is_halted(), poll_ms = cfg.budget.halt_poll.as_millis() as u64, "kill switch shared through Redis");
+        }
+        let proxy = Arc::new(proxy.with_shared_halt(shared.clone()));
+        if let Some(s) = shared {
+            tokio::spawn(s.run(Arc::clone(&proxy), Proxy::halt_state));
+        }
         if let Some(url) = &cfg.budget.redis {
             if cfg.budget.enabled {
                 // Shown with any password redacted.
@@ -331,6 +355,39 @@ async fn stop_signals(drain: tokio::sync::oneshot::Sender<()>) -> u8 {
         "second stop signal during the drain: exiting now, open requests are cut short"
     );
     code
+}
+
+/// This replica's name in the shared halt: the host name (a container's is its id) and pid.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(48)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "cbgate".into());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Reads `budget.redis_ca_file`: PEM with at least one certificate.
+fn load_redis_ca(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| {
+        format!(
+            "budget.redis_ca_file: file {} cannot be read",
+            path.display()
+        )
+    })?;
+    if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!(
+            "budget.redis_ca_file: file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(pem)
 }
 
 /// Reads `budget.redis_password_file`: private like the key file, one line, not empty.

@@ -78,6 +78,16 @@ pub struct BudgetConfig {
     pub redis: Option<String>,
     /// File holding the Redis password (AUTH), rather than a password in the URL.
     pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://`); without
+    /// it, the system's roots are trusted.
+    pub redis_ca_file: Option<PathBuf>,
+    /// With `redis`: share the kill switch through it, so a halt on one replica halts all.
+    pub shared_halt: bool,
+    /// How often each replica reads the shared halt (one small Redis call).
+    #[serde(with = "humantime_serde")]
+    pub halt_poll: Duration,
+    /// This replica's name in the shared halt's source (default: host name and process id).
+    pub replica_name: Option<String>,
     /// Every Redis call gives up after this; the request then goes on as `redis_unavailable` says.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
@@ -120,6 +130,10 @@ impl std::fmt::Debug for BudgetConfig {
             .field("default_pause", &self.default_pause)
             .field("redis", &redis)
             .field("redis_password_file", &self.redis_password_file)
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("shared_halt", &self.shared_halt)
+            .field("halt_poll", &self.halt_poll)
+            .field("replica_name", &self.replica_name)
             .field("redis_timeout", &self.redis_timeout)
             .field("redis_connect_timeout", &self.redis_connect_timeout)
             .field("redis_unavailable", &self.redis_unavailable)
@@ -139,6 +153,10 @@ impl Default for BudgetConfig {
             default_pause: Duration::from_secs(1),
             redis: None,
             redis_password_file: None,
+            redis_ca_file: None,
+            shared_halt: true,
+            halt_poll: Duration::from_millis(250),
+            replica_name: None,
             redis_timeout: Duration::from_millis(50),
             redis_connect_timeout: Duration::from_secs(1),
             redis_unavailable: RedisUnavailable::Local,
@@ -180,6 +198,7 @@ impl BudgetConfig {
             ("budget.max_pause", self.max_pause),
             ("budget.redis_timeout", self.redis_timeout),
             ("budget.redis_connect_timeout", self.redis_connect_timeout),
+            ("budget.halt_poll", self.halt_poll),
         ] {
             if d.is_zero() {
                 return Err(invalid(name, "must be greater than 0"));
@@ -221,6 +240,27 @@ impl BudgetConfig {
                 "budget.redis_password_file",
                 "is set but budget.redis is not",
             ));
+        }
+        if let Some(n) = &self.replica_name {
+            if n.trim().is_empty() || n.chars().count() > 64 || n.chars().any(char::is_control) {
+                return Err(invalid(
+                    "budget.replica_name",
+                    "must be 1 to 64 printable characters, e.g. \"cbgate-a\"",
+                ));
+            }
+        }
+        if self.redis_ca_file.is_some() {
+            let tls = self
+                .redis
+                .as_deref()
+                .and_then(|u| url::Url::parse(u).ok())
+                .is_some_and(|u| u.scheme() == "rediss");
+            if !tls {
+                return Err(invalid(
+                    "budget.redis_ca_file",
+                    "is set but budget.redis is not a rediss:// URL (TLS)",
+                ));
+            }
         }
         for (name, c) in self.classes() {
             if !(c.rate.is_finite() && c.rate > 0.0) {
@@ -272,6 +312,12 @@ mod tests {
                 "budget.redis",
             ),
             ("[budget.nope]\nrate = 1", "nope"),
+            (
+                "[budget]\nredis = \"redis://h:6379/0\"\nredis_ca_file = \"/ca.pem\"",
+                "budget.redis_ca_file",
+            ),
+            ("[budget]\nreplica_name = \"\"", "budget.replica_name"),
+            ("[budget]\nhalt_poll = \"0s\"", "budget.halt_poll"),
         ] {
             let e = Config::from_toml_str(text).expect_err(text).to_string();
             assert!(e.contains(key), "{text}: {e}");

@@ -407,12 +407,32 @@ pub async fn proxy(
     state: &WsState,
     signer: WsSigner,
     route: &WsRoute,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    let client_key = check_handshake(&req)?;
-    let upstream = &route.upstream;
-    // Reserved before any connection is made; dropped with this future on every early return.
-    let Some(guard) = SessionGuard::try_reserve(&state.shared, state.max_sessions()) else {
+    let slot = reserve(state, &req)?;
+    proxy_reserved(client, state, signer, route, req, slot).await
+}
+
+/// A checked handshake and its reserved session slot (`ws.max_sessions`), taken before
+/// anything else is spent on the upgrade (a rate-budget token, a connection). Dropping it
+/// frees the slot.
+#[derive(Debug)]
+pub struct Reserved {
+    client_key: HeaderValue,
+    slot: SessionGuard,
+}
+
+impl std::fmt::Debug for SessionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionGuard")
+    }
+}
+
+/// Checks the upgrade request and reserves a session slot: refused (400, 503) without
+/// anything spent.
+pub fn reserve(state: &WsState, req: &Request<Incoming>) -> Result<Reserved, ProxyError> {
+    let client_key = check_handshake(req)?;
+    let Some(slot) = SessionGuard::try_reserve(&state.shared, state.max_sessions()) else {
         state
             .shared
             .counters
@@ -420,6 +440,23 @@ pub async fn proxy(
             .fetch_add(1, Ordering::Relaxed);
         return Err(ProxyError::TooManySessions(state.max_sessions()));
     };
+    Ok(Reserved { client_key, slot })
+}
+
+/// [`proxy`] with the handshake checked and the slot reserved by [`reserve`].
+pub async fn proxy_reserved(
+    client: &UpstreamClient,
+    state: &WsState,
+    signer: WsSigner,
+    route: &WsRoute,
+    mut req: Request<Incoming>,
+    reserved: Reserved,
+) -> Result<Response<Body>, ProxyError> {
+    let Reserved {
+        client_key,
+        slot: guard,
+    } = reserved;
+    let upstream = &route.upstream;
 
     let tls = client
         .connect_http1(&upstream.host, upstream.port)

@@ -28,6 +28,13 @@ pub struct HaltState {
     pub reason: String,
     /// When the halt began, Unix seconds.
     pub since_unix: u64,
+    /// Which replica halted (`budget.replica_name`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// With the halt shared through Redis: the shared state's version this halt was stored
+    /// as. `None`: not pushed to Redis yet (it is pushed when Redis answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_version: Option<u64>,
 }
 
 impl HaltState {
@@ -129,6 +136,12 @@ impl Halt {
     /// Memory is set before the file is written; on a write error cbgate stays halted (the
     /// error says the halt will not survive a restart).
     pub fn halt(&self, reason: &str) -> Result<HaltState, HaltError> {
+        self.halt_as(reason, None)
+    }
+
+    /// [`Halt::halt`], recording which replica halted. The state is marked as not yet
+    /// pushed to the shared store (`shared_version: None`).
+    pub fn halt_as(&self, reason: &str, by: Option<&str>) -> Result<HaltState, HaltError> {
         let _change = self.change.lock().unwrap_or_else(|e| e.into_inner());
         let reason: String = reason
             .chars()
@@ -142,7 +155,12 @@ impl Halt {
             (r, _) => r.to_owned(),
         };
         let since_unix = before.map(|h| h.since_unix).unwrap_or_else(now_unix);
-        let state = HaltState { reason, since_unix };
+        let state = HaltState {
+            reason,
+            since_unix,
+            by: by.map(str::to_owned),
+            shared_version: None,
+        };
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
         if let Some(dir) = &self.dir {
             write_atomically(dir, &state)?;
@@ -172,6 +190,51 @@ impl Halt {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .take())
+    }
+}
+
+impl Halt {
+    /// Replaces the state with `new` if it is still `expected` (a compare-and-set, so a
+    /// state learnt from another replica never overwrites a halt made here meanwhile).
+    /// Returns whether it was replaced. Halting writes memory first, then the file; resuming
+    /// removes the file first, so a failed write leaves cbgate halted.
+    pub fn replace_if(
+        &self,
+        expected: &Option<HaltState>,
+        new: Option<HaltState>,
+    ) -> Result<bool, HaltError> {
+        let _change = self.change.lock().unwrap_or_else(|e| e.into_inner());
+        if &self.current() != expected {
+            return Ok(false);
+        }
+        match new {
+            Some(state) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(state.clone());
+                if let Some(dir) = &self.dir {
+                    write_atomically(dir, &state)?;
+                }
+            }
+            None => {
+                if let Some(dir) = &self.dir {
+                    remove_file(dir)?;
+                }
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Removes `dir/halt.json` durably (a missing file is fine).
+fn remove_file(dir: &Path) -> Result<(), HaltError> {
+    let file = dir.join(HALT_FILE);
+    match std::fs::remove_file(&file) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HaltError::Io {
+            path: file,
+            source: e,
+        }),
     }
 }
 
@@ -213,7 +276,13 @@ fn sync_dir(dir: &Path) -> Result<(), HaltError> {
         })
 }
 
-fn now_unix() -> u64 {
+/// Unix seconds as an RFC 3339 UTC time (`YYYY-MM-DDTHH:MM:SSZ`).
+pub fn unix_to_rfc3339(secs: u64) -> String {
+    httpdate_to_rfc3339(secs)
+}
+
+/// The current time in Unix seconds.
+pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod client;
 pub mod guard;
 pub mod halt;
+pub mod halt_shared;
 pub mod identity;
 pub mod policy;
 pub mod route;

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 use crate::error::ProxyError;
 use crate::gate::client::ClientGate;
+use crate::gate::halt_shared::{Pushed, ResumeError};
 use crate::listen::server::{self, Listener, Role, ServeOptions};
 use crate::proxy::Proxy;
 use crate::Body;
@@ -110,19 +111,27 @@ fn control_error(status: StatusCode, code: &str, message: &str) -> Response<Body
     )
 }
 
-/// What `/status` reports, and `/halt` and `/resume` answer with.
+/// What `/status` reports, and `/halt` and `/resume` answer with. With the halt shared
+/// through Redis, `shared` says whether Redis answers, the last change seen there (which
+/// replica, when) and whether a halt made here still waits to be pushed.
 pub fn halt_status(proxy: &Proxy) -> serde_json::Value {
     let h = proxy.halt_state();
     let state_dir = h.dir().map(|d| d.display().to_string());
+    let shared = match proxy.shared_halt() {
+        Some(s) => s.status(h),
+        None => serde_json::Value::Null,
+    };
     match h.current() {
         Some(s) => serde_json::json!({
             "halted": true,
             "reason": s.reason,
             "since": s.since_rfc3339(),
             "since_unix": s.since_unix,
+            "by": s.by,
             "state_dir": state_dir,
+            "shared": shared,
         }),
-        None => serde_json::json!({ "halted": false, "state_dir": state_dir }),
+        None => serde_json::json!({ "halted": false, "state_dir": state_dir, "shared": shared }),
     }
 }
 
@@ -174,13 +183,40 @@ async fn control(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
             v["budget"] = proxy.budget().status();
             json_response(StatusCode::OK, &v)
         }
-        "/resume" => match proxy.resume() {
-            Ok(_) => json_response(StatusCode::OK, &halt_status(proxy)),
-            Err(e) => control_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "state_write_failed",
-                &format!("still halted: {e}"),
-            ),
+        "/resume" => match proxy.shared_halt() {
+            None => match proxy.resume() {
+                Ok(_) => json_response(StatusCode::OK, &halt_status(proxy)),
+                Err(e) => control_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "state_write_failed",
+                    &format!("still halted: {e}"),
+                ),
+            },
+            Some(shared) => {
+                let r = shared.resume(proxy.halt_state()).await;
+                let mut out = halt_status(proxy);
+                let status = match r {
+                    Ok(_) => {
+                        tracing::warn!("trading resumed on every replica (shared through Redis)");
+                        StatusCode::OK
+                    }
+                    Err(e) => {
+                        let (status, code) = match &e {
+                            ResumeError::Unreachable { .. } => {
+                                (StatusCode::SERVICE_UNAVAILABLE, "shared_halt_unreachable")
+                            }
+                            ResumeError::Newer { .. } => (StatusCode::CONFLICT, "newer_halt"),
+                            ResumeError::Local(_) => {
+                                (StatusCode::INTERNAL_SERVER_ERROR, "state_write_failed")
+                            }
+                        };
+                        out["error"] = code.into();
+                        out["message"] = e.to_string().into();
+                        status
+                    }
+                };
+                json_response(status, &out)
+            }
         },
         _ => halt(proxy, req).await,
     }
@@ -228,12 +264,37 @@ async fn halt(proxy: &Proxy, req: Request<Incoming>) -> Response<Body> {
             }
         }
     };
-    let persisted = proxy.halt(&ask.reason);
+    let (persisted, pushed) = match proxy.shared_halt() {
+        None => (proxy.halt(&ask.reason), None),
+        Some(shared) => {
+            let (persisted, pushed) = shared.halt(proxy.halt_state(), &ask.reason).await;
+            tracing::warn!(
+                reason = ask.reason.as_str(),
+                shared = matches!(pushed, Pushed::Shared { .. }),
+                "trading halted: orders are refused"
+            );
+            (persisted, Some(pushed))
+        }
+    };
     let mut out = halt_status(proxy);
     let mut status = StatusCode::OK;
     if let Err(e) = persisted {
         status = StatusCode::INTERNAL_SERVER_ERROR;
         out["error"] = format!("halted, but the halt will not survive a restart: {e}").into();
+    }
+    match pushed {
+        None => {}
+        Some(Pushed::Shared { version }) => {
+            out["replicas"] = serde_json::json!({ "reached": true, "version": version });
+        }
+        Some(Pushed::NotReached { why }) => {
+            // Halted here; the others were not told. Said plainly, and not a failure of the
+            // halt itself (it is pushed when Redis answers).
+            out["replicas"] = serde_json::json!({
+                "reached": false,
+                "message": format!("halted on THIS replica only: Redis was not reached ({why}); the other replicas are NOT halted until it answers, then this halt is pushed to them"),
+            });
+        }
     }
     if ask.cancel_open {
         let report = crate::ops::cancel::cancel_open(proxy).await;

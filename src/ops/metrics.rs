@@ -326,7 +326,7 @@ impl Metrics {
         registry.register("build_info", "cbgate version", build);
         let ws = Arc::new(WsCounters::default());
         registry.register_collector(Box::new(WsCollector(Arc::clone(&ws))));
-        let budget = BudgetMetrics::register(&mut registry);
+        let budget = BudgetMetrics::register(&mut registry, halted.clone());
         Metrics {
             registry,
             requests,
@@ -537,10 +537,14 @@ pub struct BudgetMetrics {
     pauses: Family<ClassLabels, Counter>,
     redis_errors: Family<KindLabels, Counter>,
     redis_up: Gauge,
+    halt_errors: Family<KindLabels, Counter>,
+    halt_up: Gauge,
+    /// `cbgate_halted`, set by the shared halt's sync when another replica halts or resumes.
+    halted: Gauge,
 }
 
 impl BudgetMetrics {
-    fn register(registry: &mut Registry) -> BudgetMetrics {
+    fn register(registry: &mut Registry, halted: Gauge) -> BudgetMetrics {
         let m = BudgetMetrics {
             tokens: Family::default(),
             // 1 ms .. ~16 s
@@ -552,7 +556,21 @@ impl BudgetMetrics {
             pauses: Family::default(),
             redis_errors: Family::default(),
             redis_up: Gauge::default(),
+            halt_errors: Family::default(),
+            halt_up: Gauge::default(),
+            halted,
         };
+        registry.register(
+            "halt_shared_errors",
+            "Failed Redis calls of the shared kill switch, by kind (connect, error, timeout)",
+            m.halt_errors.clone(),
+        );
+        registry.register(
+            "halt_shared_up",
+            "1 while the shared kill switch's Redis answers (0: each replica keeps its last \
+             known halt state), unset without budget.redis",
+            m.halt_up.clone(),
+        );
         registry.register(
             "budget_tokens",
             "Tokens left in a budget bucket after its last request, by class",
@@ -652,6 +670,25 @@ impl BudgetMetrics {
     /// Sets `cbgate_budget_redis_up`.
     pub fn set_redis_up(&self, up: bool) {
         self.redis_up.set(i64::from(up));
+    }
+
+    /// Records a failed Redis call of the shared kill switch.
+    pub fn halt_error(&self, kind: &str) {
+        self.halt_errors
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets `cbgate_halt_shared_up`.
+    pub fn set_halt_up(&self, up: bool) {
+        self.halt_up.set(i64::from(up));
+    }
+
+    /// Sets `cbgate_halted` (a state learnt from another replica).
+    pub fn set_halted(&self, halted: bool) {
+        self.halted.set(i64::from(halted));
     }
 }
 

@@ -25,7 +25,7 @@ use crate::ops::metrics::BudgetMetrics;
 
 pub use class::{classify, Class};
 pub use gcra::{Gcra, Params};
-pub use redis::redacted_url;
+pub use redis::{redacted_url, redis_client, RedisAccess};
 
 /// The identity of requests whose client is not known (until named clients are wired).
 pub const ANONYMOUS: &str = "anonymous";
@@ -148,17 +148,27 @@ pub enum BudgetError {
 
 impl Budget {
     /// Builds the budget; with `budget.redis`, the Redis client too (it connects on
-    /// [`Budget::start`] or the first request, in the background). `password` is the content
+    /// [`Budget::start`] or the first request, in the background). `access` holds the content
     /// of `budget.redis_password_file`.
     pub fn new(
         cfg: &BudgetConfig,
         password: Option<Zeroizing<String>>,
         metrics: BudgetMetrics,
     ) -> Result<Budget, BudgetError> {
+        Budget::with_access(cfg, &RedisAccess::from(password), metrics)
+    }
+
+    /// [`Budget::new`] with everything connecting needs: the password and the CA of
+    /// `budget.redis_ca_file`.
+    pub fn with_access(
+        cfg: &BudgetConfig,
+        access: &RedisAccess,
+        metrics: BudgetMetrics,
+    ) -> Result<Budget, BudgetError> {
         let redis = match (&cfg.redis, cfg.enabled) {
             (Some(url), true) => Some(Arc::new(redis::RedisStore::new(
                 url,
-                password,
+                access,
                 cfg,
                 metrics.clone(),
             )?)),

@@ -52,6 +52,69 @@ redis.call('PEXPIRE', KEYS[1], math.floor(ahead / 1000) + 1000)
 return {1, 0, math.floor((capacity - ahead) / interval)}
 ";
 
+/// What connecting to `budget.redis` needs besides the URL, read once by the binary: the
+/// password (`budget.redis_password_file`) and the CA certificates to trust for `rediss://`
+/// (`budget.redis_ca_file`, PEM; without it, the system's roots).
+#[derive(Clone, Default)]
+pub struct RedisAccess {
+    /// The AUTH password, if not in the URL.
+    pub password: Option<Zeroizing<String>>,
+    /// PEM certificates of the CA that signed the Redis server's certificate.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RedisAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisAccess")
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+impl From<Option<Zeroizing<String>>> for RedisAccess {
+    fn from(password: Option<Zeroizing<String>>) -> RedisAccess {
+        RedisAccess {
+            password,
+            ca_pem: None,
+        }
+    }
+}
+
+/// The Redis client of `url` (no connection yet). A `rediss://` URL verifies the server's
+/// certificate against `access.ca_pem` when given, else the system's roots; a CA file on a
+/// `redis://` URL is an error (it would silently protect nothing).
+pub fn redis_client(url: &str, access: &RedisAccess) -> Result<redis::Client, BudgetError> {
+    use redis::IntoConnectionInfo as _;
+    let shown = redacted_url(url);
+    let fail = |why: String| BudgetError::Redis {
+        url: shown.clone(),
+        why,
+    };
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(p) = &access.password {
+        let settings = info.redis_settings().clone().set_password(p.as_str());
+        info = info.set_redis_settings(settings);
+    }
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    match (&access.ca_pem, tls) {
+        (Some(pem), true) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            },
+        )
+        .map_err(|e| fail(format!("budget.redis_ca_file: {e}"))),
+        (Some(_), false) => Err(fail(
+            "budget.redis_ca_file is set but the URL is redis:// (plain TCP): use rediss://".into(),
+        )),
+        (None, _) => redis::Client::open(info).map_err(|e| fail(e.to_string())),
+    }
+}
+
 /// `url` with any password replaced by `***`, for logs and status.
 pub fn redacted_url(url: &str) -> String {
     match url::Url::parse(url) {
@@ -74,7 +137,10 @@ pub(super) struct RedisStore {
     connecting: AtomicBool,
     /// Redis failed since it last answered (the warning is logged once per outage).
     outage: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    /// The last failure and when (Unix seconds); cleared when Redis answers again, and kept
+    /// as `last_outage` with the time it ended.
+    last_error: Mutex<Option<(String, u64)>>,
+    last_outage: Mutex<Option<serde_json::Value>>,
     timeout: Duration,
     connect_timeout: Duration,
     metrics: BudgetMetrics,
@@ -83,24 +149,12 @@ pub(super) struct RedisStore {
 impl RedisStore {
     pub(super) fn new(
         url: &str,
-        password: Option<Zeroizing<String>>,
+        access: &RedisAccess,
         cfg: &BudgetConfig,
         metrics: BudgetMetrics,
     ) -> Result<RedisStore, BudgetError> {
-        use redis::IntoConnectionInfo as _;
         let shown = redacted_url(url);
-        let mut info = url.into_connection_info().map_err(|e| BudgetError::Redis {
-            url: shown.clone(),
-            why: e.to_string(),
-        })?;
-        if let Some(p) = password {
-            let settings = info.redis_settings().clone().set_password(p.as_str());
-            info = info.set_redis_settings(settings);
-        }
-        let client = redis::Client::open(info).map_err(|e| BudgetError::Redis {
-            url: shown.clone(),
-            why: e.to_string(),
-        })?;
+        let client = redis_client(url, access)?;
         Ok(RedisStore {
             client,
             shown,
@@ -109,6 +163,7 @@ impl RedisStore {
             connecting: AtomicBool::new(false),
             outage: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            last_outage: Mutex::new(None),
             timeout: cfg.redis_timeout,
             connect_timeout: cfg.redis_connect_timeout,
             metrics,
@@ -200,7 +255,7 @@ impl RedisStore {
         self.metrics.redis_error(kind);
         self.conn.store(None);
         self.metrics.set_redis_up(false);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.to_owned());
+        self.set_error(why);
         if !self.outage.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 redis = self.shown,
@@ -211,12 +266,48 @@ impl RedisStore {
         self.ensure_connecting();
     }
 
-    /// For `/status` and `/readyz`.
+    fn set_error(&self, why: &str) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((why.to_owned(), crate::gate::halt::now_unix()));
+    }
+
+    /// Redis answers again: the error becomes `last_outage`, with when it ended.
+    fn recovered(&self) {
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((why, at)) = error {
+            let now = crate::gate::halt::now_unix();
+            *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()) = Some(serde_json::json!({
+                "error": why,
+                "at": crate::gate::halt::unix_to_rfc3339(at),
+                "recovered_at": crate::gate::halt::unix_to_rfc3339(now),
+            }));
+        }
+    }
+
+    /// For `/status` and `/readyz`: `last_error` (with its time) only while Redis fails;
+    /// after recovery, `last_outage` says what failed and when it recovered.
     pub(super) fn status(&self) -> serde_json::Value {
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let up = self.is_up();
         serde_json::json!({
             "url": self.shown,
-            "up": self.is_up(),
-            "last_error": *self.last_error.lock().unwrap_or_else(|e| e.into_inner()),
+            "up": up,
+            "state": match (up, error.is_some()) {
+                (true, _) => "ok",
+                (false, true) => "unreachable",
+                (false, false) => "connecting",
+            },
+            "last_error": error.as_ref().map(|(why, _)| why),
+            "last_error_at": error.as_ref().map(|(_, at)| crate::gate::halt::unix_to_rfc3339(*at)),
+            "last_outage": *self.last_outage.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
 
@@ -242,6 +333,7 @@ async fn connect_loop(me: Weak<RedisStore>) {
         let attempt = tokio::time::timeout(store.connect_timeout, store.connect_once()).await;
         let why = match attempt {
             Ok(Ok(conn)) => {
+                store.recovered();
                 store.conn.store(Some(Arc::new(conn)));
                 store.metrics.set_redis_up(true);
                 store.connecting.store(false, Ordering::SeqCst);
@@ -263,7 +355,7 @@ async fn connect_loop(me: Weak<RedisStore>) {
         };
         store.metrics.redis_error("connect");
         store.metrics.set_redis_up(false);
-        *store.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+        store.set_error(&why);
         if !store.outage.swap(true, Ordering::SeqCst) {
             tracing::warn!(
                 redis = store.shown,
