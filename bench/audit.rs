@@ -2,9 +2,19 @@
 //! continues, as an intent record is before its request leaves) with 1 and with 32 concurrent
 //! writers. With 32, group commit lets one fsync release every record queued meanwhile.
 //!
+//! Then the end-to-end cost: the proxy's throughput of state-changing requests (`POST`, each
+//! with a durable intent record before it leaves and a result record after) against the mock
+//! Coinbase over TLS, `audit.file` on and off, with 1 and 32 concurrent clients, in
+//! interleaved rounds (off, on, off, on, ...) because the machine is shared.
+//!
 //! Run: `cargo bench --bench audit` (the file goes to `$AUDIT_BENCH_DIR`, default a temporary
 //! directory under `target/`: put it on the disk the real log will use). Prints one line per
 //! case; the chain is verified afterwards so the figures cannot come from a broken log.
+//! `AUDIT_BENCH_ROUNDS` (default 3) and `AUDIT_BENCH_SECS` (default 3) size the proxy rounds.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,13 +81,100 @@ async fn run(dir: &std::path::Path, writers: usize, per_writer: usize) -> (f64, 
     (n as f64 / took.as_secs_f64(), took / n as u32)
 }
 
+/// POSTs per second through `gate` with `clients` request loops for `time`.
+async fn throughput(gate: &common::harness::Gate, clients: usize, time: Duration) -> f64 {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    let client = common::harness::h1_client();
+    let url = format!("{}/api/v3/brokerage/orders", gate.url);
+    let body = Bytes::from_static(
+        br#"{"client_order_id":"c-1","product_id":"BTC-USD","side":"BUY","order_configuration":{"limit_limit_gtc":{"base_size":"0.001","limit_price":"10000","post_only":true}}}"#,
+    );
+    let end = Instant::now() + time;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let req = http::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(body.clone()))
+                    .expect("request");
+                let r = common::harness::send(&client, req).await;
+                assert_eq!(r.status, 200, "{}", r.text());
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("loop");
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The proxy with the audit log on and off, interleaved rounds, for 1 and 32 clients.
+async fn proxy_cost(dir: &std::path::Path) {
+    use common::harness::{Gate, KeyForm, TestKey, Upstream};
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let rounds = env("AUDIT_BENCH_ROUNDS", 3) as usize;
+    let secs = Duration::from_secs(env("AUDIT_BENCH_SECS", 3));
+    let key = TestKey::generate(KeyForm::Ed25519B64_64);
+    let up = Upstream::start(Some(&key)).await;
+    let mut off = up.config();
+    off.log.level = "warn".into();
+    // The rate budget (30/s per key) would be what is measured otherwise.
+    off.budget.enabled = false;
+    let mut on = off.clone();
+    let file = dir.join("proxy-audit.log");
+    on.audit.file = Some(file.clone());
+    let gate_off = Gate::start(off, Some(&key)).await;
+    let gate_on = Gate::start(on, Some(&key)).await;
+    for clients in [1, 32] {
+        throughput(&gate_off, clients, Duration::from_secs(1)).await;
+        throughput(&gate_on, clients, Duration::from_secs(1)).await;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            b.push(throughput(&gate_off, clients, secs).await);
+            a.push(throughput(&gate_on, clients, secs).await);
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let (on, off) = (mean(&a), mean(&b));
+        println!(
+            "proxy, {clients:>2} client(s), POST through the mock over TLS: audit off {off:.0} req/s, on {on:.0} req/s ({:+.1}%); rounds off {b:.0?}, on {a:.0?}",
+            (on - off) / off * 100.0
+        );
+    }
+    gate_on.stop().await;
+    gate_off.stop().await;
+    // The last result records are queued, not waited for: give the writer a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let report = audit::verify(std::slice::from_ref(&file)).expect("the proxy's chain verifies");
+    println!(
+        "proxy audit log: {} records, chain verified",
+        report.records
+    );
+}
+
 fn main() {
     let dir = std::env::var_os("AUDIT_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tmp"));
     std::fs::create_dir_all(&dir).expect("bench dir");
     let dir = tempfile::tempdir_in(&dir).expect("tempdir");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     // `cargo bench` passes flags such as --bench; nothing to parse.
     for (writers, per_writer) in [(1, 500), (32, 200)] {
         let (rate, each) = rt.block_on(run(dir.path(), writers, per_writer));
@@ -87,4 +184,5 @@ fn main() {
             writers * per_writer
         );
     }
+    rt.block_on(proxy_cost(dir.path()));
 }

@@ -138,7 +138,7 @@ impl Proxy {
             metrics,
             readiness: Readiness::default(),
             clock_watch: DateWatch::default(),
-            guard: Guard::new(&cfg.guard),
+            guard: Guard::from_config(cfg),
             admin_token: None,
             admin_loopback: cfg.admin_listen.ip().is_loopback(),
             audit: Audit::open(&cfg.audit, cfg.upstream.request_timeout)?,
@@ -684,12 +684,24 @@ impl Proxy {
             return Ok(resp);
         }
         // Halt and the pre-trade guard decide on the body as it will be sent, before signing.
+        // The order's own upstream, so its family's table and its family's prices apply.
         let prices = crate::forward::price::ProductPrices {
             client: &self.client,
-            router: &self.router,
+            upstream,
+        };
+        let who = crate::gate::guard::Sender {
+            identity: identity.name(),
+            key: outcome.key.as_deref(),
         };
         self.guard
-            .admit(&parts.method, parts.uri.path(), &body, &prices)
+            .admit(
+                upstream.family,
+                &parts.method,
+                parts.uri.path(),
+                &body,
+                &who,
+                &prices,
+            )
             .await?;
         // Reserve, then act: the budget token is taken before signing and sending, after the
         // checks that refuse without sending (a refused order spends no token).

@@ -32,7 +32,8 @@ pub struct HaltArgs {
     /// Why, shown in every refusal and in `cbgate status`.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub reason: String,
-    /// Also cancel every open order of the key, and report each id.
+    /// Also cancel every open order of each signing key (Advanced Trade and Exchange keys;
+    /// INTX and Prime keys are reported as not cancelled), and report each id.
     #[arg(long)]
     pub cancel_open: bool,
 }
@@ -221,8 +222,33 @@ fn print_budget(b: &serde_json::Value) {
     }
 }
 
-/// Prints what `--cancel-open` did; true when every open order was cancelled.
+/// Prints what `--cancel-open` did (`[key]`, then each `[keys.NAME]`); true when every open
+/// order of every key was cancelled.
 fn print_cancel(c: &serde_json::Value) -> bool {
+    let mut ok = print_one("", c);
+    for k in c
+        .get("keys")
+        .and_then(|x| x.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let label = format!(
+            "key {} ({}): ",
+            k.get("key").and_then(|x| x.as_str()).unwrap_or("?"),
+            k.get("kind").and_then(|x| x.as_str()).unwrap_or("?")
+        );
+        if let Some(why) = k.get("skipped").and_then(|x| x.as_str()) {
+            println!("{label}{why}");
+            ok = false;
+        } else {
+            ok &= print_one(&label, k);
+        }
+    }
+    ok
+}
+
+/// Prints one key's cancel report; true when every open order was cancelled.
+fn print_one(label: &str, c: &serde_json::Value) -> bool {
     let ids = |k: &str| -> Vec<serde_json::Value> {
         c.get(k)
             .and_then(|x| x.as_array())
@@ -232,7 +258,7 @@ fn print_cancel(c: &serde_json::Value) -> bool {
     let open = c.get("open").and_then(|x| x.as_u64()).unwrap_or(0);
     let cancelled = ids("cancelled");
     let failed = ids("failed");
-    println!("cancelled {} of {open} open orders", cancelled.len());
+    println!("{label}cancelled {} of {open} open orders", cancelled.len());
     for id in &cancelled {
         println!("  cancelled {}", id.as_str().unwrap_or("?"));
     }

@@ -313,6 +313,9 @@ pub struct NamedKeyConfig {
     pub passphrase_env: Option<String>,
     /// Accept a key file readable or writable by group or others.
     pub allow_insecure_permissions: bool,
+    /// `[keys.NAME.guard]`: limits for orders signed with this key, applied on top of
+    /// `[guard]` (every layer that is set applies, so this can only tighten).
+    pub guard: Option<GuardConfig>,
 }
 
 /// Whether `name` may name a credential: 1-64 of `A-Z a-z 0-9 _ -`.
@@ -488,6 +491,9 @@ pub struct ClientConfig {
     pub keys: Option<Vec<String>>,
     /// The credential used when neither `cbgate-key` nor the route names one (unset: `default`).
     pub default_key: Option<String>,
+    /// `[clients.NAME.guard]`: limits for this identity's orders, applied on top of `[guard]`
+    /// and the key's own (every layer that is set applies, so this can only tighten).
+    pub guard: Option<GuardConfig>,
 }
 
 impl ClientConfig {
@@ -644,7 +650,7 @@ pub const ORDER_TYPES: &[(&str, &[&str])] = &[
 
 /// `[guard]`: pre-trade limits checked on every order-creating or -editing request before it
 /// is signed. Every limit is off by default; a refused order never reaches Coinbase. The same
-/// struct is meant to be reused per client later (`[clients.NAME.guard]`).
+/// struct is `[keys.NAME.guard]` and `[clients.NAME.guard]`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct GuardConfig {
@@ -698,7 +704,7 @@ impl GuardConfig {
             || self.max_orders_per_minute.is_some()
     }
 
-    /// Checks the values; `prefix` is the table's key (`guard`, later `clients.NAME.guard`).
+    /// Checks the values; `prefix` is the table's key (`guard`, `clients.NAME.guard`, ...).
     pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
         for p in &self.products {
             if p.is_empty()
@@ -1330,6 +1336,17 @@ impl Config {
             ));
         }
         self.guard.validate("guard")?;
+        // The override layers are the same table, checked by the same code.
+        for (name, c) in &self.clients.named {
+            if let Some(g) = &c.guard {
+                g.validate(&format!("clients.{name}.guard"))?;
+            }
+        }
+        for (name, k) in &self.keys {
+            if let Some(g) = &k.guard {
+                g.validate(&format!("keys.{name}.guard"))?;
+            }
+        }
         self.validate_clients()?;
         match (&self.tls.cert_file, &self.tls.key_file) {
             (Some(_), None) => {

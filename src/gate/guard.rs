@@ -1,18 +1,29 @@
-//! The pre-trade guard (`[guard]`) and the kill switch's place in the request path.
+//! The pre-trade guard (`[guard]`, `[keys.NAME.guard]`, `[clients.NAME.guard]`) and the kill
+//! switch's place in the request path.
 //!
 //! Every order-creating or -editing request is matched against a table of endpoints, one small
-//! table per API family (only Advanced Trade today; Exchange, Prime and INTX are further
-//! entries: a method, a path and a parser that turns the body into an [`Order`]). For a match:
+//! table per API family (Advanced Trade, Exchange, INTX, Prime: a method, a path and a parser
+//! that turns the body into an [`Order`]). A table applies only to its family's hosts (the
+//! route's upstream family), so `/orders` on the Exchange host is guarded and the same path
+//! on another host is not taken for it. For a match:
 //!
 //! 1. while [`Halt`] is on, the request is refused (423);
-//! 2. when a `[guard]` limit is set, the body (read whole by the proxy, which sends the same
+//! 2. when a guard limit applies, the body (read whole by the proxy, which sends the same
 //!    bytes upstream; an order body over [`ORDER_BODY_LIMIT`] bytes is refused) is parsed
-//!    strictly, checked against every limit, and forwarded byte for byte. The rate limit is reserved last, after every other check passed,
-//!    under one lock: 100 concurrent orders with a limit of 5 let exactly 5 through.
+//!    strictly, checked against every limit of every layer that applies, and forwarded byte for
+//!    byte. The rate limit is reserved last, after every other check passed, under one lock:
+//!    1,000 concurrent orders with a limit of 5 let exactly 5 through.
 //!
-//! Not in the table, so never refused: previews (`/orders/preview`, `/orders/edit_preview`:
+//! Layers: `[guard]` applies to every order, `[keys.NAME.guard]` to orders signed with that
+//! key, `[clients.NAME.guard]` to orders from that identity. Every layer that is set applies
+//! in full, so an override can only tighten: the limits that bind an order are the union of
+//! what each layer says, which is easy to reason about for money (no layer can loosen another
+//! by mistake). `max_orders_per_minute` counts the orders of one (identity, key) pair; the
+//! smallest limit among the layers that apply binds.
+//!
+//! Not in the tables, so never refused: previews (`/orders/preview`, Prime's `order_preview`:
 //! Coinbase places nothing, and a client may want to ask what an order would cost while
-//! halted), cancels (`/orders/batch_cancel`: the way out), reads, and WebSocket data.
+//! halted), cancels (the way out), reads, and WebSocket data.
 //!
 //! The body is parsed as Coinbase's gateway would read it, and anything it could read
 //! differently is refused: a field given twice, also under another spelling (`productId`,
@@ -28,11 +39,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
+use percent_encoding::percent_decode_str;
 use rust_decimal::Decimal;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::config::{GuardConfig, ORDER_TYPES};
+use crate::config::{Config, GuardConfig, KeyKind, ORDER_TYPES};
 use crate::gate::halt::{Halt, HaltState};
 
 /// The most bytes of an order body cbgate buffers (an order is a few hundred bytes).
@@ -66,14 +78,23 @@ fn halted_message(h: &HaltState) -> String {
     )
 }
 
-/// Where the guard gets a product's current price (`GET /api/v3/brokerage/market/products/{id}`
-/// through cbgate's upstream client). Implemented in `forward`, which may reach the network.
+/// Where the guard gets a product's current price: the public price endpoint of the family
+/// of the host the order goes to, through cbgate's upstream client. Implemented in `forward`,
+/// which may reach the network.
 pub trait PriceSource: Sync {
     /// The product's current price, or why it is not known.
     fn price<'a>(
         &'a self,
         product: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<Decimal, String>> + Send + 'a>>;
+}
+
+/// Who sends an order: the client identity's name and the signing key's name (`None`:
+/// unsigned). Picks the override layers and the `max_orders_per_minute` window.
+#[derive(Clone, Copy, Debug)]
+pub struct Sender<'a> {
+    pub identity: &'a str,
+    pub key: Option<&'a str>,
 }
 
 /// A field of an order that an edit cannot change: checked when the order was created.
@@ -91,9 +112,13 @@ pub enum Field<T> {
 #[derive(Clone, Debug)]
 pub struct Order {
     pub product: Field<String>,
+    /// `BUY` or `SELL`, upper case whatever the family's spelling.
     pub side: Field<String>,
-    /// The `order_configuration` key, e.g. `limit_limit_gtc`.
+    /// The order type as the body gives it, e.g. `limit_limit_gtc` (Advanced Trade's
+    /// `order_configuration` key), `limit` (Exchange), `LIMIT` (INTX, Prime).
     pub configuration: Field<String>,
+    /// The [`ORDER_TYPES`] name that configuration is, if cbgate knows it.
+    pub kind: Option<&'static str>,
     pub post_only: Field<bool>,
     /// Size in the base currency, when given.
     pub base: Option<Decimal>,
@@ -105,8 +130,10 @@ pub struct Order {
 
 /// One guarded endpoint of an API family.
 pub struct Endpoint {
+    /// The family whose hosts serve it.
+    pub family: KeyKind,
     pub method: Method,
-    /// The path as policy matches it: lower case, no trailing `/`.
+    /// The upstream path, lower case, no trailing `/`; a `*` segment is any one segment.
     pub path: &'static str,
     /// What the request does, for messages.
     pub what: &'static str,
@@ -115,25 +142,35 @@ pub struct Endpoint {
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} ({})", self.method, self.path, self.what)
+        write!(
+            f,
+            "{} {} {} ({})",
+            self.family.as_str(),
+            self.method,
+            self.path,
+            self.what
+        )
     }
 }
 
 /// Advanced Trade (`api.coinbase.com/api/v3/brokerage`): create, edit, close a position.
 pub static ADVANCED_TRADE: &[Endpoint] = &[
     Endpoint {
+        family: KeyKind::Cdp,
         method: Method::POST,
         path: "/api/v3/brokerage/orders",
         what: "order",
         parse: parse_create,
     },
     Endpoint {
+        family: KeyKind::Cdp,
         method: Method::POST,
         path: "/api/v3/brokerage/orders/edit",
         what: "order edit",
         parse: parse_edit,
     },
     Endpoint {
+        family: KeyKind::Cdp,
         method: Method::POST,
         path: "/api/v3/brokerage/orders/close_position",
         what: "position close",
@@ -141,41 +178,113 @@ pub static ADVANCED_TRADE: &[Endpoint] = &[
     },
 ];
 
-/// Every family's table.
-static FAMILIES: &[&[Endpoint]] = &[ADVANCED_TRADE];
+/// Coinbase Exchange (`api.exchange.coinbase.com`): `POST /orders` (it has no edit).
+pub static EXCHANGE: &[Endpoint] = &[Endpoint {
+    family: KeyKind::Exchange,
+    method: Method::POST,
+    path: "/orders",
+    what: "order",
+    parse: parse_exchange,
+}];
 
-/// The guarded endpoint a request goes to, if any. `path` is matched as the policy matches it
-/// (percent-decoded, case-folded, without a trailing `/`), so no spelling slips past.
-pub fn endpoint(method: &Method, path: &str) -> Option<&'static Endpoint> {
-    // Most requests are reads: skip the path normalisation (an allocation) for them.
-    if !FAMILIES
-        .iter()
-        .flat_map(|f| f.iter())
-        .any(|e| e.method == method)
-    {
-        return None;
-    }
-    let form = crate::gate::policy::match_form(path);
+/// International Exchange (`api.international.coinbase.com`): create and modify.
+pub static INTX: &[Endpoint] = &[
+    Endpoint {
+        family: KeyKind::Intx,
+        method: Method::POST,
+        path: "/api/v1/orders",
+        what: "order",
+        parse: parse_intx,
+    },
+    Endpoint {
+        family: KeyKind::Intx,
+        method: Method::PUT,
+        path: "/api/v1/orders/*",
+        what: "order modify",
+        parse: parse_intx_modify,
+    },
+];
+
+/// Coinbase Prime (`api.prime.coinbase.com`): create and edit (the preview places nothing).
+pub static PRIME: &[Endpoint] = &[
+    Endpoint {
+        family: KeyKind::Prime,
+        method: Method::POST,
+        path: "/v1/portfolios/*/order",
+        what: "order",
+        parse: parse_prime,
+    },
+    Endpoint {
+        family: KeyKind::Prime,
+        method: Method::PUT,
+        path: "/v1/portfolios/*/orders/*/edit",
+        what: "order edit",
+        parse: parse_prime_edit,
+    },
+];
+
+/// Every family's table.
+static FAMILIES: &[&[Endpoint]] = &[ADVANCED_TRADE, EXCHANGE, INTX, PRIME];
+
+/// The guarded endpoint a request to a host of `family` goes to, if any. `path` is the
+/// upstream path, matched as the policy matches it (each segment percent-decoded and
+/// case-folded, a `.json`-style format suffix and a trailing `/` ignored), so no spelling
+/// slips past.
+pub fn endpoint(family: KeyKind, method: &Method, path: &str) -> Option<&'static Endpoint> {
     FAMILIES
         .iter()
         .flat_map(|f| f.iter())
-        .find(|e| e.method == method && e.path == form)
+        .filter(|e| e.family == family && e.method == method)
+        .find(|e| path_matches(e.path, path))
 }
 
-/// The compiled `[guard]` plus the kill switch.
+/// Whether `path` is `pattern` in any spelling the policy treats as the same path.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let (Some(pat), Some(got)) = (pattern.strip_prefix('/'), path.strip_prefix('/')) else {
+        return false;
+    };
+    let mut got = got.split('/');
+    for want in pat.split('/') {
+        let Some(seg) = got.next() else {
+            return false;
+        };
+        if want == "*" {
+            if seg.is_empty() {
+                return false;
+            }
+            continue;
+        }
+        let seg = percent_decode_str(seg)
+            .decode_utf8_lossy()
+            .to_ascii_lowercase();
+        // The policy's rule: a literal also matches itself plus a format suffix.
+        let ok = seg
+            .strip_prefix(want)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+        if !ok {
+            return false;
+        }
+    }
+    got.next().is_none()
+}
+
+/// One guard layer, compiled: where it comes from (for messages) and its limits.
 #[derive(Debug)]
-pub struct Guard {
+struct Layer {
+    /// The table's key: `guard`, `keys.NAME.guard`, `clients.NAME.guard`.
+    name: String,
     cfg: GuardConfig,
-    active: bool,
-    halt: Halt,
-    /// When each order of the last minute was admitted (at most `max_orders_per_minute`).
-    window: Mutex<VecDeque<Instant>>,
-    prices: Mutex<HashMap<String, (Instant, Decimal)>>,
 }
 
-impl Guard {
-    /// Compiles `[guard]` (already validated); the kill switch starts in memory.
-    pub fn new(cfg: &GuardConfig) -> Guard {
+impl Layer {
+    fn new(name: String, cfg: &GuardConfig) -> Option<Layer> {
+        if !cfg.is_active() {
+            return None;
+        }
         let mut cfg = cfg.clone();
         for p in &mut cfg.products {
             p.make_ascii_uppercase();
@@ -183,13 +292,63 @@ impl Guard {
         for s in &mut cfg.sides {
             s.make_ascii_uppercase();
         }
+        Some(Layer { name, cfg })
+    }
+}
+
+/// Prices fetched, by (family, product): when, and the price.
+type PriceCache = HashMap<(&'static str, String), (Instant, Decimal)>;
+
+/// The compiled guard layers plus the kill switch.
+#[derive(Debug)]
+pub struct Guard {
+    global: Option<Layer>,
+    keys: HashMap<String, Layer>,
+    clients: HashMap<String, Layer>,
+    /// How long a fetched price is reused: `[guard].price_max_age`.
+    price_max_age: Duration,
+    halt: Halt,
+    /// When each order of the last minute was admitted, per (identity, key).
+    windows: Mutex<HashMap<(String, String), VecDeque<Instant>>>,
+    prices: Mutex<PriceCache>,
+}
+
+impl Guard {
+    /// Compiles `[guard]` alone (already validated); the kill switch starts in memory.
+    pub fn new(cfg: &GuardConfig) -> Guard {
         Guard {
-            active: cfg.is_active(),
-            cfg,
+            global: Layer::new("guard".into(), cfg),
+            keys: HashMap::new(),
+            clients: HashMap::new(),
+            price_max_age: cfg.price_max_age,
             halt: Halt::in_memory(),
-            window: Mutex::new(VecDeque::new()),
+            windows: Mutex::new(HashMap::new()),
             prices: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Compiles `[guard]`, every `[keys.NAME.guard]` and every `[clients.NAME.guard]`.
+    pub fn from_config(cfg: &Config) -> Guard {
+        let mut g = Guard::new(&cfg.guard);
+        for (name, k) in &cfg.keys {
+            if let Some(l) = k
+                .guard
+                .as_ref()
+                .and_then(|c| Layer::new(format!("keys.{name}.guard"), c))
+            {
+                g.keys.insert(name.clone(), l);
+            }
+        }
+        for (name, c) in &cfg.clients.named {
+            if let Some(l) = c
+                .guard
+                .as_ref()
+                .and_then(|c| Layer::new(format!("clients.{name}.guard"), c))
+            {
+                g.clients.insert(name.clone(), l);
+            }
+        }
+        g
     }
 
     /// Uses `halt` (e.g. one persisted in `state_dir`).
@@ -203,23 +362,38 @@ impl Guard {
         &self.halt
     }
 
-    /// Decides one request whose body has been read (`body`, at most `max_body_bytes`): passes
-    /// anything that is not an order endpoint; refuses orders while halted (423), and with a
-    /// limit set parses the order (at most 64 KiB) and checks it. The body is forwarded as is.
+    /// The layers that apply to `who`, global first.
+    fn layers<'a>(&'a self, who: &Sender<'_>) -> Vec<&'a Layer> {
+        let mut v: Vec<&Layer> = self.global.iter().collect();
+        if let Some(l) = who.key.and_then(|k| self.keys.get(k)) {
+            v.push(l);
+        }
+        if let Some(l) = self.clients.get(who.identity) {
+            v.push(l);
+        }
+        v
+    }
+
+    /// Decides one request to a host of `family` whose body has been read (`body`, at most
+    /// `max_body_bytes`): passes anything that is not an order endpoint; refuses orders while
+    /// halted (423), and with a limit that applies to `who` parses the order (at most 64 KiB)
+    /// and checks it. The body is forwarded as is.
     pub async fn admit(
         &self,
+        family: KeyKind,
         method: &Method,
         path: &str,
         body: &Bytes,
+        who: &Sender<'_>,
         prices: &dyn PriceSource,
     ) -> Result<(), Refusal> {
-        let Some(ep) = endpoint(method, path) else {
+        let Some(ep) = endpoint(family, method, path) else {
             return Ok(());
         };
         if let Some(h) = self.halt.current() {
             return Err(Refusal::Halted(h));
         }
-        if !self.active {
+        if self.layers(who).is_empty() {
             return Ok(());
         }
         if body.len() > ORDER_BODY_LIMIT {
@@ -228,84 +402,39 @@ impl Guard {
                 ep.what
             )));
         }
-        self.check(ep, body, prices).await
+        self.check(ep, body, who, prices).await
     }
 
-    /// Checks one order body against every limit; reserves a rate slot when all pass.
+    /// Checks one order body against every limit of every layer that applies to `who`;
+    /// reserves a rate slot when all pass.
     pub async fn check(
         &self,
         ep: &Endpoint,
         body: &[u8],
+        who: &Sender<'_>,
         prices: &dyn PriceSource,
     ) -> Result<(), Refusal> {
         let obj = parse_strict(body)
             .map_err(|e| Refusal::BadOrder(format!("the {} body is not valid: {e}", ep.what)))?;
         let order = (ep.parse)(&obj)?;
-        let c = &self.cfg;
-        if let Field::Given(p) = &order.product {
-            if !c.products.is_empty() && !c.products.contains(&p.to_ascii_uppercase()) {
-                return Err(denied(format!(
-                    "product {p} is not in guard.products ({})",
-                    c.products.join(", ")
-                )));
-            }
+        let layers = self.layers(who);
+        for l in &layers {
+            check_fields(l, ep, &order)?;
         }
-        if !c.sides.is_empty() {
-            match &order.side {
-                Field::Given(s) if !c.sides.contains(s) => {
-                    return Err(denied(format!(
-                        "side {s} is not in guard.sides ({})",
-                        c.sides.join(", ")
-                    )))
-                }
-                Field::Unknown => {
-                    return Err(denied(format!(
-                        "a {}'s side is not in the request, and guard.sides allows only {}",
-                        ep.what,
-                        c.sides.join(", ")
-                    )))
-                }
-                _ => {}
-            }
+        for l in &layers {
+            self.check_size(l, ep, &order, prices).await?;
         }
-        if let Field::Given(key) = &order.configuration {
-            let Some((kind, _)) = ORDER_TYPES
-                .iter()
-                .find(|(_, keys)| keys.contains(&key.as_str()))
-            else {
-                return Err(denied(format!(
-                    "order configuration {key} is not one cbgate can value; the guard refuses it"
-                )));
-            };
-            if !c.order_types.is_empty() && !c.order_types.iter().any(|t| t == kind || t == key) {
-                return Err(denied(format!(
-                    "order type {key} ({kind}) is not in guard.order_types ({})",
-                    c.order_types.join(", ")
-                )));
-            }
-        }
-        if c.require_post_only {
-            match order.post_only {
-                Field::Given(true) | Field::Unchanged => {}
-                _ => {
-                    return Err(denied(format!(
-                        "guard.require_post_only is set: only limit orders with \"post_only\": true pass (this {} is not post-only)",
-                        ep.what
-                    )))
-                }
-            }
-        }
-        self.check_size(ep, &order, prices).await?;
-        self.reserve()
+        self.reserve(&layers, who)
     }
 
     async fn check_size(
         &self,
+        layer: &Layer,
         ep: &Endpoint,
         order: &Order,
         prices: &dyn PriceSource,
     ) -> Result<(), Refusal> {
-        let (max_base, max_quote) = (self.cfg.max_order_base, self.cfg.max_order_quote);
+        let (max_base, max_quote) = (layer.cfg.max_order_base, layer.cfg.max_order_quote);
         let need_price = (max_base.is_some() && order.base.is_none())
             || (max_quote.is_some() && order.quote.is_none());
         let mut priced_by = "limit_price";
@@ -317,11 +446,16 @@ impl Guard {
                 let Field::Given(product) = &order.product else {
                     return Err(undetermined(ep, "it names no price and no product"));
                 };
-                Some(self.price(product, prices).await.map_err(|why| {
-                    undetermined(ep, &format!("the price of {product} is not known: {why}"))
-                })?)
+                Some(
+                    self.price(ep.family, product, prices)
+                        .await
+                        .map_err(|why| {
+                            undetermined(ep, &format!("the price of {product} is not known: {why}"))
+                        })?,
+                )
             }
         };
+        let n = &layer.name;
         if let Some(max) = max_base {
             let base = match (order.base, order.quote, price) {
                 (Some(b), _, _) => b,
@@ -332,14 +466,14 @@ impl Guard {
             };
             if base > max {
                 return Err(denied(format!(
-                    "guard.max_order_base is {max}; this {} is {base} in the base currency",
+                    "{n}.max_order_base is {max}; this {} is {base} in the base currency",
                     ep.what
                 )));
             }
         }
         if let Some(max) = max_quote {
             let (quote, how) = match (order.quote, order.base, price) {
-                (Some(q), _, _) => (q, "quote_size".to_owned()),
+                (Some(q), _, _) => (q, "quote size".to_owned()),
                 (None, Some(b), Some(p)) => match b.checked_mul(p) {
                     Some(q) => (q, format!("{b} x {p} {priced_by}")),
                     None => return Err(undetermined(ep, "its notional overflows")),
@@ -348,7 +482,7 @@ impl Guard {
             };
             if quote > max {
                 return Err(denied(format!(
-                    "guard.max_order_quote is {max}; this {}'s notional is {} ({how}) in the quote currency",
+                    "{n}.max_order_quote is {max}; this {}'s notional is {} ({how}) in the quote currency",
                     ep.what,
                     quote.normalize()
                 )));
@@ -357,13 +491,18 @@ impl Guard {
         Ok(())
     }
 
-    /// A product's price: cached for `guard.price_max_age`, else fetched.
-    async fn price(&self, product: &str, prices: &dyn PriceSource) -> Result<Decimal, String> {
-        let key = product.to_ascii_uppercase();
+    /// A product's price on `family`'s hosts: cached for `guard.price_max_age`, else fetched.
+    async fn price(
+        &self,
+        family: KeyKind,
+        product: &str,
+        prices: &dyn PriceSource,
+    ) -> Result<Decimal, String> {
+        let key = (family.as_str(), product.to_ascii_uppercase());
         {
             let cache = self.prices.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((at, p)) = cache.get(&key) {
-                if at.elapsed() < self.cfg.price_max_age {
+                if at.elapsed() < self.price_max_age {
                     return Ok(*p);
                 }
             }
@@ -380,13 +519,29 @@ impl Guard {
         Ok(p)
     }
 
-    /// Takes one slot of `max_orders_per_minute`, or refuses.
-    fn reserve(&self) -> Result<(), Refusal> {
-        let Some(max) = self.cfg.max_orders_per_minute else {
+    /// Takes one slot of the smallest `max_orders_per_minute` among `layers` in `who`'s
+    /// window, or refuses.
+    fn reserve(&self, layers: &[&Layer], who: &Sender<'_>) -> Result<(), Refusal> {
+        let Some((max, name)) = layers
+            .iter()
+            .filter_map(|l| l.cfg.max_orders_per_minute.map(|m| (m, &l.name)))
+            .min_by_key(|(m, _)| *m)
+        else {
             return Ok(());
         };
         let now = Instant::now();
-        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        // Windows of pairs that placed nothing for a minute go, so the map stays small.
+        all.retain(|_, w| {
+            w.back()
+                .is_some_and(|t| now.duration_since(*t) < RATE_WINDOW)
+        });
+        let w = all
+            .entry((
+                who.identity.to_owned(),
+                who.key.unwrap_or("unsigned").to_owned(),
+            ))
+            .or_default();
         while w
             .front()
             .is_some_and(|t| now.duration_since(*t) >= RATE_WINDOW)
@@ -399,8 +554,10 @@ impl Guard {
                 .map(|t| RATE_WINDOW.saturating_sub(now.duration_since(*t)).as_secs() + 1)
                 .unwrap_or(1);
             return Err(denied(format!(
-                "guard.max_orders_per_minute is {max}: {} orders in the last minute; retry in {retry} s",
-                w.len()
+                "{name}.max_orders_per_minute is {max}: {} orders from identity {} with key {} in the last minute; retry in {retry} s",
+                w.len(),
+                who.identity,
+                who.key.unwrap_or("(none)"),
             )));
         }
         w.push_back(now);
@@ -408,8 +565,62 @@ impl Guard {
     }
 }
 
-/// Reads a whole order body, at most [`ORDER_BODY_LIMIT`] bytes. The body may already carry
-/// `max_body_bytes` as a `Limited` layer; its error counts as too large too.
+/// The limits that need no price: products, sides, order types, post-only.
+fn check_fields(layer: &Layer, ep: &Endpoint, order: &Order) -> Result<(), Refusal> {
+    let (c, n) = (&layer.cfg, &layer.name);
+    if let Field::Given(p) = &order.product {
+        if !c.products.is_empty() && !c.products.contains(&p.to_ascii_uppercase()) {
+            return Err(denied(format!(
+                "product {p} is not in {n}.products ({})",
+                c.products.join(", ")
+            )));
+        }
+    }
+    if !c.sides.is_empty() {
+        match &order.side {
+            Field::Given(s) if !c.sides.contains(s) => {
+                return Err(denied(format!(
+                    "side {s} is not in {n}.sides ({})",
+                    c.sides.join(", ")
+                )))
+            }
+            Field::Unknown => {
+                return Err(denied(format!(
+                    "a {}'s side is not in the request, and {n}.sides allows only {}",
+                    ep.what,
+                    c.sides.join(", ")
+                )))
+            }
+            _ => {}
+        }
+    }
+    if let Field::Given(key) = &order.configuration {
+        let Some(kind) = order.kind else {
+            return Err(denied(format!(
+                "order type {key} is not one cbgate can value; the guard refuses it"
+            )));
+        };
+        if !c.order_types.is_empty() && !c.order_types.iter().any(|t| t == kind || t == key) {
+            return Err(denied(format!(
+                "order type {key} ({kind}) is not in {n}.order_types ({})",
+                c.order_types.join(", ")
+            )));
+        }
+    }
+    if c.require_post_only {
+        match order.post_only {
+            Field::Given(true) | Field::Unchanged => {}
+            _ => {
+                return Err(denied(format!(
+                    "{n}.require_post_only is set: only limit orders with \"post_only\": true pass (this {} is not post-only)",
+                    ep.what
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn denied(why: String) -> Refusal {
     Refusal::Denied(format!("refused by the guard: {why}"))
 }
@@ -420,18 +631,22 @@ fn undetermined(ep: &Endpoint, why: &str) -> Refusal {
         ep.what
     ))
 }
-
 // ---------------------------------------------------------------------------
 // Advanced Trade bodies
 // ---------------------------------------------------------------------------
 
+/// The [`ORDER_TYPES`] name of an Advanced Trade `order_configuration` key.
+fn at_kind(key: &str) -> Option<&'static str> {
+    ORDER_TYPES
+        .iter()
+        .find(|(_, keys)| keys.contains(&key))
+        .map(|(name, _)| *name)
+}
+
 /// `POST /orders`: `{client_order_id, product_id, side, order_configuration: {KEY: {...}}}`.
 fn parse_create(obj: &Map<String, Value>) -> Result<Order, Refusal> {
-    let product = product_of(obj)?;
-    let side = match get(obj, "side") {
-        Some(Value::String(s)) if s == "BUY" || s == "SELL" => s.clone(),
-        _ => return Err(bad("side must be \"BUY\" or \"SELL\"")),
-    };
+    let product = product_of(obj, "product_id")?;
+    let side = side_of(obj)?;
     let Some(Value::Object(conf)) = get(obj, "order_configuration") else {
         return Err(bad("order_configuration must be an object"));
     };
@@ -441,15 +656,14 @@ fn parse_create(obj: &Map<String, Value>) -> Result<Order, Refusal> {
             "order_configuration must hold exactly one order type, e.g. {\"limit_limit_gtc\": {...}}",
         ));
     };
-    let post_only = match get(inner, "post_only") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("post_only must be true or false")),
-    };
+    let key = key.to_ascii_lowercase();
+    let kind = at_kind(&key);
+    let post_only = post_only_of(inner, kind)?;
     Ok(Order {
         product: Field::Given(product),
         side: Field::Given(side),
-        configuration: Field::Given(key.to_ascii_lowercase()),
+        configuration: Field::Given(key),
+        kind,
         post_only: Field::Given(post_only),
         base: decimal(inner, "base_size")?,
         quote: decimal(inner, "quote_size")?,
@@ -464,13 +678,10 @@ fn parse_edit(obj: &Map<String, Value>) -> Result<Order, Refusal> {
         _ => return Err(bad("order_id must be a string")),
     }
     Ok(Order {
-        product: Field::Unchanged,
-        side: Field::Unchanged,
-        configuration: Field::Unchanged,
-        post_only: Field::Unchanged,
         base: decimal(obj, "size")?,
         quote: None,
         limit_price: decimal(obj, "price")?,
+        ..unchanged()
     })
 }
 
@@ -478,9 +689,10 @@ fn parse_edit(obj: &Map<String, Value>) -> Result<Order, Refusal> {
 /// the opposite side of the position.
 fn parse_close(obj: &Map<String, Value>) -> Result<Order, Refusal> {
     Ok(Order {
-        product: Field::Given(product_of(obj)?),
+        product: Field::Given(product_of(obj, "product_id")?),
         side: Field::Unknown,
         configuration: Field::Given("market_market_ioc".into()),
+        kind: Some("market"),
         post_only: Field::Given(false),
         base: decimal(obj, "size")?,
         quote: None,
@@ -488,19 +700,200 @@ fn parse_close(obj: &Map<String, Value>) -> Result<Order, Refusal> {
     })
 }
 
+/// An edit: product, side, type and post-only stay the order's.
+fn unchanged() -> Order {
+    Order {
+        product: Field::Unchanged,
+        side: Field::Unchanged,
+        configuration: Field::Unchanged,
+        kind: None,
+        post_only: Field::Unchanged,
+        base: None,
+        quote: None,
+        limit_price: None,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Exchange, INTX and Prime bodies
+// ---------------------------------------------------------------------------
+
+/// Exchange `POST /orders`: `{product_id, side: buy|sell, type: limit|market|stop, size,
+/// price, funds, stop, stop_price, post_only, time_in_force, ...}` (type defaults to limit).
+/// A `stop` on a limit order makes it a stop-limit. A market order's `price` is ignored by
+/// Coinbase, so it never values one: size x current price does.
+fn parse_exchange(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    let product = product_of(obj, "product_id")?;
+    let side = side_of(obj)?;
+    let ty = match get(obj, "type") {
+        None | Some(Value::Null) => "limit".to_owned(),
+        Some(Value::String(t)) => t.to_ascii_lowercase(),
+        Some(_) => return Err(bad("type must be \"limit\", \"market\" or \"stop\"")),
+    };
+    let stop = !matches!(get(obj, "stop"), None | Some(Value::Null));
+    let kind = match (ty.as_str(), stop) {
+        ("limit", false) => Some("limit"),
+        ("limit", true) | ("stop", _) => Some("stop_limit"),
+        ("market", false) => Some("market"),
+        _ => None,
+    };
+    let configuration = if stop && ty != "stop" {
+        format!("{ty} (stop)")
+    } else {
+        ty
+    };
+    sized(
+        obj,
+        product,
+        side,
+        configuration,
+        kind,
+        ["size", "funds", "price"],
+    )
+}
+
+/// INTX `POST /api/v1/orders`: `{instrument, side: BUY|SELL, size, type: MARKET|LIMIT|
+/// STOP|STOP_LIMIT|TAKE_PROFIT_STOP_LOSS, price, stop_price, post_only, tif, portfolio, ...}`.
+/// Sizes are in the base asset. A STOP order is a market order once triggered, at a price
+/// no body states: the guard does not value it.
+fn parse_intx(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    let product = product_of(obj, "instrument")?;
+    let side = side_of(obj)?;
+    let ty = type_of(obj, "MARKET, LIMIT, STOP_LIMIT or TAKE_PROFIT_STOP_LOSS")?;
+    let kind = match ty.as_str() {
+        "MARKET" => Some("market"),
+        "LIMIT" => Some("limit"),
+        "STOP_LIMIT" => Some("stop_limit"),
+        "TAKE_PROFIT_STOP_LOSS" => Some("bracket"),
+        _ => None,
+    };
+    sized(obj, product, side, ty, kind, ["size", "", "price"])
+}
+
+/// INTX `PUT /api/v1/orders/{id}`: `{portfolio, client_order_id, price, stop_price, size,
+/// stop_limit_price}`; instrument, side and type stay the order's.
+fn parse_intx_modify(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    Ok(Order {
+        base: decimal(obj, "size")?,
+        limit_price: decimal(obj, "price")?,
+        ..unchanged()
+    })
+}
+
+/// Prime `POST /v1/portfolios/{id}/order`: `{product_id, side: BUY|SELL, type: MARKET|LIMIT|
+/// TWAP|VWAP|BLOCK|STOP_LIMIT|RFQ, base_quantity, quote_value, limit_price, post_only, ...}`.
+/// Prime has no public price endpoint, so a market order in base size cannot be valued.
+fn parse_prime(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    let product = product_of(obj, "product_id")?;
+    let side = side_of(obj)?;
+    let ty = type_of(obj, "MARKET, LIMIT, TWAP or STOP_LIMIT")?;
+    let kind = match ty.as_str() {
+        "MARKET" => Some("market"),
+        "LIMIT" => Some("limit"),
+        "STOP_LIMIT" => Some("stop_limit"),
+        "TWAP" => Some("twap"),
+        _ => None,
+    };
+    sized(
+        obj,
+        product,
+        side,
+        ty,
+        kind,
+        ["base_quantity", "quote_value", "limit_price"],
+    )
+}
+
+/// Prime `PUT /v1/portfolios/{id}/orders/{order_id}/edit`: `{orig_client_order_id,
+/// client_order_id, base_quantity, quote_value, limit_price, stop_price, ...}`.
+fn parse_prime_edit(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    Ok(Order {
+        base: decimal(obj, "base_quantity")?,
+        quote: decimal(obj, "quote_value")?,
+        limit_price: decimal(obj, "limit_price")?,
+        ..unchanged()
+    })
+}
+
+/// An order with its sizes read from the `[base, quote, price]` fields (`""`: none); a
+/// market order has no price bound, whatever the body says.
+fn sized(
+    obj: &Map<String, Value>,
+    product: String,
+    side: String,
+    configuration: String,
+    kind: Option<&'static str>,
+    [base, quote, price]: [&str; 3],
+) -> Result<Order, Refusal> {
+    let opt = |name: &str| {
+        if name.is_empty() {
+            Ok(None)
+        } else {
+            decimal(obj, name)
+        }
+    };
+    let limit_price = opt(price)?;
+    Ok(Order {
+        product: Field::Given(product),
+        side: Field::Given(side),
+        configuration: Field::Given(configuration),
+        kind,
+        post_only: Field::Given(post_only_of(obj, kind)?),
+        base: opt(base)?,
+        quote: opt(quote)?,
+        limit_price: if kind == Some("market") {
+            None
+        } else {
+            limit_price
+        },
+    })
+}
+
 fn bad(why: &str) -> Refusal {
     Refusal::BadOrder(format!("invalid order: {why}"))
 }
 
-fn product_of(obj: &Map<String, Value>) -> Result<String, Refusal> {
-    match get(obj, "product_id") {
+/// `side`, `BUY` or `SELL` in either case (Exchange spells them `buy`, `sell`), upper-cased.
+fn side_of(obj: &Map<String, Value>) -> Result<String, Refusal> {
+    match get(obj, "side") {
+        Some(Value::String(s))
+            if s.eq_ignore_ascii_case("BUY") || s.eq_ignore_ascii_case("SELL") =>
+        {
+            Ok(s.to_ascii_uppercase())
+        }
+        _ => Err(bad("side must be \"BUY\" or \"SELL\"")),
+    }
+}
+
+/// `type`, upper-cased (INTX and Prime).
+fn type_of(obj: &Map<String, Value>, which: &str) -> Result<String, Refusal> {
+    match get(obj, "type") {
+        Some(Value::String(t)) if !t.is_empty() => Ok(t.to_ascii_uppercase()),
+        _ => Err(bad(&format!("type must be one of {which}"))),
+    }
+}
+
+/// `post_only`; a market order is never post-only, whatever the body says.
+fn post_only_of(obj: &Map<String, Value>, kind: Option<&str>) -> Result<bool, Refusal> {
+    let p = match get(obj, "post_only") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("post_only must be true or false")),
+    };
+    Ok(p && kind != Some("market"))
+}
+
+fn product_of(obj: &Map<String, Value>, name: &str) -> Result<String, Refusal> {
+    match get(obj, name) {
         Some(Value::String(p))
             if (1..=64).contains(&p.len())
                 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
         {
             Ok(p.clone())
         }
-        _ => Err(bad("product_id must be a product id such as \"BTC-USD\"")),
+        _ => Err(bad(&format!(
+            "{name} must be a product id such as \"BTC-USD\""
+        ))),
     }
 }
 
@@ -640,9 +1033,15 @@ mod tests {
         Guard::new(&c)
     }
 
+    const WHO: Sender<'static> = Sender {
+        identity: "anonymous",
+        key: Some("default"),
+    };
+
     async fn check(g: &Guard, body: &str) -> Result<(), Refusal> {
-        let ep = endpoint(&Method::POST, "/api/v3/brokerage/orders").expect("endpoint");
-        g.check(ep, body.as_bytes(), &Fixed(Some(dec("50000"))))
+        let ep =
+            endpoint(KeyKind::Cdp, &Method::POST, "/api/v3/brokerage/orders").expect("endpoint");
+        g.check(ep, body.as_bytes(), &WHO, &Fixed(Some(dec("50000"))))
             .await
     }
 
@@ -682,10 +1081,243 @@ mod tests {
     }
 
     #[test]
-    fn paths_match_in_every_spelling() {
-        assert!(endpoint(&Method::POST, "/API/v3/brokerage/orders/").is_some());
-        assert!(endpoint(&Method::POST, "/api/v3/brokerage/orders/preview").is_none());
-        assert!(endpoint(&Method::POST, "/api/v3/brokerage/orders/batch_cancel").is_none());
-        assert!(endpoint(&Method::GET, "/api/v3/brokerage/orders").is_none());
+    fn paths_match_in_every_spelling_and_only_on_their_family() {
+        use KeyKind::*;
+        let at = |m: &Method, p: &str| endpoint(Cdp, m, p).map(|e| e.what);
+        assert_eq!(
+            at(&Method::POST, "/API/v3/brokerage/orders/"),
+            Some("order")
+        );
+        assert_eq!(
+            at(&Method::POST, "/api/v3/brokerage/%6Frders"),
+            Some("order")
+        );
+        assert_eq!(
+            at(&Method::POST, "/api/v3/brokerage/orders.json"),
+            Some("order")
+        );
+        assert!(at(&Method::POST, "/api/v3/brokerage/orders/preview").is_none());
+        assert!(at(&Method::POST, "/api/v3/brokerage/orders/batch_cancel").is_none());
+        assert!(at(&Method::GET, "/api/v3/brokerage/orders").is_none());
+        // Exchange's `/orders`, in every spelling, and only on the Exchange host.
+        for p in [
+            "/orders",
+            "/ORDERS",
+            "/orders/",
+            "/%6frders",
+            "/Orders.json",
+        ] {
+            assert!(endpoint(Exchange, &Method::POST, p).is_some(), "{p}");
+        }
+        for f in [Cdp, Prime, Intx] {
+            assert!(endpoint(f, &Method::POST, "/orders").is_none());
+        }
+        assert!(endpoint(Exchange, &Method::POST, "/api/v3/brokerage/orders").is_none());
+        assert!(endpoint(Exchange, &Method::DELETE, "/orders").is_none());
+        assert!(endpoint(Exchange, &Method::POST, "/orders/x").is_none());
+        // INTX create and modify; its cancels pass.
+        assert!(endpoint(Intx, &Method::POST, "/api/v1/orders").is_some());
+        assert!(endpoint(Intx, &Method::PUT, "/api/v1/orders/123").is_some());
+        assert!(endpoint(Intx, &Method::PUT, "/API/V1/Orders/123/").is_some());
+        assert!(endpoint(Intx, &Method::DELETE, "/api/v1/orders/123").is_none());
+        assert!(endpoint(Intx, &Method::DELETE, "/api/v1/orders").is_none());
+        // Prime create and edit, not preview or cancel.
+        assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/order").is_some());
+        assert!(endpoint(Prime, &Method::POST, "/V1/Portfolios/p-1/Order/").is_some());
+        assert!(endpoint(Prime, &Method::PUT, "/v1/portfolios/p-1/orders/o-1/edit").is_some());
+        assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/order_preview").is_none());
+        assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/orders/o-1/cancel").is_none());
+        assert!(endpoint(Prime, &Method::POST, "/v1/portfolios//order").is_none());
+    }
+
+    async fn family_check(
+        g: &Guard,
+        f: KeyKind,
+        m: Method,
+        path: &str,
+        body: Value,
+    ) -> Result<(), Refusal> {
+        let ep = endpoint(f, &m, path).expect("endpoint");
+        g.check(
+            ep,
+            body.to_string().as_bytes(),
+            &WHO,
+            &Fixed(Some(dec("50000"))),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn each_familys_shape_is_read() {
+        use serde_json::json;
+        let g = guard(|c| {
+            c.max_order_quote = Some(dec("1000"));
+            c.sides = vec!["BUY".into()];
+        });
+        let ex = |b: Value| family_check(&g, KeyKind::Exchange, Method::POST, "/orders", b);
+        assert!(ex(json!({"product_id": "BTC-USD", "side": "buy", "type": "limit", "size": "0.02", "price": "50000"})).await.is_ok());
+        let e = ex(
+            json!({"product_id": "BTC-USD", "side": "buy", "size": "0.02", "price": "50000.01"}),
+        )
+        .await
+        .expect_err("over");
+        assert!(e.to_string().contains("1000.0002"), "{e}");
+        // A market order's price is not its bound: size x current price (50000).
+        let e = ex(json!({"product_id": "BTC-USD", "side": "buy", "type": "market", "size": "1", "price": "1"})).await.expect_err("over");
+        assert!(e.to_string().contains("current price"), "{e}");
+        assert!(ex(
+            json!({"product_id": "BTC-USD", "side": "buy", "type": "market", "funds": "1000"})
+        )
+        .await
+        .is_ok());
+        let e =
+            ex(json!({"product_id": "BTC-USD", "side": "sell", "type": "market", "funds": "1"}))
+                .await
+                .expect_err("side");
+        assert!(e.to_string().contains("side SELL"), "{e}");
+        let intx = |b: Value| family_check(&g, KeyKind::Intx, Method::POST, "/api/v1/orders", b);
+        assert!(intx(json!({"instrument": "BTC-PERP", "side": "BUY", "type": "LIMIT", "size": "0.02", "price": "50000", "tif": "GTC"})).await.is_ok());
+        let e = intx(json!({"instrument": "BTC-PERP", "side": "BUY", "type": "STOP", "size": "0.001", "stop_price": "1"})).await.expect_err("stop");
+        assert!(
+            e.to_string().contains("STOP is not one cbgate can value"),
+            "{e}"
+        );
+        let prime = |b: Value| {
+            family_check(
+                &g,
+                KeyKind::Prime,
+                Method::POST,
+                "/v1/portfolios/p/order",
+                b,
+            )
+        };
+        assert!(prime(
+            json!({"product_id": "BTC-USD", "side": "BUY", "type": "MARKET", "quote_value": "1000"})
+        )
+        .await
+        .is_ok());
+        let e = prime(json!({"product_id": "BTC-USD", "side": "BUY", "type": "LIMIT", "base_quantity": "1", "limit_price": "1000.01"})).await.expect_err("over");
+        assert!(e.to_string().contains("1000.01"), "{e}");
+    }
+
+    fn cfg_with(f: impl FnOnce(&mut GuardConfig)) -> GuardConfig {
+        let mut c = GuardConfig::default();
+        f(&mut c);
+        c
+    }
+
+    #[tokio::test]
+    async fn every_layer_that_applies_binds() {
+        let mut cfg = Config {
+            guard: cfg_with(|c| c.max_order_quote = Some(dec("1000"))),
+            ..Default::default()
+        };
+        cfg.keys.insert(
+            "small".into(),
+            crate::config::NamedKeyConfig {
+                guard: Some(cfg_with(|c| c.max_order_quote = Some(dec("100")))),
+                ..Default::default()
+            },
+        );
+        cfg.clients.named.insert(
+            "bot".into(),
+            crate::config::ClientConfig {
+                guard: Some(cfg_with(|c| c.products = vec!["ETH-USD".into()])),
+                ..Default::default()
+            },
+        );
+        let g = Guard::from_config(&cfg);
+        let ep = endpoint(KeyKind::Cdp, &Method::POST, "/api/v3/brokerage/orders").expect("ep");
+        let run = |who: Sender<'static>, body: String| {
+            let g = &g;
+            async move { g.check(ep, body.as_bytes(), &who, &Fixed(None)).await }
+        };
+        let anon = Sender {
+            identity: "anonymous",
+            key: Some("default"),
+        };
+        let small = Sender {
+            identity: "anonymous",
+            key: Some("small"),
+        };
+        let bot = Sender {
+            identity: "bot",
+            key: Some("default"),
+        };
+        assert!(run(anon, limit("0.0021", "50000")).await.is_ok());
+        let e = run(small, limit("0.0021", "50000"))
+            .await
+            .expect_err("key layer");
+        assert!(
+            e.to_string()
+                .contains("keys.small.guard.max_order_quote is 100"),
+            "{e}"
+        );
+        assert!(run(small, limit("0.001", "100")).await.is_ok());
+        let e = run(bot, limit("0.001", "1"))
+            .await
+            .expect_err("client layer");
+        assert!(e.to_string().contains("clients.bot.guard.products"), "{e}");
+        // The global layer still binds the identity's orders: it can only tighten.
+        let eth = limit("1", "1001").replace("BTC-USD", "ETH-USD");
+        let e = run(bot, eth).await.expect_err("global");
+        assert!(
+            e.to_string()
+                .starts_with("refused by the guard: guard.max_order_quote"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_thousand_concurrent_orders_never_pass_the_rate_limit() {
+        let mut cfg = Config {
+            guard: cfg_with(|c| c.max_orders_per_minute = Some(7)),
+            ..Default::default()
+        };
+        cfg.clients.named.insert(
+            "bot".into(),
+            crate::config::ClientConfig {
+                guard: Some(cfg_with(|c| c.max_orders_per_minute = Some(3))),
+                ..Default::default()
+            },
+        );
+        let g = std::sync::Arc::new(Guard::from_config(&cfg));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .build()
+            .expect("runtime");
+        let counts = rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..1000 {
+                let g = g.clone();
+                tasks.spawn(async move {
+                    let (identity, key) = match i % 4 {
+                        0 => ("anonymous", "a"),
+                        1 => ("anonymous", "b"),
+                        2 => ("bot", "a"),
+                        _ => ("bot", "b"),
+                    };
+                    let ep = endpoint(KeyKind::Cdp, &Method::POST, "/api/v3/brokerage/orders")
+                        .expect("ep");
+                    let who = Sender {
+                        identity,
+                        key: Some(key),
+                    };
+                    let ok = g
+                        .check(ep, limit("1", "1").as_bytes(), &who, &Fixed(None))
+                        .await
+                        .is_ok();
+                    (i % 4, ok)
+                });
+            }
+            let mut counts = [0usize; 4];
+            while let Some(r) = tasks.join_next().await {
+                let (pair, ok) = r.expect("task");
+                counts[pair] += usize::from(ok);
+            }
+            counts
+        });
+        // Each (identity, key) pair has its own window; the identity's 3 is below the global 7.
+        assert_eq!(counts, [7, 7, 3, 3]);
     }
 }

@@ -201,6 +201,11 @@ impl Router {
         self.routes.iter().find(|r| path.starts_with(&r.prefix))
     }
 
+    /// The first route to a host of `family` (cbgate's own calls, e.g. `--cancel-open`).
+    pub fn find_family(&self, family: KeyKind) -> Option<&Route> {
+        self.routes.iter().find(|r| r.upstream.family == family)
+    }
+
     /// The configured prefixes, for error messages.
     pub fn prefixes(&self) -> Vec<&str> {
         self.routes.iter().map(|r| r.prefix.as_str()).collect()

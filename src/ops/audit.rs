@@ -248,34 +248,56 @@ fn capped(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-/// The Advanced Trade order summary of a request body: product, side, order type (the one key
-/// of `order_configuration`), sizes, limit price and client order id. `None` for anything else.
+/// The order summary of a request body: product, side, order type, sizes, limit price and
+/// client order id, under Advanced Trade's names whatever the family: Advanced Trade's
+/// `order_configuration` (the type is its one key), or the flat bodies of Exchange
+/// (`size`, `funds`, `price`), INTX (`instrument`) and Prime (`base_quantity`, `quote_value`).
+/// `None` for anything else.
 fn order_summary(path: &str, body: &[u8]) -> Option<Map<String, Value>> {
-    if !path.starts_with("/api/v3/brokerage/orders") || body.len() > SUMMARY_CAP {
+    if !path.to_ascii_lowercase().contains("/order") || body.len() > SUMMARY_CAP {
         return None;
     }
     let v: Value = serde_json::from_slice(body).ok()?;
-    let cfg = v.get("order_configuration")?.as_object()?;
     let text = |v: &Value, k: &str| {
         v.get(k)
             .and_then(Value::as_str)
             .map(|s| Value::from(capped(s, FIELD_CAP)))
     };
     let mut out = Map::new();
-    for k in ["product_id", "side", "client_order_id"] {
-        if let Some(s) = text(&v, k) {
-            out.insert(k.into(), s);
-        }
-    }
-    if let Some((kind, params)) = cfg.iter().next() {
-        out.insert("order_type".into(), capped(kind, FIELD_CAP).into());
-        for k in ["base_size", "quote_size", "limit_price"] {
-            if let Some(s) = text(params, k) {
+    if let Some(cfg) = v.get("order_configuration") {
+        let cfg = cfg.as_object()?;
+        for k in ["product_id", "side", "client_order_id"] {
+            if let Some(s) = text(&v, k) {
                 out.insert(k.into(), s);
             }
         }
+        if let Some((kind, params)) = cfg.iter().next() {
+            out.insert("order_type".into(), capped(kind, FIELD_CAP).into());
+            for k in ["base_size", "quote_size", "limit_price"] {
+                if let Some(s) = text(params, k) {
+                    out.insert(k.into(), s);
+                }
+            }
+        }
+        return Some(out);
     }
-    Some(out)
+    // Exchange, INTX, Prime: one flat object, each field under its family's name.
+    const FLAT: &[(&str, &[&str])] = &[
+        ("product_id", &["product_id", "instrument"]),
+        ("side", &["side"]),
+        ("order_type", &["type"]),
+        ("base_size", &["size", "base_quantity"]),
+        ("quote_size", &["funds", "quote_value"]),
+        ("limit_price", &["price", "limit_price"]),
+        ("client_order_id", &["client_order_id", "client_oid"]),
+    ];
+    for (name, spellings) in FLAT {
+        if let Some(s) = spellings.iter().find_map(|k| text(&v, k)) {
+            out.insert((*name).into(), s);
+        }
+    }
+    // A body with none of these (a cancel's `order_ids`) is not an order.
+    (!out.is_empty()).then_some(out)
 }
 
 /// `success`, the order id and the error of an Advanced Trade create-order answer.
@@ -292,6 +314,20 @@ fn response_summary(body: &[u8], out: &mut Map<String, Value>) {
     };
     if let Some(id) = s(v.pointer("/success_response/order_id")) {
         out.insert("order_id".into(), id);
+    } else if let Some(id) = v
+        .get("order_id")
+        .filter(|id| id.is_string() || id.is_number())
+    {
+        // INTX (a number) and Prime answer the new order's id at the top level.
+        out.insert(
+            "order_id".into(),
+            capped(&id.to_string().replace('"', ""), FIELD_CAP).into(),
+        );
+    } else if v.get("product_id").is_some() && v.get("side").is_some() {
+        // Exchange answers the order itself, its id in `id`.
+        if let Some(id) = s(v.get("id")) {
+            out.insert("order_id".into(), id);
+        }
     }
     if let Some(e) = s(v.pointer("/error_response/error")) {
         out.insert("order_error".into(), e);
@@ -1006,5 +1042,24 @@ mod tests {
         );
         assert!(order_summary("/api/v3/brokerage/orders", b"not json").is_none());
         assert!(order_summary("/v2/accounts", body).is_none());
+        // The flat shapes of Exchange, INTX and Prime, under the same names.
+        let ex = br#"{"product_id":"BTC-USD","side":"buy","type":"market","funds":"10","client_oid":"c-9"}"#;
+        let s = order_summary("/orders", ex).expect("exchange summary");
+        assert_eq!(s["order_type"], "market");
+        assert_eq!(s["quote_size"], "10");
+        assert_eq!(s["client_order_id"], "c-9");
+        let ix = br#"{"instrument":"BTC-PERP","side":"BUY","type":"LIMIT","size":"1","price":"2"}"#;
+        let s = order_summary("/api/v1/orders", ix).expect("intx summary");
+        assert_eq!(
+            (&s["product_id"], &s["base_size"], &s["limit_price"]),
+            (&"BTC-PERP".into(), &"1".into(), &"2".into())
+        );
+        let pr = br#"{"product_id":"ETH-USD","side":"SELL","type":"LIMIT","base_quantity":"3","limit_price":"4"}"#;
+        let s = order_summary("/v1/portfolios/p/order", pr).expect("prime summary");
+        assert_eq!(
+            (&s["base_size"], &s["limit_price"]),
+            (&"3".into(), &"4".into())
+        );
+        assert!(order_summary("/orders", br#"{"order_ids":["a"]}"#).is_none());
     }
 }

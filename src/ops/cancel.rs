@@ -1,7 +1,16 @@
-//! `cbgate halt --cancel-open`: cancel every open order of the key through cbgate's own signing
-//! path. Advanced Trade: list `GET /api/v3/brokerage/orders/historical/batch?order_status=OPEN`
-//! (following `cursor` while `has_next`), then `POST /api/v3/brokerage/orders/batch_cancel`
-//! with at most [`CANCEL_BATCH`] `order_ids` per call (Coinbase's limit).
+//! `cbgate halt --cancel-open`: cancel every open order of each signing key through cbgate's
+//! own signing path.
+//!
+//! - Advanced Trade (`[key]` and every `[keys.NAME]` of kind `cdp`): list
+//!   `GET /api/v3/brokerage/orders/historical/batch?order_status=OPEN` (following `cursor`
+//!   while `has_next`), then `POST /api/v3/brokerage/orders/batch_cancel` with at most
+//!   [`CANCEL_BATCH`] `order_ids` per call (Coinbase's limit).
+//! - Exchange (`kind = "exchange"`): `DELETE /orders`, which cancels every open order of the
+//!   key's profile in one call and answers the ids it cancelled.
+//! - INTX and Prime keys are reported as not cancelled, with why: both APIs cancel only
+//!   within a portfolio named in the request (INTX `DELETE /api/v1/orders?portfolio=`, Prime
+//!   `POST /v1/portfolios/{id}/orders/{id}/cancel` per order), and cbgate does not know which
+//!   portfolios a key trades; guessing one would leave the others open while saying "done".
 
 use std::time::Duration;
 
@@ -9,9 +18,14 @@ use bytes::Bytes;
 use http::Method;
 use serde_json::{json, Value};
 
-use crate::forward::upstream::OwnCall;
+use http_body_util::BodyExt as _;
+
+use crate::config::KeyKind;
 use crate::proxy::Proxy;
+use crate::sign::hmac::HmacKey;
 use crate::sign::jwt::Binding;
+use crate::sign::key::ApiKey;
+use crate::sign::keys::Credential;
 
 /// Open orders are listed from here.
 pub const LIST_PATH: &str = "/api/v3/brokerage/orders/historical/batch";
@@ -26,7 +40,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest answer read.
 const MAX_ANSWER: usize = 8 * 1024 * 1024;
 
-/// What cancelling the open orders did.
+/// What cancelling the open orders did: the top-level fields for `[key]` (Advanced Trade),
+/// `keys` for each `[keys.NAME]`.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CancelReport {
     /// Open orders Coinbase listed.
@@ -37,6 +52,31 @@ pub struct CancelReport {
     pub failed: Vec<Failed>,
     /// Why listing or cancelling stopped early, if it did.
     pub error: Option<String>,
+    /// One entry per `[keys.NAME]`.
+    pub keys: Vec<KeyCancel>,
+}
+
+/// What cancelling did for one named key.
+#[derive(Debug, serde::Serialize)]
+pub struct KeyCancel {
+    pub key: String,
+    pub kind: &'static str,
+    /// Open orders Coinbase listed (Exchange answers only what it cancelled: the same).
+    pub open: usize,
+    pub cancelled: Vec<String>,
+    pub failed: Vec<Failed>,
+    pub error: Option<String>,
+    /// Set when this key's orders were not looked at, saying why.
+    pub skipped: Option<String>,
+}
+
+/// How one of cbgate's own calls is signed.
+#[derive(Clone, Copy)]
+enum Signing<'a> {
+    /// `[key]`, through the signer.
+    Default,
+    Cdp(&'a ApiKey),
+    Hmac(&'a HmacKey),
 }
 
 /// One order that was not cancelled.
@@ -46,10 +86,79 @@ pub struct Failed {
     pub reason: String,
 }
 
-/// Lists the key's open orders and cancels them all; never panics, always reports.
+/// Cancels the open orders of every signing key; never panics, always reports.
 pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
+    let named: Vec<_> = proxy.keys().iter().collect();
+    // `[key]` as before; with only named keys configured, there is no `[key]` to cancel for.
+    let mut report = if proxy.signer().key().is_some() || named.is_empty() {
+        advanced_trade(proxy, Signing::Default).await
+    } else {
+        CancelReport::default()
+    };
+    for k in named {
+        let cred = k.current();
+        let mut entry = KeyCancel {
+            key: k.name().to_owned(),
+            kind: cred.kind().as_str(),
+            open: 0,
+            cancelled: Vec::new(),
+            failed: Vec::new(),
+            error: None,
+            skipped: None,
+        };
+        match cred.as_ref() {
+            Credential::Cdp(key) => {
+                let r = advanced_trade(proxy, Signing::Cdp(key)).await;
+                (entry.open, entry.cancelled, entry.failed, entry.error) =
+                    (r.open, r.cancelled, r.failed, r.error);
+            }
+            Credential::Hmac(h) if h.kind() == KeyKind::Exchange => {
+                match exchange(proxy, h).await {
+                    Ok(ids) => {
+                        entry.open = ids.len();
+                        entry.cancelled = ids;
+                    }
+                    Err(e) => entry.error = Some(format!("DELETE /orders failed: {e}")),
+                }
+            }
+            Credential::Hmac(h) => {
+                entry.skipped = Some(format!(
+                    "not cancelled: {} cancels only within a portfolio named in the request, and cbgate does not know this key's portfolios; cancel them with the {} API (orders are refused while halted)",
+                    if h.kind() == KeyKind::Prime { "Prime" } else { "INTX" },
+                    if h.kind() == KeyKind::Prime { "Prime" } else { "INTX" },
+                ));
+            }
+        }
+        report.keys.push(entry);
+    }
+    report
+}
+
+/// Exchange `DELETE /orders`: the ids Coinbase reports cancelled.
+async fn exchange(proxy: &Proxy, key: &HmacKey) -> Result<Vec<String>, String> {
+    let answer = call(
+        proxy,
+        Signing::Hmac(key),
+        KeyKind::Exchange,
+        Method::DELETE,
+        "/orders",
+        "",
+        None,
+    )
+    .await?;
+    let ids = answer
+        .as_array()
+        .ok_or("the answer is not a list of order ids")?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect())
+}
+
+/// Lists one CDP key's open Advanced Trade orders and cancels them all.
+async fn advanced_trade(proxy: &Proxy, signing: Signing<'_>) -> CancelReport {
     let mut report = CancelReport::default();
-    let ids = match list_open(proxy).await {
+    let ids = match list_open(proxy, signing).await {
         Ok(ids) => ids,
         Err(e) => {
             report.error = Some(format!("listing open orders failed: {e}"));
@@ -59,7 +168,17 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
     report.open = ids.len();
     for batch in ids.chunks(CANCEL_BATCH) {
         let body = json!({ "order_ids": batch }).to_string();
-        let answer = match call(proxy, Method::POST, CANCEL_PATH, "", Some(body)).await {
+        let answer = match call(
+            proxy,
+            signing,
+            KeyKind::Cdp,
+            Method::POST,
+            CANCEL_PATH,
+            "",
+            Some(body),
+        )
+        .await
+        {
             Ok(v) => v,
             Err(e) => {
                 report.error = Some(format!("cancelling failed: {e}"));
@@ -104,7 +223,7 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
 }
 
 /// Every open order id, following the cursor.
-async fn list_open(proxy: &Proxy) -> Result<Vec<String>, String> {
+async fn list_open(proxy: &Proxy, signing: Signing<'_>) -> Result<Vec<String>, String> {
     let mut ids = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut cursor = String::new();
@@ -114,7 +233,16 @@ async fn list_open(proxy: &Proxy) -> Result<Vec<String>, String> {
             query.push_str("&cursor=");
             query.extend(url::form_urlencoded::byte_serialize(cursor.as_bytes()));
         }
-        let page = call(proxy, Method::GET, LIST_PATH, &query, None).await?;
+        let page = call(
+            proxy,
+            signing,
+            KeyKind::Cdp,
+            Method::GET,
+            LIST_PATH,
+            &query,
+            None,
+        )
+        .await?;
         let orders = page
             .get("orders")
             .and_then(Value::as_array)
@@ -141,61 +269,106 @@ async fn list_open(proxy: &Proxy) -> Result<Vec<String>, String> {
     ))
 }
 
-/// One signed call; the JSON answer of a 2xx, otherwise the status and the start of the body.
+/// One signed call to a host of `family`; the JSON answer of a 2xx, otherwise the status and
+/// the start of the body.
 async fn call(
     proxy: &Proxy,
+    signing: Signing<'_>,
+    family: KeyKind,
     method: Method,
     path: &str,
     query: &str,
     body: Option<String>,
 ) -> Result<Value, String> {
-    tokio::time::timeout(CALL_TIMEOUT, call_once(proxy, method, path, query, body))
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))
+    tokio::time::timeout(
+        CALL_TIMEOUT,
+        call_once(proxy, signing, family, method, path, query, body),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {} s", CALL_TIMEOUT.as_secs())))
 }
 
 async fn call_once(
     proxy: &Proxy,
+    signing: Signing<'_>,
+    family: KeyKind,
     method: Method,
     path: &str,
     query: &str,
     body: Option<String>,
 ) -> Result<Value, String> {
-    let route = proxy
-        .router()
-        .find(path)
-        .ok_or_else(|| format!("no route for {path}"))?;
+    let route = match family {
+        KeyKind::Cdp => proxy.router().find(path),
+        other => proxy.router().find_family(other),
+    }
+    .ok_or_else(|| format!("no route for {path} on a {} host", family.as_str()))?;
     let upstream = &route.upstream;
+    let path_and_query = if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    let body = Bytes::from(body.unwrap_or_default());
+    let mut req = http::Request::builder()
+        .method(method.clone())
+        .uri(format!("https://{}{path_and_query}", upstream.authority));
     // The JWT binds the path without the query, as Coinbase checks it.
     let binding = Binding {
         method: method.as_str(),
         host: &upstream.authority,
         path,
     };
-    let token = proxy
-        .signer()
-        .mint(upstream.claims, &binding)
-        .map_err(|e| e.to_string())?
-        .ok_or("no API key configured")?;
-    let path_and_query = if query.is_empty() {
-        path.to_owned()
-    } else {
-        format!("{path}?{query}")
+    let now = crate::sign::jwt::now_secs(proxy.signer().clock_offset());
+    let token = match signing {
+        Signing::Default => Some(
+            proxy
+                .signer()
+                .mint(upstream.claims, &binding)
+                .map_err(|e| e.to_string())?
+                .ok_or("no API key configured")?,
+        ),
+        Signing::Cdp(key) => Some(
+            crate::sign::jwt::mint(key, now, upstream.claims, &binding)
+                .map_err(|e| e.to_string())?,
+        ),
+        Signing::Hmac(key) => {
+            for (name, value) in key
+                .headers(now, method.as_str(), &path_and_query, &body)
+                .map_err(|e| e.to_string())?
+            {
+                req = req.header(name, value);
+            }
+            None
+        }
     };
-    let (status, _, bytes) = proxy
-        .upstream()
-        .call(
-            OwnCall {
-                method,
-                host: &upstream.host,
-                authority: &upstream.authority,
-                path: &path_and_query,
-                token: Some(&token),
-                body: body.map(Bytes::from),
-            },
-            MAX_ANSWER,
+    if let Some(token) = token {
+        let mut auth = http::HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| "the token is not a valid header value".to_owned())?;
+        auth.set_sensitive(true);
+        req = req.header(http::header::AUTHORIZATION, auth);
+    }
+    if !body.is_empty() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(
+            http_body_util::Full::new(body)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
         )
-        .await?;
+        .map_err(|e| e.to_string())?;
+    let resp = proxy
+        .upstream()
+        .send(&upstream.host, req)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (parts, answer) = resp.into_parts();
+    let bytes = http_body_util::Limited::new(answer, MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer failed: {e}"))?
+        .to_bytes();
+    let status = parts.status;
     if !status.is_success() {
         return Err(format!(
             "{path} answered {status}: {}",

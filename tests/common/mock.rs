@@ -312,6 +312,8 @@ struct State {
     gateway_auths: Vec<String>,
     /// Requests to the gateway refused for an unknown or expired token.
     gateway_refused: usize,
+    /// Orders placed on the Exchange host (`POST /orders`) or seeded there.
+    exchange_orders: Vec<PlacedOrder>,
 }
 
 impl Inner {
@@ -437,6 +439,23 @@ impl MockCoinbase {
         order_id
     }
 
+    /// Adds an open (or filled) order on the Exchange host; returns its id.
+    pub fn seed_exchange_order(&self, product: &str, filled: bool) -> String {
+        let order_id = random_uuid();
+        self.inner.lock().exchange_orders.push(PlacedOrder {
+            order_id: order_id.clone(),
+            request: json!({"product_id": product, "side": "buy", "seeded": true}),
+            cancelled: false,
+            filled,
+        });
+        order_id
+    }
+
+    /// Orders placed or seeded on the Exchange host, in order.
+    pub fn exchange_orders(&self) -> Vec<PlacedOrder> {
+        self.inner.lock().exchange_orders.clone()
+    }
+
     /// Requests that reached the mock with this method and path (query ignored).
     pub fn requests_to(&self, method: &str, path: &str) -> Vec<Recorded> {
         self.requests()
@@ -545,7 +564,11 @@ fn add_rate_limit_headers(resp: &mut Response<RespBody>) {
 }
 
 fn is_public(path: &str) -> bool {
-    path.starts_with("/api/v3/brokerage/market/") || path == "/api/v3/brokerage/time"
+    path.starts_with("/api/v3/brokerage/market/")
+        || path == "/api/v3/brokerage/time"
+        // Exchange's ticker and INTX's quote (public on their hosts).
+        || (path.starts_with("/products/") && path.ends_with("/ticker"))
+        || (path.starts_with("/api/v1/instruments/") && path.ends_with("/quote"))
 }
 
 /// URI authority (h2, or h1 absolute-form), else the Host header.
@@ -786,8 +809,14 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
     }
 
     if inner.opts.realistic {
-        if let Some(resp) = trading(&inner, &method, &path, query.as_deref(), &body) {
+        let family = host.as_deref().and_then(hmac_family);
+        if let Some(resp) = family.and_then(|f| hmac_trading(&inner, f, &method, &path, &body)) {
             return resp;
+        }
+        if family.is_none() {
+            if let Some(resp) = trading(&inner, &method, &path, query.as_deref(), &body) {
+                return resp;
+            }
         }
     }
 
@@ -1215,6 +1244,89 @@ fn move_funds(body: &[u8]) -> Response<RespBody> {
             StatusCode::BAD_REQUEST,
             &json!({"error": "INVALID_ARGUMENT", "message": "invalid move_funds request"}),
         ),
+    }
+}
+
+/// The realistic answers of the HMAC families: Exchange `POST /orders` (the order, its id in
+/// `id`), `DELETE /orders` (the ids cancelled), `GET /products/{id}/ticker`; INTX
+/// `GET /api/v1/instruments/{id}/quote`. Prices come from `prices` on every family. Other
+/// requests (INTX and Prime orders) get the echo.
+fn hmac_trading(
+    inner: &Inner,
+    family: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<Response<RespBody>> {
+    let price_of = |product: &str| {
+        inner
+            .opts
+            .prices
+            .iter()
+            .find(|(p, _)| p == product)
+            .map(|(_, price)| price.clone())
+    };
+    let not_found = || json_response(StatusCode::NOT_FOUND, &json!({"message": "NotFound"}));
+    match (family, method) {
+        ("exchange", "GET") => {
+            let product = path.strip_prefix("/products/")?.strip_suffix("/ticker")?;
+            Some(match price_of(product) {
+                Some(p) => json_response(
+                    StatusCode::OK,
+                    &json!({"ask": p, "bid": p, "volume": "1000", "trade_id": 1, "price": p,
+                            "size": "0.01", "time": "2026-12-02T00:00:00.000000Z"}),
+                ),
+                None => not_found(),
+            })
+        }
+        ("intx", "GET") => {
+            let product = path
+                .strip_prefix("/api/v1/instruments/")?
+                .strip_suffix("/quote")?;
+            Some(match price_of(product) {
+                Some(p) => json_response(
+                    StatusCode::OK,
+                    &json!({"best_bid_price": p, "best_ask_price": p, "trade_price": p,
+                            "mark_price": p, "settlement_price": p,
+                            "timestamp": "2026-12-02T00:00:00Z"}),
+                ),
+                None => not_found(),
+            })
+        }
+        ("exchange", "POST") if path == "/orders" => {
+            let Ok(request) = serde_json::from_slice::<Value>(body) else {
+                return Some(json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"message": "invalid JSON"}),
+                ));
+            };
+            let order_id = random_uuid();
+            let mut answer = request.clone();
+            answer["id"] = order_id.clone().into();
+            answer["status"] = "pending".into();
+            inner.lock().exchange_orders.push(PlacedOrder {
+                order_id,
+                request,
+                cancelled: false,
+                filled: false,
+            });
+            Some(json_response(StatusCode::OK, &answer))
+        }
+        ("exchange", "DELETE") if path == "/orders" => {
+            let mut state = inner.lock();
+            let mut ids = Vec::new();
+            for o in state
+                .exchange_orders
+                .iter_mut()
+                .filter(|o| !o.cancelled && !o.filled)
+            {
+                o.cancelled = true;
+                ids.push(o.order_id.clone());
+            }
+            drop(state);
+            Some(json_response(StatusCode::OK, &json!(ids)))
+        }
+        _ => None,
     }
 }
 
