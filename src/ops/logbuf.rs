@@ -154,12 +154,15 @@ impl Drop for Guard {
 mod tests {
     use super::*;
 
-    /// An output the test can read back.
+    /// An output the test can read back; `slow` makes each write take 300 ms (a stalled stderr).
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
+    struct Sink(Arc<Mutex<Vec<u8>>>, bool);
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.1 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
             lock(&self.0).extend_from_slice(buf);
             Ok(buf.len())
         }
@@ -173,11 +176,11 @@ mod tests {
     }
 
     #[test]
-    fn every_line_arrives_whole_and_in_order() {
-        let sink = Sink::default();
+    fn every_line_arrives_whole_and_in_order_when_the_output_stalls() {
+        // A slow output lets the queue pass MAX_BYTES, so the back-pressure path runs too.
+        let sink = Sink(Arc::default(), true);
         let (writer, guard) = start(Box::new(sink.clone()), "test-log").expect("thread");
-        // Past MAX_BYTES in all, so the back-pressure path runs too.
-        let want = lines(200_000, 12);
+        let want = lines(400_000, 12);
         for l in &want {
             let mut w = writer.clone();
             w.write_all(l.as_bytes()).expect("write");
