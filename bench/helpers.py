@@ -7,7 +7,14 @@
                                                   prints "held N" and keeps them open until stdin closes
     helpers.py startup N ADMIN PROXY PATH -- CMD  starts CMD N times; per start, ms from exec to
                                                   /readyz 200 and to the first proxied 200 (JSON)
+    helpers.py latency MODE HOST:PORT PATH N CA   N sequential GETs on one keep-alive connection;
+                                                  MODE plain (HTTP to HOST:PORT), tls (TLS to
+                                                  HOST:PORT as api.coinbase.com) or tunnel (CONNECT
+                                                  api.coinbase.com:443 through HOST:PORT, then TLS);
+                                                  CA verifies TLS; prints p50/p99 ms (JSON)
     helpers.py summarize DIR                      the results table (markdown) from DIR
+    helpers.py readme DIR README RESULTS          rewrites README's performance table (between its
+                                                  BENCH-TABLE markers) from DIR
 """
 
 import json
@@ -15,6 +22,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -117,6 +125,46 @@ def cmd_hold(hostport, path, n):
     sys.stdin.read()  # until run.sh closes our stdin
     for s in socks:
         s.close()
+    return 0
+
+
+def cmd_latency(mode, hostport, path, n, ca):
+    """One client, one connection, one request at a time: what an order waits for."""
+    n = int(n)
+    host = "api.coinbase.com"
+    s = socket.create_connection(addr(hostport), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if mode == "tunnel":
+        s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+        status, _, _ = read_response(s)
+        if status != 200:
+            print(f"CONNECT answered {status}", file=sys.stderr)
+            return 1
+    if mode in ("tls", "tunnel"):
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.set_alpn_protocols(["http/1.1"])
+        s = ctx.wrap_socket(s, server_hostname=host)
+        req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: cbgate-bench\r\n\r\n".encode()
+    else:
+        req = request_bytes(path)
+    times = []
+    bad = 0
+    for i in range(n + 200):  # the first 200 warm up
+        t0 = time.perf_counter_ns()
+        s.sendall(req)
+        status, _, _ = read_response(s)
+        t1 = time.perf_counter_ns()
+        bad += status != 200
+        if i >= 200:
+            times.append((t1 - t0) / 1e6)
+    s.close()
+    times.sort()
+    print(json.dumps({
+        "p50": times[len(times) // 2],
+        "p99": times[min(len(times) - 1, len(times) * 99 // 100)],
+        "n": len(times),
+        "non200": bad,
+    }))
     return 0
 
 
@@ -224,11 +272,10 @@ def mib(kib):
     return None if kib is None else kib / 1024
 
 
-def cmd_summarize(d):
-    meta = read_json(os.path.join(d, "meta.json"), {})
-    targets = meta.get("targets", [])  # [[id, label], ...]
+def read_runs(d, name):
+    """Per target, the rounds of DIR/NAME (runs.tsv or runs-c1.tsv), and their medians."""
     rows = {}
-    for line in read_text(os.path.join(d, "runs.tsv")).splitlines():
+    for line in read_text(os.path.join(d, name)).splitlines():
         target, rnd, wrkfile, ticks, switches = line.split("\t")
         r = parse_wrk(read_text(os.path.join(d, wrkfile)))
         n = r["requests"]
@@ -236,7 +283,6 @@ def cmd_summarize(d):
         r["ctxsw_per_req"] = int(switches) / n if n else None
         r["round"] = int(rnd)
         rows.setdefault(target, []).append(r)
-
     med = {}
     for t, rs in rows.items():
         med[t] = {
@@ -246,7 +292,33 @@ def cmd_summarize(d):
         med[t]["max_rps"] = max((r["rps"] or 0) for r in rs)
         med[t]["bad"] = sum(r["non2xx"] + r["socket_errors"] for r in rs)
         med[t]["rounds"] = len(rs)
+    return rows, med
+
+
+def read_latency(d):
+    """The Python one-connection client's rounds: mode -> medians of p50 and p99 (ms)."""
+    per = {}
+    for line in read_text(os.path.join(d, "latency.tsv")).splitlines():
+        mode, _rnd, js = line.split("\t", 2)
+        try:
+            per.setdefault(mode, []).append(json.loads(js))
+        except ValueError:
+            continue
+    return {
+        m: {"p50": median([r["p50"] for r in rs]), "p99": median([r["p99"] for r in rs]),
+            "bad": sum(r.get("non200", 0) for r in rs)}
+        for m, rs in per.items()
+    }
+
+
+def cmd_summarize(d):
+    meta = read_json(os.path.join(d, "meta.json"), {})
+    targets = meta.get("targets", [])  # [[id, label], ...]
+    rows, med = read_runs(d, "runs.tsv")
+    _, c1 = read_runs(d, "runs-c1.tsv")
+    lat = read_latency(d)
     base = med.get("nginx", {})
+    direct1 = c1.get("direct", {})
 
     out = []
     p = out.append
@@ -290,6 +362,51 @@ def cmd_summarize(d):
     for t, label in targets:
         rs = sorted(rows.get(t, []), key=lambda r: r["round"])
         p(f"| {label} | " + " | ".join(fmt(r["rps"]) for r in rs) + " |")
+
+    if c1:
+        p("")
+        p(f"One connection, one request at a time (`wrk -t1 -c1 -d{meta.get('c1_duration', '?')}s --latency`, "
+          "same rounds order): the latency one order waits for, against the client going to the TLS upstream directly.")
+        p("")
+        p("| proxy | p50 ms | p50 vs direct | p99 ms | p99 vs direct | req/s | proxy CPU us/req | context switches/req | errors |")
+        p("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for t, label in targets:
+            m = c1.get(t)
+            if not m:
+                continue
+            p(f"| {label} | {fmt(m['p50'], 3)} | {ratio(m['p50'], direct1.get('p50'))} | {fmt(m['p99'], 3)} "
+              f"| {ratio(m['p99'], direct1.get('p99'))} | {fmt(m['rps'])} | {fmt(m['cpu_us_per_req'], 1)} "
+              f"| {fmt(m['ctxsw_per_req'], 2)} | {m['bad']} |")
+    if lat:
+        names = {"tls": "TLS straight to the upstream", "plain": "plain HTTP to cbgate (reverse proxy)",
+                 "tunnel": "through cbgate as HTTPS_PROXY (CONNECT, TLS inside: intercept mode)"}
+        p("")
+        p("Intercept mode, one Python client on one keep-alive connection (wrk cannot CONNECT; "
+          "`helpers.py latency`), medians of the rounds:")
+        p("")
+        p("| path | p50 ms | p99 ms | p50 vs plain cbgate | errors |")
+        p("|---|---:|---:|---:|---:|")
+        for mode in ("tls", "plain", "tunnel"):
+            m = lat.get(mode)
+            if m:
+                p(f"| {names[mode]} | {fmt(m['p50'], 3)} | {fmt(m['p99'], 3)} | "
+                  f"{ratio(m['p50'], lat.get('plain', {}).get('p50'))} | {m['bad']} |")
+    es_full, es_one = med.get("cbgate-es256", {}), c1.get("cbgate-es256", {})
+    stages = [("cbgate-es256-budget", "rate budget (a limit it never reaches)")]
+    if any(t in med for t, _ in stages):
+        p("")
+        p("Optional stages, each against cbgate ES256 without it (same run):")
+        p("")
+        p(f"| stage | req/s at {meta.get('conns')} connections | vs without | p50 at 1 connection | vs without | CPU us/req | vs without |")
+        p("|---|---:|---:|---:|---:|---:|---:|")
+        for t, what in stages:
+            m, m1 = med.get(t, {}), c1.get(t, {})
+            p(f"| {what} | {fmt(m.get('rps'))} | {ratio(m.get('rps'), es_full.get('rps'))} "
+              f"| {fmt(m1.get('p50'), 3)} | {ratio(m1.get('p50'), es_one.get('p50'))} "
+              f"| {fmt(m.get('cpu_us_per_req'), 1)} | {ratio(m.get('cpu_us_per_req'), es_full.get('cpu_us_per_req'))} |")
+        p("")
+        p("The pre-trade guard and the audit log act only on orders and other state-changing requests; "
+          "this GET skips both, so they are not in this table.")
 
     rss = read_json(os.path.join(d, "rss.json"), {})
     p("")
@@ -360,8 +477,17 @@ def cmd_summarize(d):
     checks.append((f"RSS <= 48 MiB with {rss.get('held', '?')} open client connections", f"{fmt(x, 1)} MiB", verdict(le(x, 48))))
     for alg, v in startup_med.items():
         checks.append((f"ready within 50 ms of start ({alg})", f"{fmt(v, 1)} ms", verdict(le(v, 50))))
+    ed1, es1 = c1.get("cbgate-ed25519", {}), c1.get("cbgate-es256", {})
+    x = r(es1.get("p50"), direct1.get("p50"))
+    checks.append(("one connection p50 ES256 <= 1.5x direct (issue 16)", f"{fmt(x, 2)}x", verdict(le(x, 1.5))))
+    x = r(ed1.get("p50"), direct1.get("p50"))
+    checks.append(("one connection p50 Ed25519 <= 1.35x direct (issue 16)", f"{fmt(x, 2)}x", verdict(le(x, 1.35))))
+    x = r(ed.get("rps"), base.get("rps"))
+    checks.append(("throughput Ed25519 >= 0.8x nginx (issue 16)", f"{fmt(x, 2)}x", verdict(ge(x, 0.8))))
+    x = r(med.get("cbgate-https", {}).get("rps"), med.get("nginx-tls", {}).get("rps"))
+    checks.append(("https:// listener >= 0.6x nginx terminating TLS (issue 16)", f"{fmt(x, 2)}x", verdict(ge(x, 0.6))))
     p("")
-    p("Targets (issue 6):")
+    p("Targets (issues 6 and 16):")
     p("")
     p("| target | measured | verdict |")
     p("|---|---:|---|")
@@ -384,6 +510,40 @@ def cmd_summarize(d):
     return 0
 
 
+README_BEGIN = "<!-- BENCH-TABLE:BEGIN (bench/run.sh writes this table) -->"
+README_END = "<!-- BENCH-TABLE:END -->"
+
+
+def cmd_readme(d, readme, results):
+    """README's performance table: one row per target, both loads, from this run."""
+    meta = read_json(os.path.join(d, "meta.json"), {})
+    _, med = read_runs(d, "runs.tsv")
+    _, c1 = read_runs(d, "runs-c1.tsv")
+    base, direct1 = med.get("nginx", {}), c1.get("direct", {})
+    out = [README_BEGIN, "",
+           f"`bench/run.sh` on {meta.get('date', '?')} ({meta.get('cores', '?')} cores, {meta.get('cpu', '?')}; "
+           f"cbgate git {meta.get('git', '?')}; {meta.get('rounds')} rounds, A B A B; full report in "
+           f"[`{results}`]({results})):", "",
+           f"| proxy | 1 connection p50 ms | vs direct | p99 ms | {meta.get('conns')} connections req/s | vs nginx | CPU µs/req |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for t, label in meta.get("targets", []):
+        m, m1 = med.get(t, {}), c1.get(t, {})
+        if not m and not m1:
+            continue
+        out.append(f"| {label} | {fmt(m1.get('p50'), 3)} | {ratio(m1.get('p50'), direct1.get('p50'))} "
+                   f"| {fmt(m1.get('p99'), 3)} | {fmt(m.get('rps'))} | {ratio(m.get('rps'), base.get('rps'))} "
+                   f"| {fmt(m.get('cpu_us_per_req'), 1)} |")
+    out += ["", README_END]
+    text = read_text(readme)
+    a, b = text.find(README_BEGIN), text.find(README_END)
+    if a < 0 or b < a:
+        print(f"{readme} has no {README_BEGIN} ... {README_END} markers", file=sys.stderr)
+        return 1
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text[:a] + "\n".join(out) + text[b + len(README_END):])
+    return 0
+
+
 def main(argv):
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -394,6 +554,8 @@ def main(argv):
         "wait": cmd_wait,
         "hold": cmd_hold,
         "startup": cmd_startup,
+        "latency": cmd_latency,
+        "readme": cmd_readme,
         "summarize": cmd_summarize,
     }.get(cmd)
     if fn is None:

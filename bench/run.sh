@@ -6,7 +6,9 @@
 # Run as root on a Debian machine (it installs what it needs with apt-get), from anywhere:
 #     bash bench/run.sh
 # Knobs (environment): ROUNDS=5 DURATION=10 CONNS=32 THREADS=2 STARTS=10 HOLD=1000
-#     RSS_REQUESTS=100000 PROFILE=1 JWT_BENCH=1 BASE_PORT=18400 KEEP_TMP=
+#     RSS_REQUESTS=100000 PROFILE=1 JWT_BENCH=1 BASE_PORT=18400 KEEP_TMP= C1_DURATION=5
+#     LAT_REQUESTS=3000 README=1 (regenerate README's performance table between its markers)
+#     ONLY="direct nginx ..." (only these targets) BENCH_BIN= (measure this binary, no build)
 #     WRK_CPUS= SERVER_CPUS=   (taskset CPU lists; empty: no pinning, the default)
 # See bench/README.md for what each column means and the caveats.
 set -euo pipefail
@@ -24,6 +26,9 @@ JWT_BENCH=${JWT_BENCH:-1}
 BASE_PORT=${BASE_PORT:-18400}
 WRK_CPUS=${WRK_CPUS:-}
 SERVER_CPUS=${SERVER_CPUS:-}
+C1_DURATION=${C1_DURATION:-5}
+LAT_REQUESTS=${LAT_REQUESTS:-3000}
+README_TABLE=${README:-1}
 REQ_PATH=/api/v3/brokerage/accounts
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,27 +38,49 @@ VENV=${BENCH_VENV:-$TARGET_DIR/bench-venv}
 STAMP=$(date +%Y-%m-%d)
 RESULTS=$BENCH_DIR/results-$STAMP.md
 
-UP_PORT=$((BASE_PORT + 43))     # TLS "Coinbase" (nginx)
+UP_PORT=$((BASE_PORT + 43))     # TLS "Coinbase" (nginx), HTTP/1.1
+UP2_PORT=$((BASE_PORT + 44))    # the same, offering h2 too (ALPN)
 NGX_PORT=$((BASE_PORT + 80))    # nginx reverse proxy, no signing
+NGXTLS_PORT=$((BASE_PORT + 81)) # the same nginx, terminating TLS from the client
 ES_PORT=$((BASE_PORT + 50))     # cbgate, ES256 key (admin +1)
 ED_PORT=$((BASE_PORT + 52))     # cbgate, Ed25519 key (admin +1)
 INFO_PORT=$((BASE_PORT + 54))   # cbgate, ES256 key, log.level=info (admin +1)
+SHARED_PORT=$((BASE_PORT + 56)) # cbgate, ES256 key, runtime.model = "shared" (admin +1)
+HTTPS_PORT=$((BASE_PORT + 58))  # cbgate, ES256 key, https:// listener (admin +1)
 FRESH_PORT=$((BASE_PORT + 60))  # fresh cbgate for memory, start-up and profile (admin +1)
+BUDGET_PORT=$((BASE_PORT + 62)) # cbgate, ES256 key, rate budget on (admin +1)
+H2_PORT=$((BASE_PORT + 64))     # cbgate, ES256 key, h2 to the upstream (admin +1)
+ICPT_PORT=$((BASE_PORT + 66))   # cbgate, ES256 key, intercept mode (admin +1)
 PY_PORT=$((BASE_PORT + 90))     # Python SDK + aiohttp proxy
 
 # The proxies under load, in the order of every round (A B A B ...), with their labels.
-TARGETS=(nginx cbgate-es256 cbgate-ed25519 cbgate-es256-info sdk-python)
+# `direct` is wrk against the TLS upstream itself: what a client that signs for itself waits for.
+TARGETS=(direct nginx cbgate-es256 cbgate-ed25519 cbgate-es256-shared cbgate-es256-h2
+  cbgate-es256-budget cbgate-es256-info nginx-tls cbgate-https sdk-python)
+if [ -n "${ONLY:-}" ]; then read -r -a TARGETS <<<"$ONLY"; fi
 declare -A LABEL=(
+  [direct]="client -> TLS upstream directly (no proxy)"
   [nginx]="nginx proxy_pass, no signing"
   [cbgate-es256]="cbgate ES256"
   [cbgate-ed25519]="cbgate Ed25519"
+  [cbgate-es256-shared]="cbgate ES256, runtime.model=shared"
+  [cbgate-es256-h2]="cbgate ES256, h2 to the upstream"
+  [cbgate-es256-budget]="cbgate ES256, rate budget on"
   [cbgate-es256-info]="cbgate ES256, log.level=info"
+  [nginx-tls]="nginx terminating TLS + proxy_pass, no signing"
+  [cbgate-https]="cbgate ES256, https:// listener"
   [sdk-python]="Python SDK jwt_generator + aiohttp (ES256)"
 )
 declare -A PORT=(
-  [nginx]=$NGX_PORT [cbgate-es256]=$ES_PORT [cbgate-ed25519]=$ED_PORT
-  [cbgate-es256-info]=$INFO_PORT [sdk-python]=$PY_PORT
+  [direct]=$UP_PORT [nginx]=$NGX_PORT [cbgate-es256]=$ES_PORT [cbgate-ed25519]=$ED_PORT
+  [cbgate-es256-shared]=$SHARED_PORT [cbgate-es256-h2]=$H2_PORT [cbgate-es256-budget]=$BUDGET_PORT
+  [cbgate-es256-info]=$INFO_PORT [nginx-tls]=$NGXTLS_PORT [cbgate-https]=$HTTPS_PORT
+  [sdk-python]=$PY_PORT [cbgate-icpt]=$ICPT_PORT
 )
+declare -A SCHEME=([direct]=https [nginx-tls]=https [cbgate-https]=https)
+# The cbgate processes (each with its admin listener on PORT + 1).
+CBGATES=(cbgate-es256 cbgate-ed25519 cbgate-es256-shared cbgate-es256-h2 cbgate-es256-budget
+  cbgate-es256-info cbgate-https cbgate-icpt)
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -65,6 +92,7 @@ die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
 command -v lscpu >/dev/null 2>&1 || need+=(util-linux)
@@ -101,9 +129,14 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || ulimit -n 65536 2>/dev/null || true
 # ------------------------------------------------------------------------------------------
 # Build. The shared target dir may be locked by another build: cargo waits for it.
 cd "$REPO"
-log "cargo build --release --locked"
-cargo build --release --locked
-CBGATE=$TARGET_DIR/release/cbgate
+if [ -n "${BENCH_BIN:-}" ]; then
+  # A binary built elsewhere (another commit's release build); no build here.
+  CBGATE=$BENCH_BIN
+else
+  log "cargo build --release --locked"
+  cargo build --release --locked
+  CBGATE=$TARGET_DIR/release/cbgate
+fi
 CBGATE_PROF=
 if [ "$PROFILE" = 1 ]; then
   # The release profile strips symbols. The profiled binary is the same build with symbols and
@@ -195,13 +228,14 @@ ctxsw() { # ctxsw PID...: voluntary + involuntary context switches, all threads
 
 proxy_pids() { # the processes whose CPU a target spends
   case $1 in
-    nginx) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}") ;;
+    nginx | nginx-tls) echo "${PID[nginx]}" $(pgrep -P "${PID[nginx]}") ;;
+    direct) echo "${PID[upstream]}" $(pgrep -P "${PID[upstream]}") ;;
     *) echo "${PID[$1]}" ;;
   esac
 }
 
-for p in $UP_PORT $NGX_PORT $ES_PORT $((ES_PORT + 1)) $ED_PORT $((ED_PORT + 1)) $INFO_PORT \
-  $((INFO_PORT + 1)) $FRESH_PORT $((FRESH_PORT + 1)) $PY_PORT; do
+for p in $UP_PORT $UP2_PORT $NGX_PORT $NGXTLS_PORT $FRESH_PORT $((FRESH_PORT + 1)) $PY_PORT \
+  $(for t in "${CBGATES[@]}"; do echo "${PORT[$t]}" $((PORT[$t] + 1)); done); do
   port_free "$p" || die "port $p is taken: set BASE_PORT to another range"
 done
 
@@ -249,7 +283,7 @@ for src, dst in (("es256.pem", "es256.json"), ("ed25519.b64", "ed25519.json")):
     with open(dst, "w") as f:
         json.dump({"name": name, "privateKey": secret}, f)
 EOF
-  chmod 600 es256.json ed25519.json
+  chmod 600 es256.json ed25519.json server.key
 )
 
 # A fixed ~300-byte Advanced Trade accounts answer.
@@ -288,6 +322,19 @@ http {
       return 200 '$BODY';
     }
   }
+  server {
+    listen 127.0.0.1:$UP2_PORT ssl http2;
+    server_name api.coinbase.com;
+    ssl_certificate $T/server.pem;
+    ssl_certificate_key $T/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    http2_max_requests 100000000;
+    location / {
+      default_type application/json;
+      add_header x-bench-signed \$bench_signed always;
+      return 200 '$BODY';
+    }
+  }
 }
 EOF
 cat >"$T/ngx.conf" <<EOF
@@ -313,6 +360,10 @@ http {
   }
   server {
     listen 127.0.0.1:$NGX_PORT;
+    listen 127.0.0.1:$NGXTLS_PORT ssl;
+    ssl_certificate $T/server.pem;
+    ssl_certificate_key $T/server.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
     location / {
       proxy_pass https://coinbase;
       proxy_http_version 1.1;
@@ -330,57 +381,97 @@ http {
 }
 EOF
 
-cbgate_conf() { # cbgate_conf FILE PORT KEYJSON LEVEL
+cbgate_conf() { # cbgate_conf FILE PORT KEYJSON LEVEL [EXTRA TOML (tables, appended)]
+  # The rate budget is off (Coinbase's 30/s would throttle the load) unless EXTRA turns it on.
+  # SCHEME_OF=https:// makes the listener an https:// one; UP_PROTOCOL and UPSTREAM_AT choose
+  # what the upstream connections offer (ALPN) and which upstream port they reach.
   cat >"$1" <<EOF
-listen = ["127.0.0.1:$2"]
+listen = ["${SCHEME_OF:-}127.0.0.1:$2"]
 admin_listen = "127.0.0.1:$(($2 + 1))"
-max_connections = 1024
+max_connections = 2048
+state_dir = "$T/state-$2"
 [key]
 file = "$T/$3"
 [policy]
 permission = "view"
 [upstream]
 ca_file = "$T/ca.pem"
+protocol = "${UP_PROTOCOL:-http1}"
 [upstream.resolve]
-"api.coinbase.com" = "127.0.0.1:$UP_PORT"
+"api.coinbase.com" = "127.0.0.1:${UPSTREAM_AT:-$UP_PORT}"
 [log]
 level = "$4"
+${5:-[budget]
+enabled = false}
 EOF
 }
 cbgate_conf "$T/es256.toml" "$ES_PORT" es256.json warn
 cbgate_conf "$T/ed25519.toml" "$ED_PORT" ed25519.json warn
 cbgate_conf "$T/es256-info.toml" "$INFO_PORT" es256.json info
+cbgate_conf "$T/es256-shared.toml" "$SHARED_PORT" es256.json warn '[budget]
+enabled = false
+[runtime]
+model = "shared"'
+UP_PROTOCOL=auto UPSTREAM_AT=$UP2_PORT cbgate_conf "$T/es256-h2.toml" "$H2_PORT" es256.json warn
+# A budget it never reaches: the cost of the bookkeeping alone.
+cbgate_conf "$T/es256-budget.toml" "$BUDGET_PORT" es256.json warn '[budget]
+enabled = true
+[budget.advanced_private]
+rate = 100000000
+burst = 100000000'
+SCHEME_OF=https:// cbgate_conf "$T/https.toml" "$HTTPS_PORT" es256.json warn "[budget]
+enabled = false
+[tls]
+cert_file = \"$T/server.pem\"
+key_file = \"$T/server.key\""
+cbgate_conf "$T/icpt.toml" "$ICPT_PORT" es256.json warn '[budget]
+enabled = false
+[intercept]
+enabled = true'
 cbgate_conf "$T/fresh-es256.toml" "$FRESH_PORT" es256.json warn
 cbgate_conf "$T/fresh-ed25519.toml" "$FRESH_PORT" ed25519.json warn
 
 # ------------------------------------------------------------------------------------------
-log "starting the upstream, nginx, cbgate x3 and the Python SDK proxy"
+log "starting the upstream, nginx, cbgate x${#CBGATES[@]} and the Python SDK proxy"
 start upstream "$NGINX" -p "$T/up" -c "$T/up.conf" -e "$T/up/error.log"
 wait_port "$UP_PORT"
 start nginx "$NGINX" -p "$T/ngx" -c "$T/ngx.conf" -e "$T/ngx/error.log"
-start cbgate-es256 "$CBGATE" serve --config "$T/es256.toml"
-start cbgate-ed25519 "$CBGATE" serve --config "$T/ed25519.toml"
-start cbgate-es256-info "$CBGATE" serve --config "$T/es256-info.toml"
+declare -A CONF=([cbgate-es256]=es256 [cbgate-ed25519]=ed25519 [cbgate-es256-info]=es256-info
+  [cbgate-es256-shared]=es256-shared [cbgate-es256-h2]=es256-h2 [cbgate-es256-budget]=es256-budget
+  [cbgate-https]=https [cbgate-icpt]=icpt)
+for t in "${CBGATES[@]}"; do
+  start "$t" "$CBGATE" serve --config "$T/${CONF[$t]}.toml"
+done
 start sdk-python "$VENV/bin/python" "$BENCH_DIR/sdk_proxy.py" --listen "127.0.0.1:$PY_PORT" \
   --key-file "$T/es256.json" --ca-file "$T/ca.pem" --resolve "api.coinbase.com=127.0.0.1:$UP_PORT"
 
-for t in cbgate-es256 cbgate-ed25519 cbgate-es256-info; do
+for t in "${CBGATES[@]}"; do
   "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:$((PORT[$t] + 1))" /readyz 30 ||
     { cat "$T/$t.log" >&2; die "$t not ready"; }
 done
-for t in "${TARGETS[@]}"; do
-  "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:${PORT[$t]}" "$REQ_PATH" 30 ||
-    { cat "$T/$t.log" >&2; die "$t does not answer 200"; }
-  read -r status signed len < <("$PY" "$BENCH_DIR/helpers.py" get "127.0.0.1:${PORT[$t]}" "$REQ_PATH")
-  want=yes; [ "$t" = nginx ] && want=no
+URL() { echo "${SCHEME[$1]:-http}://127.0.0.1:${PORT[$1]}$REQ_PATH"; }
+check() { # check TARGET: 200 with the upstream's body, signed unless the target does not sign
+  local t=$1 out status signed len want=yes
+  case $t in direct | nginx | nginx-tls) want=no ;; esac
+  out=$(curl -sk -o /dev/null -D - -w 'CODE %{http_code} %{size_download}\n' "$(URL "$t")" | tr -d '\r')
+  status=$(awk '/^CODE / {print $2}' <<<"$out")
+  len=$(awk '/^CODE / {print $3}' <<<"$out")
+  signed=$(awk -F': ' 'tolower($1) == "x-bench-signed" {print $2}' <<<"$out")
   if [ "$status" != 200 ] || [ "$signed" != "$want" ] || [ "$len" != "${#BODY}" ]; then
-    die "$t answered status=$status signed=$signed length=$len (want 200 $want ${#BODY})"
+    cat "$T/$t.log" >&2 2>/dev/null || true
+    die "$t answered status=$status signed=${signed:--} length=$len (want 200 $want ${#BODY})"
   fi
+}
+for t in "${TARGETS[@]}"; do
+  for _ in $(seq 100); do
+    [ "$(curl -sk -o /dev/null -w '%{http_code}' "$(URL "$t")")" = 200 ] && break
+    sleep 0.2
+  done
+  check "$t"
 done
 
 # ------------------------------------------------------------------------------------------
 # Throughput and latency: warm-up, then rounds A B A B.
-URL() { echo "http://127.0.0.1:${PORT[$1]}$REQ_PATH"; }
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 log "warm-up, 3 s each"
 for t in "${TARGETS[@]}"; do
@@ -400,8 +491,39 @@ for r in $(seq "$ROUNDS"); do
     grep -E 'Requests/sec|Non-2xx|Socket errors' "$R/wrk/$t.r$r.txt" | sed 's/^/   /' >&2
   done
 done
+# One connection, one request at a time (wrk -c1): the latency one order waits for.
+: >"$R/runs-c1.tsv"
+for r in $(seq "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    log "one connection, round $r/$ROUNDS: $t"
+    read -r -a pids < <(proxy_pids "$t")
+    before=$(ticks "${pids[@]}") sw_before=$(ctxsw "${pids[@]}")
+    pin "$WRK_CPUS" wrk -t1 -c1 -d"${C1_DURATION}s" --latency "$(URL "$t")" >"$R/wrk/$t.c1.r$r.txt"
+    after=$(ticks "${pids[@]}") sw_after=$(ctxsw "${pids[@]}")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "wrk/$t.c1.r$r.txt" $((after - before)) \
+      $((sw_after - sw_before)) >>"$R/runs-c1.tsv"
+  done
+done
+# Intercept mode (HTTPS_PROXY): wrk cannot CONNECT, so one Python client on one keep-alive
+# connection measures it, against the same client sent plainly to cbgate and over TLS directly
+# to the upstream; the ratios between these three are what compares.
+ICPT_CA=$T/state-$ICPT_PORT/ca/ca.pem
+[ -s "$ICPT_CA" ] || die "intercept cbgate made no local CA at $ICPT_CA"
+: >"$R/latency.tsv"
+for r in $(seq "$ROUNDS"); do
+  for m in tls plain tunnel; do
+    case $m in
+      tls) at=127.0.0.1:$UP_PORT ca=$T/ca.pem ;;
+      plain) at=127.0.0.1:$ICPT_PORT ca=- ;;
+      tunnel) at=127.0.0.1:$ICPT_PORT ca=$ICPT_CA ;;
+    esac
+    log "python client, round $r/$ROUNDS: $m"
+    printf '%s\t%s\t%s\n' "$m" "$r" \
+      "$("$PY" "$BENCH_DIR/helpers.py" latency "$m" "$at" "$REQ_PATH" "$LAT_REQUESTS" "$ca")" >>"$R/latency.tsv"
+  done
+done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
-for t in cbgate-es256 cbgate-ed25519 cbgate-es256-info sdk-python; do stop "$t"; done
+for t in "${CBGATES[@]}" sdk-python; do stop "$t"; done
 
 # ------------------------------------------------------------------------------------------
 # Memory of a fresh cbgate: idle, after RSS_REQUESTS requests, with HOLD open connections.
@@ -554,7 +676,7 @@ git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || GIT
   python="$("$VENV/bin/python" -c 'import platform; print(platform.python_version())')" \
   sdk="$SDK_VERSION" aiohttp="$AIOHTTP_VERSION" targets="$TARGETS_JSON" rounds="$ROUNDS" \
   duration="$DURATION" conns="$CONNS" threads="$THREADS" path="$REQ_PATH" starts="$STARTS" \
-  pinning="$PINNING" load_before="$LOAD_BEFORE" load_after="$LOAD_AFTER" <<'EOF'
+  pinning="$PINNING" load_before="$LOAD_BEFORE" load_after="$LOAD_AFTER" c1_duration="$C1_DURATION" <<'EOF'
 import json, sys
 meta = dict(arg.split("=", 1) for arg in sys.argv[1:])
 meta["targets"] = json.loads(meta["targets"])
@@ -563,3 +685,8 @@ EOF
 "$PY" "$BENCH_DIR/helpers.py" summarize "$R" >"$RESULTS"
 cat "$RESULTS"
 log "written to $RESULTS"
+if [ "$README_TABLE" = 1 ]; then
+  # README's performance table, from the same run (between its BENCH-TABLE markers).
+  "$PY" "$BENCH_DIR/helpers.py" readme "$R" "$REPO/README.md" "bench/$(basename "$RESULTS")"
+  log "README.md performance table regenerated"
+fi

@@ -1077,7 +1077,7 @@ impl Selected {
             Selected::Unsigned => "unsigned".to_owned(),
             Selected::Default => signer
                 .key()
-                .map_or_else(|| "unsigned".to_owned(), |k| k.fingerprint()),
+                .map_or_else(|| "unsigned".to_owned(), |k| k.fingerprint().to_owned()),
             Selected::Named(_, cred) => cred.fingerprint(),
         }
     }

@@ -471,3 +471,53 @@ async fn refused_streams_are_resent_once_with_a_fresh_token() {
         "{refused} refused: {metrics}"
     );
 }
+
+/// `upstream.protocol` and `upstream.host_protocol` decide what ALPN offers: the mock speaks h2
+/// and HTTP/1.1, so the version it received shows what cbgate offered.
+#[tokio::test]
+async fn upstream_protocol_sets_what_the_upstream_connections_offer_per_host() {
+    use cbgate::config::UpstreamProtocol;
+    let versions = |up: &Upstream| -> Vec<http::Version> {
+        up.mock
+            .requests_to("GET", "/api/v3/brokerage/market/products")
+            .iter()
+            .map(|r| r.version)
+            .collect()
+    };
+    let path = "/api/v3/brokerage/market/products";
+    for (protocol, exception, want) in [
+        (UpstreamProtocol::Auto, None, http::Version::HTTP_2),
+        (UpstreamProtocol::Http1, None, http::Version::HTTP_11),
+        // The exception for the host wins over the default.
+        (
+            UpstreamProtocol::Http1,
+            Some(UpstreamProtocol::Auto),
+            http::Version::HTTP_2,
+        ),
+        (
+            UpstreamProtocol::Auto,
+            Some(UpstreamProtocol::Http1),
+            http::Version::HTTP_11,
+        ),
+    ] {
+        let up = Upstream::start(None).await;
+        let mut cfg = up.config();
+        cfg.upstream.protocol = protocol;
+        if let Some(p) = exception {
+            cfg.upstream
+                .host_protocol
+                .insert("api.coinbase.com".into(), p);
+        }
+        let gate = Gate::start(cfg, None).await;
+        for _ in 0..2 {
+            let r = get(&gate, path).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        }
+        assert_eq!(
+            versions(&up),
+            vec![want, want],
+            "protocol {protocol:?}, exception {exception:?}"
+        );
+        gate.stop().await;
+    }
+}

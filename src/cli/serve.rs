@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use cbgate::config::{Config, ListenAddr, LogFormat};
+use cbgate::config::{Config, ListenAddr, LogFormat, RuntimeModel};
 use cbgate::gate::client::ClientGate;
 use cbgate::gate::halt::Halt;
 use cbgate::gate::halt_shared::SharedHalt;
 use cbgate::listen::server::{self, Listener, ServeOptions};
+use cbgate::listen::workers;
 use cbgate::ops::reload::{self, KeyReloader};
 use cbgate::ops::{admin, clock, harden};
 use cbgate::proxy::Proxy;
@@ -22,9 +23,10 @@ use super::{config_err, load, Failure, Loaded, Overrides, ServeArgs};
 /// subscribe messages and users' private stream data in the logs.
 const SILENCED_TARGETS: &[&str] = &["tungstenite", "tokio_tungstenite"];
 
-/// Sets up logging. Lines are written by a background thread (blocking, never dropping, when its
-/// buffer is full), so a request never waits on stderr; keep the guard until exit to flush.
-fn init_logging(cfg: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+/// Sets up logging. Lines are written in batches by a background thread woken a few times a
+/// second, not once per line (`ops::logbuf`; never dropping: a thread that finds the queue full
+/// writes it out itself), so a request never waits on stderr; keep the guard until exit to flush.
+fn init_logging(cfg: &Config) -> Result<cbgate::ops::logbuf::Guard, Failure> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -39,13 +41,9 @@ fn init_logging(cfg: &Config) -> tracing_appender::non_blocking::WorkerGuard {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
         })
     });
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // The default (128,000 lines) reserves about 4 MiB; a few thousand lines is plenty of
-        // slack for a writer that blocks rather than drops.
-        .buffered_lines_limit(4096)
-        .thread_name("cbgate-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = cbgate::ops::logbuf::start(Box::new(std::io::stderr()), "cbgate-log")
+        .context("starting the log writer thread")
+        .map_err(Failure::Runtime)?;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
@@ -56,7 +54,7 @@ fn init_logging(cfg: &Config) -> tracing_appender::non_blocking::WorkerGuard {
     tracing_subscriber::registry()
         .with(fmt.with_filter(filter).with_filter(silenced))
         .init();
-    guard
+    Ok(guard)
 }
 
 /// Runs the proxy.
@@ -83,7 +81,7 @@ pub fn run(
         },
         env,
     )?;
-    let _log_guard = init_logging(&cfg);
+    let _log_guard = init_logging(&cfg)?;
     log_hardening(hardening);
     let files = &hardening.open_files;
     tracing::info!(
@@ -140,9 +138,29 @@ pub fn run(
     for k in keys.iter() {
         tracing::info!(key = k.name(), kind = k.kind().as_str(), fingerprint = %k.current().fingerprint(), "credential loaded");
     }
-    let runtime = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .map_err(Failure::Runtime)?;
+    let per_core = cfg.runtime.model == RuntimeModel::PerCore;
+    let threads = cfg.runtime.thread_count();
+    // Per-core: the workers serve the proxy listeners; this thread's runtime runs the admin
+    // listener, the clock, key reloads and the signals.
+    let runtime = if per_core {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else if cfg.runtime.threads > 0 {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+    .context("starting the async runtime")
+    .map_err(Failure::Runtime)?;
+    tracing::info!(
+        model = if per_core { "per-core" } else { "shared" },
+        threads,
+        "runtime"
+    );
     let halt = match &cfg.state_dir {
         Some(dir) => match Halt::open(dir) {
             Ok(h) => h,
@@ -226,22 +244,40 @@ pub fn run(
         if let Some(file) = &cfg.audit.file {
             tracing::info!(file = %file.display(), "audit log: state-changing requests and refusals are recorded");
         }
+        let bind_failed = |addr: &ListenAddr, e: server::BindError| {
+            let hint = match addr {
+                ListenAddr::Tcp(a) | ListenAddr::Tls(a) if e.cause.kind() == std::io::ErrorKind::AddrInUse => {
+                    format!(
+                        "; {}: move this one with --listen ADDR (or `listen` in the configuration, CBGATE_LISTEN)",
+                        who_holds(*a)
+                    )
+                }
+                _ => String::new(),
+            };
+            Failure::Runtime(anyhow::anyhow!("{e}{hint}"))
+        };
         let mut listeners = Vec::new();
+        // Per-core: one list of sockets per worker.
+        let mut per_worker: Vec<Vec<workers::Unregistered>> =
+            (0..threads).map(|_| Vec::new()).collect();
         for addr in &cfg.listen {
-            let l = Listener::bind_mode(addr, cfg.unix_mode.0).await.map_err(|e| {
-                let hint = match addr {
-                    ListenAddr::Tcp(a) | ListenAddr::Tls(a) if e.cause.kind() == std::io::ErrorKind::AddrInUse => {
-                        format!(
-                            "; {}: move this one with --listen ADDR (or `listen` in the configuration, CBGATE_LISTEN)",
-                            who_holds(*a)
-                        )
-                    }
-                    _ => String::new(),
-                };
-                Failure::Runtime(anyhow::anyhow!("{e}{hint}"))
-            })?;
-            tracing::info!(listen = %l.describe(), "listening");
-            listeners.push(l);
+            if per_core {
+                let group = workers::bind(addr, cfg.unix_mode.0, threads)
+                    .await
+                    .map_err(|e| bind_failed(addr, e))?;
+                if let Some(first) = group.first() {
+                    tracing::info!(listen = %first.describe(), sockets = group.len(), "listening");
+                }
+                for (mine, l) in per_worker.iter_mut().zip(group) {
+                    mine.push(l);
+                }
+            } else {
+                let l = Listener::bind_mode(addr, cfg.unix_mode.0)
+                    .await
+                    .map_err(|e| bind_failed(addr, e))?;
+                tracing::info!(listen = %l.describe(), "listening");
+                listeners.push(l);
+            }
         }
         let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
             .await
@@ -277,10 +313,18 @@ pub fn run(
         ));
         tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
         let opts = ServeOptions::proxy(&cfg);
-        let (drain, drain_started) = tokio::sync::oneshot::channel();
-        let serving = server::run(listeners, Arc::clone(&proxy), opts, async {
-            let _ = drain_started.await;
-        });
+        let (drain, drain_started) = tokio::sync::watch::channel(false);
+        let serving = if per_core {
+            let started = workers::spawn(per_worker, Arc::clone(&proxy), opts, drain_started)
+                .context("starting the worker threads")
+                .map_err(Failure::Runtime)?;
+            futures_util::future::Either::Left(started.wait())
+        } else {
+            let mut drain_started = drain_started;
+            futures_util::future::Either::Right(server::run(listeners, Arc::clone(&proxy), opts, async move {
+                let _ = drain_started.wait_for(|stop| *stop).await;
+            }))
+        };
         let outcome = tokio::select! {
             () = serving => Ok(()),
             code = stop_signals(drain) => Err(Failure::Signal(code)),
@@ -324,7 +368,7 @@ fn who_holds(addr: std::net::SocketAddr) -> &'static str {
 /// wait: this returns the exit code for it (128 + signal number: 143 for SIGTERM, 130 for SIGINT)
 /// and the caller stops at once. Both handlers stay installed between the two, so a quick second
 /// signal is not lost to the default action either.
-async fn stop_signals(drain: tokio::sync::oneshot::Sender<()>) -> u8 {
+async fn stop_signals(drain: tokio::sync::watch::Sender<bool>) -> u8 {
     use tokio::signal::unix::{signal, SignalKind};
     const SIGINT_EXIT: u8 = 130;
     const SIGTERM_EXIT: u8 = 143;
@@ -336,7 +380,7 @@ async fn stop_signals(drain: tokio::sync::oneshot::Sender<()>) -> u8 {
                 _ = term.recv() => tracing::info!("SIGTERM received"),
                 _ = int.recv() => tracing::info!("SIGINT received"),
             }
-            let _ = drain.send(());
+            drain.send_replace(true);
             tokio::select! {
                 _ = term.recv() => SIGTERM_EXIT,
                 _ = int.recv() => SIGINT_EXIT,
@@ -345,7 +389,7 @@ async fn stop_signals(drain: tokio::sync::oneshot::Sender<()>) -> u8 {
         _ => {
             tracing::warn!("cannot install signal handlers; stop with Ctrl-C");
             let _ = tokio::signal::ctrl_c().await;
-            let _ = drain.send(());
+            drain.send_replace(true);
             let _ = tokio::signal::ctrl_c().await;
             SIGINT_EXIT
         }

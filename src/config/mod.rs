@@ -608,6 +608,57 @@ pub struct UpstreamConfig {
     /// How long a request waits for one of the `max_in_flight` slots; then 503 upstream_busy.
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// The HTTP version offered to upstream hosts (TLS ALPN).
+    pub protocol: UpstreamProtocol,
+    /// Per-host exceptions to `protocol`: host name -> protocol.
+    pub host_protocol: BTreeMap<String, UpstreamProtocol>,
+}
+
+/// What cbgate offers an upstream host in TLS ALPN.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// `h2` then `http/1.1`: the server picks; h2 multiplexes requests on one connection, so
+    /// a burst needs no new TLS handshakes (each a round trip to Coinbase).
+    #[default]
+    Auto,
+    /// `http/1.1` only: a pool of keep-alive connections, one request at a time on each.
+    Http1,
+}
+
+/// How client connections are spread over threads (`[runtime]`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuntimeModel {
+    /// One single-threaded event loop per thread, each accepting on its own `SO_REUSEPORT`
+    /// socket and holding its own upstream pool: a request is read, signed, forwarded and
+    /// answered on one thread.
+    #[default]
+    PerCore,
+    /// One work-stealing runtime: any worker thread may run any part of a request.
+    Shared,
+}
+
+/// `runtime.threads` at most.
+pub const MAX_THREADS: usize = 64;
+
+/// `[runtime]`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub model: RuntimeModel,
+    /// Threads serving the proxy listeners; 0: one per CPU cbgate may run on.
+    pub threads: usize,
+}
+
+impl RuntimeConfig {
+    /// The number of threads to serve with (`threads`, or the CPUs available).
+    pub fn thread_count(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_THREADS)),
+            n => n,
+        }
+    }
 }
 
 impl Default for UpstreamConfig {
@@ -622,6 +673,8 @@ impl Default for UpstreamConfig {
             max_connections_per_host: 64,
             max_in_flight: 256,
             queue_timeout: Duration::from_secs(2),
+            protocol: UpstreamProtocol::default(),
+            host_protocol: BTreeMap::new(),
         }
     }
 }
@@ -953,6 +1006,8 @@ pub struct Config {
     pub intercept: InterceptConfig,
     /// The rate budget per credential and request class (Coinbase's limits).
     pub budget: BudgetConfig,
+    /// Threads and how requests are scheduled on them.
+    pub runtime: RuntimeConfig,
 }
 
 impl Default for Config {
@@ -991,6 +1046,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             intercept: InterceptConfig::default(),
             budget: BudgetConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -1215,6 +1271,12 @@ impl Config {
         }
         if self.max_headers == 0 {
             return Err(invalid("max_headers", "must be greater than 0"));
+        }
+        if self.runtime.threads > MAX_THREADS {
+            return Err(invalid(
+                "runtime.threads",
+                format!("must be at most {MAX_THREADS} (0: one per CPU)"),
+            ));
         }
         for (i, r) in self.policy.rules.iter().enumerate() {
             pattern::parse_pattern(&r.path)

@@ -11,6 +11,7 @@
 //! counts idle pooled connections too and frees only when hyper drops the socket), and
 //! `pool_max_idle_per_host` idle ones.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -18,7 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 use crate::Body;
 
 /// Setting up the upstream client failed (bad `upstream.ca_file`).
@@ -120,10 +121,32 @@ pub struct OwnCall<'a> {
     pub body: Option<Bytes>,
 }
 
+/// Worker threads that get a pool of their own at most (`runtime.threads` at most).
+const MAX_WORKER_POOLS: usize = crate::config::MAX_THREADS;
+
+thread_local! {
+    /// The per-core worker this thread is (see [`enter_worker`]), if any.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Marks the calling thread as per-core worker `index`: upstream requests made on it use that
+/// worker's own connection pool, so a pooled connection is driven by the thread that sends on
+/// it (no wake-up of another thread per request). Connection and in-flight limits stay
+/// shared by all workers.
+pub fn enter_worker(index: usize) {
+    WORKER.with(|w| w.set(Some(index)));
+}
+
 /// The pooled, verifying HTTPS client.
 #[derive(Clone)]
 pub struct UpstreamClient {
+    /// The pool of threads that are no worker (the shared runtime, cbgate's own calls).
     client: Client<Connector, Body>,
+    /// One pool per per-core worker, made on its first request.
+    workers: Arc<[OnceLock<Client<Connector, Body>>]>,
+    connector: Connector,
+    pool_idle_timeout: Duration,
+    pool_max_idle_per_host: usize,
     /// Same roots, resolve map and timeouts, ALPN `http/1.1` only (for WebSocket upgrades).
     http1_connector: Connector,
     request_timeout: Duration,
@@ -206,8 +229,12 @@ impl UpstreamClient {
         let mut tls_http1 = tls.clone();
         tls_http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         let resolve = Arc::new(cfg.resolve.clone());
+        let tls_http1 = TlsConnector::from(Arc::new(tls_http1));
         let connector = Connector {
             tls: TlsConnector::from(Arc::new(tls)),
+            tls_http1: tls_http1.clone(),
+            protocol: cfg.protocol,
+            host_protocol: Arc::new(cfg.host_protocol.clone()),
             resolve: Arc::clone(&resolve),
             connect_timeout: cfg.connect_timeout,
             // Waiting for a connection slot is bounded like the request it serves.
@@ -219,19 +246,25 @@ impl UpstreamClient {
         };
         // WebSocket connections are not pooled and have their own cap (`ws.max_sessions`).
         let http1_connector = Connector {
-            tls: TlsConnector::from(Arc::new(tls_http1)),
+            tls: tls_http1.clone(),
+            tls_http1,
+            protocol: UpstreamProtocol::Http1,
+            host_protocol: Arc::new(BTreeMap::new()),
             resolve,
             connect_timeout: cfg.connect_timeout,
             slots: None,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .build(connector);
+        let client = pool(
+            connector.clone(),
+            cfg.pool_idle_timeout,
+            cfg.pool_max_idle_per_host,
+        );
         Ok(UpstreamClient {
             client,
+            workers: (0..MAX_WORKER_POOLS).map(|_| OnceLock::new()).collect(),
+            connector,
+            pool_idle_timeout: cfg.pool_idle_timeout,
+            pool_max_idle_per_host: cfg.pool_max_idle_per_host,
             http1_connector,
             request_timeout: cfg.request_timeout,
             in_flight: InFlight {
@@ -240,6 +273,20 @@ impl UpstreamClient {
                 queue_timeout: cfg.queue_timeout,
             },
         })
+    }
+
+    /// The pool for the calling thread: its worker's own, or the shared one.
+    fn pool(&self) -> &Client<Connector, Body> {
+        match WORKER.with(Cell::get).and_then(|i| self.workers.get(i)) {
+            Some(slot) => slot.get_or_init(|| {
+                pool(
+                    self.connector.clone(),
+                    self.pool_idle_timeout,
+                    self.pool_max_idle_per_host,
+                )
+            }),
+            None => &self.client,
+        }
     }
 
     /// `upstream.max_in_flight`.
@@ -340,7 +387,7 @@ impl UpstreamClient {
         req: Request<Body>,
         deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout_at(deadline, self.client.request(req)).await {
+        match tokio::time::timeout_at(deadline, self.pool().request(req)).await {
             Err(_) => Err(UpstreamError::Timeout {
                 host: host.to_owned(),
                 after: self.request_timeout,
@@ -349,6 +396,17 @@ impl UpstreamClient {
             Ok(Err(e)) => Err(classify(host, &e)),
         }
     }
+}
+
+/// A connection pool over `connector`; pools made from clones of one connector share its
+/// `max_connections_per_host` slots.
+fn pool(connector: Connector, idle_timeout: Duration, max_idle: usize) -> Client<Connector, Body> {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(idle_timeout)
+        .pool_max_idle_per_host(max_idle)
+        .build(connector)
 }
 
 /// Finds the cause of a client error in its source chain.
@@ -484,7 +542,13 @@ impl HostSlots {
 /// Opens TCP (honouring `upstream.resolve`) then TLS, within the connect timeout.
 #[derive(Clone)]
 pub struct Connector {
+    /// ALPN h2 and http/1.1.
     tls: TlsConnector,
+    /// ALPN http/1.1 only.
+    tls_http1: TlsConnector,
+    /// `upstream.protocol` and its per-host exceptions (`upstream.host_protocol`).
+    protocol: UpstreamProtocol,
+    host_protocol: Arc<BTreeMap<String, UpstreamProtocol>>,
     resolve: Arc<BTreeMap<String, SocketAddr>>,
     connect_timeout: Duration,
     /// `None` for connections outside the pool (WebSocket).
@@ -586,8 +650,16 @@ impl Connector {
                     format!("{host} is not a valid TLS server name"),
                 )
             })?;
-        let tls = self
-            .tls
+        let protocol = self
+            .host_protocol
+            .get(host)
+            .copied()
+            .unwrap_or(self.protocol);
+        let connector = match protocol {
+            UpstreamProtocol::Auto => &self.tls,
+            UpstreamProtocol::Http1 => &self.tls_http1,
+        };
+        let tls = connector
             .connect(name, tcp)
             .await
             .map_err(|e| err(ConnectStage::Tls, describe_tls_error(host, &e)))?;

@@ -8,3 +8,4 @@ pub mod ca;
 pub mod server;
 pub mod sniff;
 pub mod tls;
+pub mod workers;

@@ -259,12 +259,36 @@ struct TunnelStart {
     deadline: Instant,
 }
 
+/// The `max_connections` slots of the proxy listeners. Clones share the slots, so threads
+/// that each serve their own listeners (the per-core model) hold one global limit.
+#[derive(Clone, Debug)]
+pub struct ConnectionSlots(Arc<Semaphore>);
+
+impl ConnectionSlots {
+    /// `max` open client connections at most.
+    pub fn new(max: usize) -> ConnectionSlots {
+        ConnectionSlots(Arc::new(Semaphore::new(max)))
+    }
+}
+
 /// Serves `listeners` until `shutdown` resolves, then stops accepting and lets open
 /// connections finish their requests for up to `drain_timeout`.
 pub async fn run(
     listeners: Vec<Listener>,
     proxy: Arc<Proxy>,
     opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = ConnectionSlots::new(opts.max_connections);
+    run_with_slots(listeners, proxy, opts, slots, shutdown).await;
+}
+
+/// [`run`] with connection slots shared with other servers (one per per-core worker).
+pub async fn run_with_slots(
+    listeners: Vec<Listener>,
+    proxy: Arc<Proxy>,
+    opts: ServeOptions,
+    slots: ConnectionSlots,
     shutdown: impl Future<Output = ()>,
 ) {
     let drain_timeout = opts.drain_timeout;
@@ -287,7 +311,7 @@ pub async fn run(
             }
         }
     };
-    let server = Server::new(Role::Proxy, Arc::clone(&proxy), opts, handler);
+    let server = Server::new(Role::Proxy, Arc::clone(&proxy), opts, slots, handler);
     proxy.readiness().set_listening();
     server.accept_until(listeners, shutdown).await;
     // Not ready from here on, so the orchestrator stops sending traffic while we drain.
@@ -323,7 +347,8 @@ pub async fn serve<H, F>(
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let drain_timeout = opts.drain_timeout;
-    let server = Server::new(role, proxy, opts, handler);
+    let slots = ConnectionSlots::new(opts.max_connections);
+    let server = Server::new(role, proxy, opts, slots, handler);
     server.accept_until(listeners, shutdown).await;
     server.drain(drain_timeout).await;
 }
@@ -353,7 +378,13 @@ where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    fn new(role: Role, proxy: Arc<Proxy>, opts: ServeOptions, handler: H) -> Arc<Server<H>> {
+    fn new(
+        role: Role,
+        proxy: Arc<Proxy>,
+        opts: ServeOptions,
+        slots: ConnectionSlots,
+        handler: H,
+    ) -> Arc<Server<H>> {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -380,7 +411,7 @@ where
             tunnels_rx: std::sync::Mutex::new(Some(tunnels_rx)),
             role,
             builder,
-            slots: Arc::new(Semaphore::new(opts.max_connections)),
+            slots: slots.0,
             refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
             header_timeouts: metrics.timeout_counter(role.label(), "header"),
             idle_timeouts: metrics.timeout_counter(role.label(), "idle"),

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cancel;
 pub mod clock;
 pub mod harden;
+pub mod logbuf;
 pub mod metrics;
 pub mod online;
 pub mod readiness;

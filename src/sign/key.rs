@@ -106,6 +106,8 @@ pub enum KeyError {
 pub struct ApiKey {
     name: String,
     pair: KeyPairKind,
+    /// [`ApiKey::fingerprint`], computed once: the rate budget keys every request by it.
+    fingerprint: String,
 }
 
 enum KeyPairKind {
@@ -385,6 +387,15 @@ fn normalize(secret: &str) -> Zeroizing<String> {
     out
 }
 
+/// `SHA256:<base64>` of a public key.
+fn fingerprint_of(public_key: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, public_key);
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(d.as_ref())
+    )
+}
+
 impl ApiKey {
     /// Parses a key from its name and secret text (PEM or base64).
     pub fn parse(name: &str, secret: &str) -> Result<ApiKey, KeyError> {
@@ -410,9 +421,14 @@ impl ApiKey {
         } else {
             parse_ed25519_base64(&secret)?
         };
+        let fingerprint = fingerprint_of(match &pair {
+            KeyPairKind::Es256(k) => k.public_key().as_ref(),
+            KeyPairKind::EdDsa(k) => k.public_key().as_ref(),
+        });
         Ok(ApiKey {
             name: name.to_owned(),
             pair,
+            fingerprint,
         })
     }
 
@@ -438,12 +454,8 @@ impl ApiKey {
     }
 
     /// `SHA256:<base64>` of the public key, as ssh prints fingerprints: safe to show.
-    pub fn fingerprint(&self) -> String {
-        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.public_key());
-        format!(
-            "SHA256:{}",
-            base64::engine::general_purpose::STANDARD_NO_PAD.encode(d.as_ref())
-        )
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Signs `message`: raw r||s (64 bytes) for ES256, the 64-byte signature for EdDSA.
@@ -634,6 +646,21 @@ mod tests {
             secret: Zeroizing::new(b64.clone()),
         };
         assert!(!format!("{src:?}").contains(&b64));
+    }
+
+    #[test]
+    fn the_kept_fingerprint_is_the_sha256_of_the_public_key() {
+        // Two keys: a fingerprint computed once at parse must still be each key's own.
+        for seed in [[7u8; 32], [8u8; 32]] {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(seed);
+            let key = ApiKey::parse("k", &b64).expect("32-byte seed");
+            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_key());
+            let want = format!(
+                "SHA256:{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(d.as_ref())
+            );
+            assert_eq!(key.fingerprint(), want);
+        }
     }
 
     #[test]

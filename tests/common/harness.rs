@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use cbgate::config::Config;
 use cbgate::listen::server::{self, Listener, ServeOptions};
+use cbgate::listen::workers::{self, Unregistered};
 use cbgate::proxy::Proxy;
 use cbgate::sign::key::KeySource;
 
@@ -208,6 +209,14 @@ impl Upstream {
     }
 }
 
+/// Whether this test run serves in-process gates with the per-core model (two worker threads
+/// with their own runtimes) rather than on the test's runtime: `CBGATE_RUNTIME__MODEL=per-core
+/// cargo nextest run` runs the suite that way (the `cbgate` binary, whose default it is, also
+/// gets the variable, so `=shared` runs the binary's tests in the other model).
+pub fn per_core_tests() -> bool {
+    std::env::var("CBGATE_RUNTIME__MODEL").is_ok_and(|m| m == "per-core")
+}
+
 /// A cbgate instance serving in-process on 127.0.0.1:0.
 pub struct Gate {
     pub addr: SocketAddr,
@@ -311,9 +320,28 @@ impl Gate {
             drain_timeout: Duration::from_secs(5),
             ..ServeOptions::proxy(&cfg)
         };
-        let task = tokio::spawn(server::run(listeners, proxy.clone(), opts, async move {
-            let _ = rx.await;
-        }));
+        let task = if per_core_tests() {
+            // Two per-core workers, each with its own handle on every listener.
+            let mut per_worker = vec![Vec::new(), Vec::new()];
+            for l in listeners {
+                let l = Unregistered::from_listener(l).expect("listener leaves the runtime");
+                per_worker[1].push(l.try_clone().expect("second handle"));
+                per_worker[0].push(l);
+            }
+            // Dropping the sender (a Gate dropped without stop) stops the workers too.
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let workers = workers::spawn(per_worker, proxy.clone(), opts, stop_rx)
+                .expect("worker threads start");
+            tokio::spawn(async move {
+                let _ = rx.await;
+                stop_tx.send_replace(true);
+                workers.wait().await;
+            })
+        } else {
+            tokio::spawn(server::run(listeners, proxy.clone(), opts, async move {
+                let _ = rx.await;
+            }))
+        };
         Gate {
             addr,
             url: format!("http://{addr}"),
@@ -454,7 +482,8 @@ pub async fn get_unix(sock: &Path, path: &str) -> Resp {
 pub fn cbgate_command() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cbgate"));
     for (k, _) in std::env::vars() {
-        if k.starts_with("CBGATE_")
+        // CBGATE_RUNTIME__MODEL is kept: it runs the suite in either model (per_core_tests).
+        if (k.starts_with("CBGATE_") && k != "CBGATE_RUNTIME__MODEL")
             || k.starts_with("COINBASE_")
             || k == "RUST_LOG"
             || k == "CREDENTIALS_DIRECTORY"
