@@ -107,9 +107,13 @@ pub fn run(
             "client identity"
         );
     }
-    for w in [cfg.unreachable_identities(), cfg.group_socket_warning()]
-        .into_iter()
-        .flatten()
+    for w in [
+        cfg.unreachable_identities(),
+        cfg.group_socket_warning(),
+        cfg.unenforced_limits_warning(),
+    ]
+    .into_iter()
+    .flatten()
     {
         tracing::warn!("{w}");
     }
@@ -314,6 +318,9 @@ pub fn run(
         tokio::spawn(reload::run(Arc::clone(&proxy), reloader));
         let opts = ServeOptions::proxy(&cfg);
         let (drain, drain_started) = tokio::sync::watch::channel(false);
+        // A worker with no socket (a Unix listener goes to the first worker only) would end
+        // at once and mark cbgate as shutting down: only workers with sockets run.
+        per_worker.retain(|mine| !mine.is_empty());
         let serving = if per_core {
             let started = workers::spawn(per_worker, Arc::clone(&proxy), opts, drain_started)
                 .context("starting the worker threads")
