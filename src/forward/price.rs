@@ -47,6 +47,10 @@ pub fn price_endpoint(family: KeyKind, product: &str) -> Option<(String, &'stati
 }
 
 impl PriceSource for ProductPrices<'_> {
+    fn origin(&self) -> &str {
+        self.upstream.authority.as_str()
+    }
+
     fn price<'a>(
         &'a self,
         product: &'a str,

@@ -82,6 +82,10 @@ fn halted_message(h: &HaltState) -> String {
 /// of the host the order goes to, through cbgate's upstream client. Implemented in `forward`,
 /// which may reach the network.
 pub trait PriceSource: Sync {
+    /// Which upstream answers (host[:port]): prices are cached per upstream, so a sandbox's
+    /// price never values a production order.
+    fn origin(&self) -> &str;
+
     /// The product's current price, or why it is not known.
     fn price<'a>(
         &'a self,
@@ -297,7 +301,7 @@ impl Layer {
 }
 
 /// Prices fetched, by (family, product): when, and the price.
-type PriceCache = HashMap<(&'static str, String), (Instant, Decimal)>;
+type PriceCache = HashMap<(String, String), (Instant, Decimal)>;
 
 /// The compiled guard layers plus the kill switch.
 #[derive(Debug)]
@@ -308,8 +312,8 @@ pub struct Guard {
     /// How long a fetched price is reused: `[guard].price_max_age`.
     price_max_age: Duration,
     halt: Halt,
-    /// When each order of the last minute was admitted, per (identity, key).
-    windows: Mutex<HashMap<(String, String), VecDeque<Instant>>>,
+    /// When each order of the last minute was admitted, per layer (bounded by the config).
+    windows: Mutex<HashMap<String, VecDeque<Instant>>>,
     prices: Mutex<PriceCache>,
 }
 
@@ -435,8 +439,11 @@ impl Guard {
         prices: &dyn PriceSource,
     ) -> Result<(), Refusal> {
         let (max_base, max_quote) = (layer.cfg.max_order_base, layer.cfg.max_order_quote);
-        let need_price = (max_base.is_some() && order.base.is_none())
-            || (max_quote.is_some() && order.quote.is_none());
+        // An order naming both sizes is judged by the larger reading of each (a tiny quote
+        // size next to a huge base size must not pass as the tiny one), so it needs a price.
+        let both = order.base.is_some() && order.quote.is_some();
+        let need_price = (max_base.is_some() && (order.base.is_none() || both))
+            || (max_quote.is_some() && (order.quote.is_none() || both));
         let mut priced_by = "limit_price";
         let price = match (order.limit_price, need_price) {
             (Some(p), _) => Some(p),
@@ -457,11 +464,16 @@ impl Guard {
         };
         let n = &layer.name;
         if let Some(max) = max_base {
-            let base = match (order.base, order.quote, price) {
-                (Some(b), _, _) => b,
-                (None, Some(q), Some(p)) if !p.is_zero() => {
-                    q.checked_div(p).unwrap_or(Decimal::MAX)
+            let from_quote = match (order.quote, price) {
+                (Some(q), Some(p)) if !p.is_zero() => {
+                    Some(q.checked_div(p).unwrap_or(Decimal::MAX))
                 }
+                _ => None,
+            };
+            let base = match (order.base, from_quote) {
+                (Some(b), Some(f)) => b.max(f),
+                (Some(b), None) if order.quote.is_none() => b,
+                (None, Some(f)) => f,
                 _ => return Err(undetermined(ep, "its base size cannot be worked out")),
             };
             if base > max {
@@ -472,12 +484,18 @@ impl Guard {
             }
         }
         if let Some(max) = max_quote {
-            let (quote, how) = match (order.quote, order.base, price) {
-                (Some(q), _, _) => (q, "quote size".to_owned()),
-                (None, Some(b), Some(p)) => match b.checked_mul(p) {
-                    Some(q) => (q, format!("{b} x {p} {priced_by}")),
+            let from_base = match (order.base, price) {
+                (Some(b), Some(p)) => match b.checked_mul(p) {
+                    Some(q) => Some((q, format!("{b} x {p} {priced_by}"))),
                     None => return Err(undetermined(ep, "its notional overflows")),
                 },
+                _ => None,
+            };
+            let (quote, how) = match (order.quote, from_base) {
+                (Some(q), Some((f, how))) if f > q => (f, how),
+                (Some(q), Some(_)) => (q, "quote size".to_owned()),
+                (Some(q), None) if order.base.is_none() => (q, "quote size".to_owned()),
+                (None, Some(f)) => f,
                 _ => return Err(undetermined(ep, "its size is not given")),
             };
             if quote > max {
@@ -498,7 +516,10 @@ impl Guard {
         product: &str,
         prices: &dyn PriceSource,
     ) -> Result<Decimal, String> {
-        let key = (family.as_str(), product.to_ascii_uppercase());
+        let key = (
+            format!("{}|{}", family.as_str(), prices.origin()),
+            product.to_ascii_uppercase(),
+        );
         {
             let cache = self.prices.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((at, p)) = cache.get(&key) {
@@ -519,48 +540,48 @@ impl Guard {
         Ok(p)
     }
 
-    /// Takes one slot of the smallest `max_orders_per_minute` among `layers` in `who`'s
-    /// window, or refuses.
+    /// Takes one slot in the window of every layer in `layers` that sets
+    /// `max_orders_per_minute`, or refuses and takes none. Each layer counts its own scope:
+    /// `[guard]` every order through this cbgate, `keys.NAME.guard` every order with that key,
+    /// `clients.NAME.guard` every order of that identity; so cycling keys or identities never
+    /// multiplies a limit.
     fn reserve(&self, layers: &[&Layer], who: &Sender<'_>) -> Result<(), Refusal> {
-        let Some((max, name)) = layers
+        let limited: Vec<(u32, &str)> = layers
             .iter()
-            .filter_map(|l| l.cfg.max_orders_per_minute.map(|m| (m, &l.name)))
-            .min_by_key(|(m, _)| *m)
-        else {
+            .filter_map(|l| l.cfg.max_orders_per_minute.map(|m| (m, l.name.as_str())))
+            .collect();
+        if limited.is_empty() {
             return Ok(());
-        };
+        }
         let now = Instant::now();
         let mut all = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        // Windows of pairs that placed nothing for a minute go, so the map stays small.
-        all.retain(|_, w| {
-            w.back()
-                .is_some_and(|t| now.duration_since(*t) < RATE_WINDOW)
-        });
-        let w = all
-            .entry((
-                who.identity.to_owned(),
-                who.key.unwrap_or("unsigned").to_owned(),
-            ))
-            .or_default();
-        while w
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= RATE_WINDOW)
-        {
-            w.pop_front();
-        }
-        if w.len() >= max as usize {
-            let retry = w
+        for (max, name) in &limited {
+            let w = all.entry((*name).to_owned()).or_default();
+            while w
                 .front()
-                .map(|t| RATE_WINDOW.saturating_sub(now.duration_since(*t)).as_secs() + 1)
-                .unwrap_or(1);
-            return Err(denied(format!(
-                "{name}.max_orders_per_minute is {max}: {} orders from identity {} with key {} in the last minute; retry in {retry} s",
-                w.len(),
-                who.identity,
-                who.key.unwrap_or("(none)"),
-            )));
+                .is_some_and(|t| now.duration_since(*t) >= RATE_WINDOW)
+            {
+                w.pop_front();
+            }
+            if w.len() >= *max as usize {
+                let retry = w
+                    .front()
+                    .map(|t| RATE_WINDOW.saturating_sub(now.duration_since(*t)).as_secs() + 1)
+                    .unwrap_or(1);
+                return Err(denied(format!(
+                    "{name}.max_orders_per_minute is {max}: {} orders in the last minute (this one from identity {} with key {}); retry in {retry} s",
+                    w.len(),
+                    who.identity,
+                    who.key.unwrap_or("(none)"),
+                )));
+            }
         }
-        w.push_back(now);
+        // All passed under the one lock: take a slot in each.
+        for (_, name) in &limited {
+            if let Some(w) = all.get_mut(*name) {
+                w.push_back(now);
+            }
+        }
         Ok(())
     }
 }
@@ -767,7 +788,26 @@ fn parse_intx(obj: &Map<String, Value>) -> Result<Order, Refusal> {
         "TAKE_PROFIT_STOP_LOSS" => Some("bracket"),
         _ => None,
     };
-    sized(obj, product, side, ty, kind, ["size", "", "price"])
+    let mut order = sized(obj, product, side, ty, kind, ["size", "", "price"])?;
+    if order.limit_price.is_some() {
+        order.limit_price = intx_bound(obj, order.limit_price)?;
+    }
+    Ok(order)
+}
+
+/// An INTX order's highest stated price: a bracket's stop leg fills at `stop_limit_price`,
+/// which may be far from its take-profit `price`, so the notional uses the largest.
+fn intx_bound(
+    obj: &Map<String, Value>,
+    price: Option<Decimal>,
+) -> Result<Option<Decimal>, Refusal> {
+    let mut bound = price;
+    for name in ["stop_price", "stop_limit_price"] {
+        if let Some(p) = decimal(obj, name)? {
+            bound = Some(bound.map_or(p, |b| b.max(p)));
+        }
+    }
+    Ok(bound)
 }
 
 /// INTX `PUT /api/v1/orders/{id}`: `{portfolio, client_order_id, price, stop_price, size,
@@ -775,7 +815,7 @@ fn parse_intx(obj: &Map<String, Value>) -> Result<Order, Refusal> {
 fn parse_intx_modify(obj: &Map<String, Value>) -> Result<Order, Refusal> {
     Ok(Order {
         base: decimal(obj, "size")?,
-        limit_price: decimal(obj, "price")?,
+        limit_price: intx_bound(obj, decimal(obj, "price")?)?,
         ..unchanged()
     })
 }
@@ -1014,6 +1054,10 @@ mod tests {
 
     struct Fixed(Option<Decimal>);
     impl PriceSource for Fixed {
+        fn origin(&self) -> &str {
+            "fixed"
+        }
+
         fn price<'a>(
             &'a self,
             _product: &'a str,
@@ -1175,8 +1219,16 @@ mod tests {
                 .await
                 .expect_err("side");
         assert!(e.to_string().contains("side SELL"), "{e}");
+        // Both sizes: the larger reading binds, a tiny `funds` does not hide a huge `size`.
+        let e = ex(json!({"product_id": "BTC-USD", "side": "buy", "type": "limit", "size": "100", "price": "50000", "funds": "1"})).await.expect_err("both sizes, limit");
+        assert!(e.to_string().contains("5000000"), "{e}");
+        let e = ex(json!({"product_id": "BTC-USD", "side": "buy", "type": "market", "size": "100", "funds": "1"})).await.expect_err("both sizes, market");
+        assert!(e.to_string().contains("current price"), "{e}");
         let intx = |b: Value| family_check(&g, KeyKind::Intx, Method::POST, "/api/v1/orders", b);
         assert!(intx(json!({"instrument": "BTC-PERP", "side": "BUY", "type": "LIMIT", "size": "0.02", "price": "50000", "tif": "GTC"})).await.is_ok());
+        // A bracket is valued at its highest leg: 0.02 x 60000 (stop_limit_price) > 1000.
+        let e = intx(json!({"instrument": "BTC-PERP", "side": "BUY", "type": "TAKE_PROFIT_STOP_LOSS", "size": "0.02", "price": "40000", "stop_price": "59000", "stop_limit_price": "60000", "tif": "GTC"})).await.expect_err("bracket");
+        assert!(e.to_string().contains("1200"), "{e}");
         let e = intx(json!({"instrument": "BTC-PERP", "side": "BUY", "type": "STOP", "size": "0.001", "stop_price": "1"})).await.expect_err("stop");
         assert!(
             e.to_string().contains("STOP is not one cbgate can value"),
@@ -1317,7 +1369,9 @@ mod tests {
             }
             counts
         });
-        // Each (identity, key) pair has its own window; the identity's 3 is below the global 7.
-        assert_eq!(counts, [7, 7, 3, 3]);
+        // Each layer counts its own scope: [guard]'s 7 is every order, clients.bot.guard's 3
+        // every order of bot with any key; cycling keys multiplies neither.
+        assert_eq!(counts.iter().sum::<usize>(), 7, "{counts:?}");
+        assert!(counts[2] + counts[3] <= 3, "{counts:?}");
     }
 }
