@@ -114,10 +114,18 @@ fn remote(r: Reply) -> (bool, Remote) {
 
 impl Remote {
     fn to_state(&self) -> HaltState {
+        // Whatever wrote to Redis, a reason reaches 423 bodies and halt.json only as a local
+        // halt's would: no control characters, bounded.
+        let clean = |s: &str| -> String {
+            s.chars()
+                .filter(|c| !c.is_control())
+                .take(crate::gate::halt::MAX_REASON_CHARS)
+                .collect()
+        };
         HaltState {
-            reason: self.reason.clone(),
+            reason: clean(&self.reason),
             since_unix: self.since_unix,
-            by: Some(self.by.clone()).filter(|b| !b.is_empty()),
+            by: Some(clean(&self.by)).filter(|b| !b.is_empty()),
             shared_version: Some(self.version),
         }
     }
