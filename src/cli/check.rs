@@ -105,9 +105,13 @@ pub fn run(
             }
         );
     }
-    for w in [cfg.unreachable_identities(), cfg.group_socket_warning()]
-        .into_iter()
-        .flatten()
+    for w in [
+        cfg.unreachable_identities(),
+        cfg.group_socket_warning(),
+        cfg.unenforced_limits_warning(),
+    ]
+    .into_iter()
+    .flatten()
     {
         println!("warning: {w}");
     }

@@ -1485,6 +1485,25 @@ impl Config {
         })
     }
 
+    /// A warning when identities are limited by `keys` or a `guard` while a request from no
+    /// known identity is still served: a program that leaves out its token is `anonymous`,
+    /// which may use every key and has no identity guard.
+    pub fn unenforced_limits_warning(&self) -> Option<String> {
+        let names: Vec<&str> = self
+            .clients
+            .named
+            .iter()
+            .filter(|(_, c)| c.keys.is_some() || c.guard.is_some())
+            .map(|(n, _)| n.as_str())
+            .collect();
+        (!names.is_empty() && !self.identity_required()).then(|| {
+            format!(
+                "client identities {} are limited by keys or guard, but with clients.require = false a program that sends no token is served as anonymous, with every key and no identity guard; set clients.require = true to make those limits binding",
+                names.join(", ")
+            )
+        })
+    }
+
     /// Whether a request over TCP needs a token: an identity is required and TCP clients can
     /// only be recognised by one (Unix peer credentials do not exist there).
     fn tokens_required(&self) -> bool {
@@ -2249,6 +2268,16 @@ mod tests {
             .group_socket_warning()
         };
         assert!(group(false).is_some_and(|w| w.contains("clients.require = true")));
+        let limited = |require: bool| {
+            load_toml(&format!(
+                "[clients]\nrequire = {require}\n[clients.bot]\nunix_uid = 1\n[clients.bot.guard]\nmax_orders_per_minute = 5\n"
+            ))
+            .expect("config")
+            .unenforced_limits_warning()
+        };
+        assert!(limited(false)
+            .is_some_and(|w| w.contains("bot") && w.contains("clients.require = true")));
+        assert_eq!(limited(true), None);
         assert!(group(true).is_none());
         for (text, key, words) in [
             (
