@@ -485,6 +485,10 @@ impl Proxy {
             .map_or(("-", "-"), |r| (r.identity.name(), r.by.as_str()));
         self.metrics
             .client_request(identity, route, &method, resp.status().as_u16());
+        if let Some(k) = outcome.key.as_deref() {
+            self.metrics
+                .key_request(k, identity, resp.status().as_u16());
+        }
         tracing::info!(
             request_id = rid,
             identity,

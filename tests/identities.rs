@@ -1401,6 +1401,17 @@ async fn identity_keys_limit_and_default_key_picks_the_credential() {
         metrics.contains(r#"cbgate_client_requests_total{identity="bot",route="/api/v3/",method="POST",status="4xx"} 1"#),
         "{metrics}"
     );
+    // Who used which key: by the key that signed, never the one a refused request named.
+    for line in [
+        r#"cbgate_key_requests_total{key="bot",identity="bot",status="2xx"} 3"#,
+        r#"cbgate_key_requests_total{key="ops",identity="any",status="2xx"} 2"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(
+        !metrics.contains(r#"cbgate_key_requests_total{key="ops",identity="bot""#),
+        "{metrics}"
+    );
     gate.stop().await;
     let text = std::fs::read_to_string(&audit_file).expect("audit log");
     let recs: Vec<serde_json::Value> = text

@@ -32,6 +32,13 @@ struct ClientLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    key: String,
+    identity: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -168,6 +175,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     client_requests: Family<ClientLabels, Counter>,
+    key_requests: Family<KeyLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
     upstream_duration: Family<RouteLabels, Histogram>,
     jwt_sign_duration: Histogram,
@@ -205,6 +213,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("cbgate");
         let requests = Family::<RequestLabels, Counter>::default();
         let client_requests = Family::<ClientLabels, Counter>::default();
+        let key_requests = Family::<KeyLabels, Counter>::default();
         let request_duration =
             Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
         let upstream_duration =
@@ -239,6 +248,12 @@ impl Metrics {
             "Requests handled, by client identity ([clients.NAME], default, anonymous; - before \
              one was recognised), route prefix, method and status class",
             client_requests.clone(),
+        );
+        registry.register(
+            "key_requests",
+            "Requests that selected a credential, by its name ([keys.NAME], default), the client \
+             identity and status class: who used which key",
+            key_requests.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -331,6 +346,7 @@ impl Metrics {
             registry,
             requests,
             client_requests,
+            key_requests,
             request_duration,
             upstream_duration,
             jwt_sign_duration,
@@ -390,6 +406,19 @@ impl Metrics {
                 identity: identity.to_owned(),
                 route: route.to_owned(),
                 method: method_label(method),
+                status: format!("{}xx", status / 100),
+            })
+            .inc();
+    }
+
+    /// Records one finished request under the credential it selected. `key` is a configured
+    /// credential's name (never a name a client sent that matched none), so the label stays
+    /// bounded.
+    pub fn key_request(&self, key: &str, identity: &str, status: u16) {
+        self.key_requests
+            .get_or_create(&KeyLabels {
+                key: key.to_owned(),
+                identity: identity.to_owned(),
                 status: format!("{}xx", status / 100),
             })
             .inc();
