@@ -199,14 +199,21 @@ async fn jwt_is_appended_when_absent_and_unsubscribe_is_signed_with_a_fresh_toke
 async fn client_credential_fields_in_a_subscribe_are_removed() {
     let (_key, up, gate) = signed_setup(KeyForm::P256Sec1, 0).await;
     let mut ws = connect(&gate, "/ws/user").await;
-    let sub = r#"{"api_key":"client-key","type":"subscribe","passphrase":"pw","channel":"user","signature":"c2ln","timestamp":"1700000000","jwt":"client-jwt","product_ids":["BTC-USD"]}"#;
+    // Markers long enough that cbgate's own JWT (random base64url) cannot contain them by
+    // chance: "pw" did, about one run in ten.
+    let sub = r#"{"api_key":"client-key","type":"subscribe","passphrase":"client-passphrase","channel":"user","signature":"Y2xpZW50LXNpZ25hdHVyZQ==","timestamp":"1700000000","jwt":"client-jwt","product_ids":["BTC-USD"]}"#;
     ws.send(Message::text(sub)).await.expect("send");
     assert_eq!(json(&recv_text(&mut ws).await)["channel"], "subscriptions");
     let subs = up.mock.subscriptions();
     valid(&subs[0].auth);
     let got = json(&subs[0].text);
     assert_eq!(keys(&got), ["type", "channel", "jwt", "product_ids"]);
-    for secret in ["client-key", "pw", "c2ln", "client-jwt"] {
+    for secret in [
+        "client-key",
+        "client-passphrase",
+        "Y2xpZW50LXNpZ25hdHVyZQ",
+        "client-jwt",
+    ] {
         assert!(!subs[0].text.contains(secret), "{secret} reached Coinbase");
     }
 }
