@@ -105,14 +105,7 @@ pub fn run(
             }
         );
     }
-    for w in [
-        cfg.unreachable_identities(),
-        cfg.group_socket_warning(),
-        cfg.unenforced_limits_warning(),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for w in cfg.warnings() {
         println!("warning: {w}");
     }
     match key_lines {

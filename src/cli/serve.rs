@@ -107,14 +107,7 @@ pub fn run(
             "client identity"
         );
     }
-    for w in [
-        cfg.unreachable_identities(),
-        cfg.group_socket_warning(),
-        cfg.unenforced_limits_warning(),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
     if !cfg.clients.named.is_empty() && !cfg.identity_required() {

@@ -1485,6 +1485,19 @@ impl Config {
         })
     }
 
+    /// Every warning about this configuration (it loads, but something in it is likely not
+    /// what was meant), for `serve` and `check` alike.
+    pub fn warnings(&self) -> Vec<String> {
+        [
+            self.unreachable_identities(),
+            self.group_socket_warning(),
+            self.unenforced_limits_warning(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
     /// A warning when identities are limited by `keys` or a `guard` while a request from no
     /// known identity is still served: a program that leaves out its token is `anonymous`,
     /// which may use every key and has no identity guard.

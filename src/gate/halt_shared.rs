@@ -29,7 +29,9 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 
 use crate::config::BudgetConfig;
-use crate::gate::budget::{redacted_url, redis_client, BudgetError, RedisAccess};
+use crate::gate::budget::{
+    connect_with_script, redacted_url, redis_client, BudgetError, RedisAccess,
+};
 use crate::gate::halt::{now_unix, unix_to_rfc3339, Halt, HaltError, HaltState};
 use crate::ops::metrics::BudgetMetrics;
 
@@ -490,15 +492,7 @@ impl SharedHalt {
     }
 
     async fn connect(&self) -> redis::RedisResult<MultiplexedConnection> {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let mut c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
-        self.script.prepare_invoke().load_async(&mut c).await?;
-        Ok(c)
+        connect_with_script(&self.client, self.timeout, &self.script).await
     }
 
     fn failed(&self, sync: &mut SyncState, kind: &str, why: &str) {

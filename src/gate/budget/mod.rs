@@ -25,7 +25,7 @@ use crate::ops::metrics::BudgetMetrics;
 
 pub use class::{classify, Class};
 pub use gcra::{Gcra, Params};
-pub use redis::{redacted_url, redis_client, RedisAccess};
+pub use redis::{connect_with_script, redacted_url, redis_client, RedisAccess};
 
 /// The identity of requests whose client is not known (until named clients are wired).
 pub const ANONYMOUS: &str = "anonymous";

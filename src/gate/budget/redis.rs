@@ -81,6 +81,23 @@ impl From<Option<Zeroizing<String>>> for RedisAccess {
     }
 }
 
+/// A connection to `client` whose connect and every reply are bounded by `timeout`, with
+/// `script` loaded: calls are then EVALSHA (the crate reloads it on NOSCRIPT).
+pub async fn connect_with_script(
+    client: &redis::Client,
+    timeout: Duration,
+    script: &redis::Script,
+) -> redis::RedisResult<MultiplexedConnection> {
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
+    let mut c = client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await?;
+    script.prepare_invoke().load_async(&mut c).await?;
+    Ok(c)
+}
+
 /// The Redis client of `url` (no connection yet). A `rediss://` URL verifies the server's
 /// certificate against `access.ca_pem` when given, else the system's roots; a CA file on a
 /// `redis://` URL is an error (it would silently protect nothing).
@@ -312,16 +329,7 @@ impl RedisStore {
     }
 
     async fn connect_once(&self) -> redis::RedisResult<MultiplexedConnection> {
-        let cfg = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.connect_timeout));
-        let mut c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await?;
-        // Loaded once per connection; calls are EVALSHA (the crate reloads on NOSCRIPT).
-        self.script.prepare_invoke().load_async(&mut c).await?;
-        Ok(c)
+        connect_with_script(&self.client, self.connect_timeout, &self.script).await
     }
 }
 
