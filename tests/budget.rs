@@ -14,8 +14,8 @@ use http_body_util::Full;
 
 use cbgate::config::ClassLimit;
 use common::harness::{
-    cbgate_command, free_port, h1_client, http_get, send, write_private, Gate, KeyForm, Process,
-    Resp, TestClient, TestKey, Upstream, HOSTS,
+    cbgate_command, free_port, h1_client, http_get, send, serve_until_ready, write_private, Gate,
+    KeyForm, Process, Resp, TestClient, TestKey, Upstream, HOSTS,
 };
 use common::redis_server::RedisServer;
 
@@ -243,28 +243,7 @@ async fn start_replica(up: &Upstream, key_file: &Path, redis: &RedisServer, n: u
     );
     let cfg = up.dir.path().join(format!("cbgate-{n}.toml"));
     std::fs::write(&cfg, text).expect("write config");
-    let mut cmd = cbgate_command();
-    cmd.args(["serve", "--config"]).arg(&cfg);
-    let mut process = Process::spawn(cmd);
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ready.clone();
-    let probe = tokio::spawn(async move {
-        loop {
-            if tokio::net::TcpStream::connect(admin).await.is_ok()
-                && http_get(admin, "/readyz").await.0 == StatusCode::OK
-            {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
-    process
-        .wait_until("/readyz 200", || {
-            ready.load(std::sync::atomic::Ordering::SeqCst)
-        })
-        .await;
-    probe.abort();
+    let process = serve_until_ready(&cfg, admin).await;
     Replica {
         process,
         url: format!("http://127.0.0.1:{port}"),

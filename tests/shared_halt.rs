@@ -21,7 +21,8 @@ use cbgate::gate::halt::Halt;
 use cbgate::gate::halt_shared::{Pushed, ResumeError, SharedHalt};
 use cbgate::ops::metrics::Metrics;
 use common::harness::{
-    self, cbgate_command, free_port, h1_client, http_get, KeyForm, Process, Resp, TestKey, Upstream,
+    self, cbgate_command, free_port, h1_client, http_get, serve_until_ready, KeyForm, Process,
+    Resp, TestKey, Upstream,
 };
 use common::mock::MockOptions;
 use common::redis_server::{RedisServer, TlsFiles};
@@ -73,28 +74,7 @@ fn write_config(
 }
 
 async fn start(cfg: PathBuf, proxy: SocketAddr, admin: SocketAddr) -> Replica {
-    let mut cmd = cbgate_command();
-    cmd.args(["serve", "--config"]).arg(&cfg);
-    let mut process = Process::spawn(cmd);
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = ready.clone();
-    let probe = tokio::spawn(async move {
-        loop {
-            if tokio::net::TcpStream::connect(admin).await.is_ok()
-                && http_get(admin, "/readyz").await.0 == StatusCode::OK
-            {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    });
-    process
-        .wait_until("/readyz 200", || {
-            ready.load(std::sync::atomic::Ordering::SeqCst)
-        })
-        .await;
-    probe.abort();
+    let process = serve_until_ready(&cfg, admin).await;
     Replica {
         process,
         url: format!("http://{proxy}"),

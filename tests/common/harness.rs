@@ -627,6 +627,34 @@ impl Drop for Process {
 }
 
 /// Plain HTTP GET to `addr` (the admin listener): status and body.
+/// `cbgate serve --config cfg` as a child process, once its admin listener at `admin`
+/// answers `/readyz` with 200 (the process's own deadline bounds the wait).
+pub async fn serve_until_ready(cfg: &std::path::Path, admin: SocketAddr) -> Process {
+    let mut cmd = cbgate_command();
+    cmd.args(["serve", "--config"]).arg(cfg);
+    let mut process = Process::spawn(cmd);
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = ready.clone();
+    let probe = tokio::spawn(async move {
+        loop {
+            if tokio::net::TcpStream::connect(admin).await.is_ok()
+                && http_get(admin, "/readyz").await.0 == StatusCode::OK
+            {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    });
+    process
+        .wait_until("/readyz 200", || {
+            ready.load(std::sync::atomic::Ordering::SeqCst)
+        })
+        .await;
+    probe.abort();
+    process
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (StatusCode, String) {
     let req = Request::get(format!("http://{addr}{path}"))
         .body(Full::new(Bytes::new()))
