@@ -136,6 +136,7 @@ impl From<Refusal> for ProxyError {
             Refusal::Denied(m) => ProxyError::GuardDenied(m),
             Refusal::BadOrder(m) => ProxyError::InvalidOrder(m),
             Refusal::Halted(h) => ProxyError::Halted(h),
+            Refusal::BadCall(m) => ProxyError::BadRequest(m),
         }
     }
 }

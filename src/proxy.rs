@@ -697,16 +697,14 @@ impl Proxy {
             identity: identity.name(),
             key: outcome.key.as_deref(),
         };
-        self.guard
-            .admit(
-                upstream.family,
-                &parts.method,
-                parts.uri.path(),
-                &body,
-                &who,
-                &prices,
-            )
-            .await?;
+        let to = crate::gate::guard::Target {
+            family: upstream.family,
+            gateway: upstream.token_gateway,
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+        };
+        self.guard.admit(&to, &body, &who, &prices).await?;
         // Reserve, then act: the budget token is taken before signing and sending, after the
         // checks that refuse without sending (a refused order spends no token).
         let ticket = self

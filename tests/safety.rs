@@ -472,6 +472,16 @@ async fn halt_from_the_cli_refuses_orders_passes_cancels_and_survives_a_restart(
         &post(&base, "/api/v3/brokerage/orders/edit", &edit).await,
         "runaway bot",
     );
+    // Committing a convert quote is a trade too; asking for the quote moves nothing.
+    let convert = json!({"from_account": "USD", "to_account": "USDC"}).to_string();
+    assert_halted(
+        &post(&base, "/api/v3/brokerage/convert/trade/q-1", &convert).await,
+        "runaway bot",
+    );
+    assert!(up
+        .mock
+        .requests_to("POST", "/api/v3/brokerage/convert/trade/q-1")
+        .is_empty());
     let cancel = json!({ "order_ids": [placed] }).to_string();
     let r = post(&base, "/api/v3/brokerage/orders/batch_cancel", &cancel).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

@@ -30,6 +30,7 @@
 //! `Product_ID`: Go and protobuf JSON accept those), more than one order configuration, and
 //! sizes or prices that are not plain decimal strings.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
@@ -41,7 +42,8 @@ use bytes::Bytes;
 use http::Method;
 use percent_encoding::percent_decode_str;
 use rust_decimal::Decimal;
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::{Config, GuardConfig, KeyKind, ORDER_TYPES};
@@ -68,6 +70,10 @@ pub enum Refusal {
     /// The kill switch is on (423 `halted`).
     #[error("{}", halted_message(.0))]
     Halted(HaltState),
+    /// A derivatives gateway call cbgate cannot tell apart (400 `bad_request`): a JSON-RPC
+    /// batch, or a body naming another method than the path.
+    #[error("{0}")]
+    BadCall(String),
 }
 
 fn halted_message(h: &HaltState) -> String {
@@ -91,6 +97,20 @@ pub trait PriceSource: Sync {
         &'a self,
         product: &'a str,
     ) -> Pin<Box<dyn Future<Output = Result<Decimal, String>> + Send + 'a>>;
+}
+
+/// Where a request goes, as the guard sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// The route's upstream family: which table applies.
+    pub family: KeyKind,
+    /// The upstream is the derivatives gateway (JSON-RPC): [`GATEWAY`] applies.
+    pub gateway: bool,
+    pub method: &'a Method,
+    /// The upstream path.
+    pub path: &'a str,
+    /// The upstream query, if any (the gateway's parameters may be there).
+    pub query: Option<&'a str>,
 }
 
 /// Who sends an order: the client identity's name and the signing key's name (`None`:
@@ -180,6 +200,15 @@ pub static ADVANCED_TRADE: &[Endpoint] = &[
         what: "position close",
         parse: parse_close,
     },
+    // Committing a convert quote trades one currency for another; the amounts were set by the
+    // quote (`POST /convert/quote`, which moves nothing and so passes).
+    Endpoint {
+        family: KeyKind::Cdp,
+        method: Method::POST,
+        path: "/api/v3/brokerage/convert/trade/*",
+        what: "conversion",
+        parse: parse_unknown,
+    },
 ];
 
 /// Coinbase Exchange (`api.exchange.coinbase.com`): `POST /orders` (it has no edit).
@@ -225,7 +254,60 @@ pub static PRIME: &[Endpoint] = &[
         what: "order edit",
         parse: parse_prime_edit,
     },
+    // Accepting an RFQ quote executes it at the quote's size and price (the quote request
+    // itself places nothing).
+    Endpoint {
+        family: KeyKind::Prime,
+        method: Method::POST,
+        path: "/v1/portfolios/*/accept_quote",
+        what: "quote acceptance",
+        parse: parse_prime_accept,
+    },
 ];
+
+/// The derivatives gateway (`drb.coinbase.com/api/v2`, JSON-RPC 2.0): `path` is the RPC
+/// method, called by any HTTP method (ccxt sends `GET` with the parameters in the query).
+/// Block trades and RFQ quotes execute at sizes the guard cannot read, so every limit that
+/// needs a value refuses them.
+pub static GATEWAY: &[Endpoint] = &[
+    rpc("private/buy", "order", parse_rpc_buy),
+    rpc("private/sell", "order", parse_rpc_sell),
+    rpc("private/edit", "order edit", parse_rpc_edit),
+    rpc("private/edit_by_label", "order edit", parse_rpc_edit),
+    rpc("private/close_position", "position close", parse_rpc_close),
+    rpc("private/execute_block_trade", "block trade", parse_unknown),
+    rpc("private/approve_block_trade", "block trade", parse_unknown),
+    rpc("private/verify_block_trade", "block trade", parse_unknown),
+    rpc(
+        "private/accept_block_rfq",
+        "block RFQ acceptance",
+        parse_unknown,
+    ),
+    rpc(
+        "private/add_block_rfq_quote",
+        "block RFQ quote",
+        parse_unknown,
+    ),
+    rpc(
+        "private/edit_block_rfq_quote",
+        "block RFQ quote",
+        parse_unknown,
+    ),
+];
+
+const fn rpc(
+    method: &'static str,
+    what: &'static str,
+    parse: fn(&Map<String, Value>) -> Result<Order, Refusal>,
+) -> Endpoint {
+    Endpoint {
+        family: KeyKind::Cdp,
+        method: Method::POST,
+        path: method,
+        what,
+        parse,
+    }
+}
 
 /// Every family's table.
 static FAMILIES: &[&[Endpoint]] = &[ADVANCED_TRADE, EXCHANGE, INTX, PRIME];
@@ -378,20 +460,21 @@ impl Guard {
         v
     }
 
-    /// Decides one request to a host of `family` whose body has been read (`body`, at most
-    /// `max_body_bytes`): passes anything that is not an order endpoint; refuses orders while
-    /// halted (423), and with a limit that applies to `who` parses the order (at most 64 KiB)
-    /// and checks it. The body is forwarded as is.
+    /// Decides one request whose body has been read (`body`, at most `max_body_bytes`):
+    /// passes anything that is not an order endpoint; refuses orders while halted (423), and
+    /// with a limit that applies to `who` parses the order (at most 64 KiB) and checks it.
+    /// The body is forwarded as is.
     pub async fn admit(
         &self,
-        family: KeyKind,
-        method: &Method,
-        path: &str,
+        to: &Target<'_>,
         body: &Bytes,
         who: &Sender<'_>,
         prices: &dyn PriceSource,
     ) -> Result<(), Refusal> {
-        let Some(ep) = endpoint(family, method, path) else {
+        if to.gateway {
+            return self.admit_rpc(to, body, who);
+        }
+        let Some(ep) = endpoint(to.family, to.method, to.path) else {
             return Ok(());
         };
         if let Some(h) = self.halt.current() {
@@ -407,6 +490,59 @@ impl Guard {
             )));
         }
         self.check(ep, body, who, prices).await
+    }
+
+    /// [`Guard::admit`] for the derivatives gateway: the call is read from the path, or from
+    /// the body's `method` when the path names none (they must agree when both do), and its
+    /// parameters from the query or the body's `params`.
+    fn admit_rpc(&self, to: &Target<'_>, body: &Bytes, who: &Sender<'_>) -> Result<(), Refusal> {
+        let env = rpc_envelope(body)?;
+        let from_path = rpc_method_of_path(to.path);
+        let call = match (&from_path, &env.method) {
+            (Some(p), Some(b)) if !p.eq_ignore_ascii_case(b) => {
+                return Err(Refusal::BadCall(format!(
+                    "the JSON-RPC body calls {b:?} but the path calls {p:?}; cbgate judges one call per request: send the body to /api/v2/{b}"
+                )))
+            }
+            (Some(p), _) => p.clone(),
+            (None, Some(b)) => b.to_ascii_lowercase(),
+            (None, None) => return Ok(()),
+        };
+        let Some(ep) = GATEWAY.iter().find(|e| e.path == call) else {
+            return Ok(());
+        };
+        if let Some(h) = self.halt.current() {
+            return Err(Refusal::Halted(h));
+        }
+        let layers = self.layers(who);
+        if layers.is_empty() {
+            return Ok(());
+        }
+        if body.len() > ORDER_BODY_LIMIT {
+            return Err(Refusal::BadOrder(format!(
+                "the {} body is larger than {ORDER_BODY_LIMIT} bytes; an order is a few hundred",
+                ep.what
+            )));
+        }
+        let params = rpc_params(to.query, env.params.as_deref(), ep)?;
+        let order = (ep.parse)(&params)?;
+        for l in &layers {
+            check_fields(l, ep, &order)?;
+        }
+        // The gateway's `amount` is in USD for inverse instruments and in the base currency
+        // for linear ones, and options are priced in the base currency: without each
+        // instrument's specification cbgate cannot tell a size from a notional, so a size
+        // limit refuses (never guesses).
+        if let Some(l) = layers
+            .iter()
+            .find(|l| l.cfg.max_order_base.is_some() || l.cfg.max_order_quote.is_some())
+        {
+            return Err(denied(format!(
+                "{}.max_order_base / max_order_quote is set, and the size of a derivatives gateway {} cannot be determined (its amount is in USD for inverse instruments and in the base currency for linear ones); put size limits in [keys.NAME.guard] of the keys that do not trade there",
+                l.name, ep.what
+            )));
+        }
+        self.reserve(&layers, who)
     }
 
     /// Checks one order body against every limit of every layer that applies to `who`;
@@ -589,13 +725,23 @@ impl Guard {
 /// The limits that need no price: products, sides, order types, post-only.
 fn check_fields(layer: &Layer, ep: &Endpoint, order: &Order) -> Result<(), Refusal> {
     let (c, n) = (&layer.cfg, &layer.name);
-    if let Field::Given(p) = &order.product {
-        if !c.products.is_empty() && !c.products.contains(&p.to_ascii_uppercase()) {
+    match &order.product {
+        Field::Given(p)
+            if !c.products.is_empty() && !c.products.contains(&p.to_ascii_uppercase()) =>
+        {
             return Err(denied(format!(
                 "product {p} is not in {n}.products ({})",
                 c.products.join(", ")
             )));
         }
+        Field::Unknown if !c.products.is_empty() => {
+            return Err(denied(format!(
+                "a {}'s product is not in the request, and {n}.products allows only {}",
+                ep.what,
+                c.products.join(", ")
+            )));
+        }
+        _ => {}
     }
     if !c.sides.is_empty() {
         match &order.side {
@@ -614,6 +760,13 @@ fn check_fields(layer: &Layer, ep: &Endpoint, order: &Order) -> Result<(), Refus
             }
             _ => {}
         }
+    }
+    if order.configuration == Field::Unknown && !c.order_types.is_empty() {
+        return Err(denied(format!(
+            "a {}'s order type is not in the request, and {n}.order_types allows only {}",
+            ep.what,
+            c.order_types.join(", ")
+        )));
     }
     if let Field::Given(key) = &order.configuration {
         let Some(kind) = order.kind else {
@@ -886,6 +1039,231 @@ fn sized(
         } else {
             limit_price
         },
+    })
+}
+
+/// A trade whose product, side, type and size are not in the request (a convert commit, a
+/// block trade): every limit that needs one of them refuses it; the order rate counts it.
+fn parse_unknown(_: &Map<String, Value>) -> Result<Order, Refusal> {
+    Ok(Order {
+        product: Field::Unknown,
+        side: Field::Unknown,
+        configuration: Field::Unknown,
+        kind: None,
+        post_only: Field::Unknown,
+        base: None,
+        quote: None,
+        limit_price: None,
+    })
+}
+
+/// Prime `POST /v1/portfolios/{id}/accept_quote`: `{product_id, side, client_order_id,
+/// quote_id}`; size and price are the quote's.
+fn parse_prime_accept(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    Ok(Order {
+        product: Field::Given(product_of(obj, "product_id")?),
+        side: Field::Given(side_of(obj)?),
+        ..parse_unknown(obj)?
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Derivatives gateway (JSON-RPC) calls
+// ---------------------------------------------------------------------------
+
+/// The top level of a JSON-RPC body: the method it names and its raw `params`.
+#[derive(Default)]
+struct Envelope {
+    method: Option<String>,
+    params: Option<Box<RawValue>>,
+}
+
+/// Reads `method` and `params` from a gateway body without building the rest: an empty or
+/// non-JSON body names neither (the gateway answers it with its own error). A batch (a JSON
+/// array) is refused, since its calls could each be anything.
+fn rpc_envelope(body: &[u8]) -> Result<Envelope, Refusal> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        Some(b'[') => {
+            return Err(Refusal::BadCall(
+                "a JSON-RPC batch (a JSON array) is refused: cbgate judges one call per request; send the calls one by one".into(),
+            ))
+        }
+        _ => return Ok(Envelope::default()),
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let env = de
+        .deserialize_map(EnvelopeVisitor)
+        .and_then(|e| de.end().map(|()| e))
+        .map_err(|e| Refusal::BadCall(format!("the JSON-RPC body is not valid: {e}")))?;
+    Ok(env)
+}
+
+struct EnvelopeVisitor;
+
+impl<'de> Visitor<'de> for EnvelopeVisitor {
+    type Value = Envelope;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON-RPC object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
+        let mut env = Envelope::default();
+        let mut seen = HashSet::new();
+        while let Some(k) = map.next_key::<Cow<'de, str>>()? {
+            let name = spelling(&k);
+            if !seen.insert(name.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "field {k:?} is given twice (perhaps under another spelling)"
+                )));
+            }
+            match name.as_str() {
+                "method" => env.method = Some(map.next_value::<String>()?),
+                "params" => env.params = Some(map.next_value::<Box<RawValue>>()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(env)
+    }
+}
+
+/// The RPC method a gateway path calls (`/api/v2/private/buy` -> `private/buy`), in the
+/// policy's match form with a format suffix dropped; `None` for `/api/v2` itself.
+fn rpc_method_of_path(path: &str) -> Option<String> {
+    let form = crate::gate::policy::match_form(path);
+    let call = form.strip_prefix("/api/v2/")?;
+    let call = match call.rsplit_once('/') {
+        Some((dir, last)) => format!("{dir}/{}", last.split('.').next().unwrap_or(last)),
+        None => call.split('.').next().unwrap_or(call).to_owned(),
+    };
+    (!call.is_empty()).then_some(call)
+}
+
+/// A gateway order's parameters: the query's (ccxt's `GET`) or the body's `params`, never
+/// both (the gateway might read either).
+fn rpc_params(
+    query: Option<&str>,
+    params: Option<&RawValue>,
+    ep: &Endpoint,
+) -> Result<Map<String, Value>, Refusal> {
+    let query = query.filter(|q| !q.is_empty());
+    match (query, params) {
+        (Some(_), Some(_)) => Err(Refusal::BadOrder(format!(
+            "the {} gives parameters in both the query and the body; send them in one place",
+            ep.what
+        ))),
+        (None, Some(p)) => parse_strict(p.get().as_bytes())
+            .map_err(|e| Refusal::BadOrder(format!("the {}'s params are not valid: {e}", ep.what))),
+        (Some(q), None) => {
+            let mut out = Map::new();
+            let mut seen = HashSet::new();
+            for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+                if !seen.insert(spelling(&k)) {
+                    return Err(Refusal::BadOrder(format!(
+                        "the {}'s parameter {k:?} is given twice (perhaps under another spelling)",
+                        ep.what
+                    )));
+                }
+                // A query spells booleans as text.
+                let v = match v.as_ref() {
+                    "true" => Value::Bool(true),
+                    "false" => Value::Bool(false),
+                    _ => Value::String(v.into_owned()),
+                };
+                out.insert(k.into_owned(), v);
+            }
+            Ok(out)
+        }
+        (None, None) => Ok(Map::new()),
+    }
+}
+
+/// The [`ORDER_TYPES`] name of a gateway order `type` (default `limit`); stop-market, take
+/// and trailing orders are not ones the guard values.
+fn rpc_type(obj: &Map<String, Value>) -> Result<(String, Option<&'static str>), Refusal> {
+    let ty = match get(obj, "type") {
+        None | Some(Value::Null) => "limit".to_owned(),
+        Some(Value::String(t)) if !t.is_empty() => t.to_ascii_lowercase(),
+        Some(_) => return Err(bad("type must be a string such as \"limit\" or \"market\"")),
+    };
+    let kind = match ty.as_str() {
+        "limit" => Some("limit"),
+        "market" => Some("market"),
+        "stop_limit" => Some("stop_limit"),
+        _ => None,
+    };
+    Ok((ty, kind))
+}
+
+/// `instrument_name`, e.g. `BTC-PERPETUAL`, `BTC_USDC-PERPETUAL`, `BTC-27DEC24-50000-C`.
+fn instrument_of(obj: &Map<String, Value>) -> Result<String, Refusal> {
+    match get(obj, "instrument_name") {
+        Some(Value::String(p))
+            if (1..=64).contains(&p.len())
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            Ok(p.clone())
+        }
+        _ => Err(bad(
+            "instrument_name must be an instrument such as \"BTC-PERPETUAL\"",
+        )),
+    }
+}
+
+/// `private/buy` and `private/sell`: `{instrument_name, amount | contracts, type, price,
+/// post_only, ...}`; the side is the method's.
+fn parse_rpc_order(obj: &Map<String, Value>, side: &str) -> Result<Order, Refusal> {
+    let product = instrument_of(obj)?;
+    let (ty, kind) = rpc_type(obj)?;
+    Ok(Order {
+        product: Field::Given(product),
+        side: Field::Given(side.to_owned()),
+        configuration: Field::Given(ty),
+        kind,
+        post_only: Field::Given(post_only_of(obj, kind)?),
+        base: None,
+        quote: None,
+        limit_price: None,
+    })
+}
+
+fn parse_rpc_buy(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    parse_rpc_order(obj, "BUY")
+}
+
+fn parse_rpc_sell(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    parse_rpc_order(obj, "SELL")
+}
+
+/// `private/edit` (`order_id`) and `private/edit_by_label` (`label`, `instrument_name`):
+/// amount, price and post-only may change; instrument, side and type stay the order's.
+fn parse_rpc_edit(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    let post_only = match get(obj, "post_only") {
+        None | Some(Value::Null) => Field::Unchanged,
+        Some(_) => Field::Given(post_only_of(obj, None)?),
+    };
+    Ok(Order {
+        post_only,
+        ..unchanged()
+    })
+}
+
+/// `private/close_position`: `{instrument_name, type: limit | market, price}`; the side and
+/// the size are the position's.
+fn parse_rpc_close(obj: &Map<String, Value>) -> Result<Order, Refusal> {
+    let product = instrument_of(obj)?;
+    let (ty, kind) = rpc_type(obj)?;
+    Ok(Order {
+        product: Field::Given(product),
+        side: Field::Unknown,
+        configuration: Field::Given(ty),
+        kind,
+        post_only: Field::Given(false),
+        base: None,
+        quote: None,
+        limit_price: None,
     })
 }
 
@@ -1172,6 +1550,11 @@ mod tests {
         assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/order_preview").is_none());
         assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/orders/o-1/cancel").is_none());
         assert!(endpoint(Prime, &Method::POST, "/v1/portfolios//order").is_none());
+        assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/accept_quote").is_some());
+        assert!(endpoint(Prime, &Method::POST, "/v1/portfolios/p-1/rfq").is_none());
+        assert!(endpoint(Cdp, &Method::POST, "/api/v3/brokerage/convert/trade/q-1").is_some());
+        assert!(endpoint(Cdp, &Method::POST, "/api/v3/brokerage/convert/quote").is_none());
+        assert!(endpoint(Cdp, &Method::GET, "/api/v3/brokerage/convert/trade/q-1").is_none());
     }
 
     async fn family_check(
@@ -1373,5 +1756,65 @@ mod tests {
         // every order of bot with any key; cycling keys multiplies neither.
         assert_eq!(counts.iter().sum::<usize>(), 7, "{counts:?}");
         assert!(counts[2] + counts[3] <= 3, "{counts:?}");
+    }
+
+    #[test]
+    fn gateway_calls_are_read_from_the_path_or_the_body() {
+        assert_eq!(
+            rpc_method_of_path("/api/v2/private/buy").as_deref(),
+            Some("private/buy")
+        );
+        assert_eq!(
+            rpc_method_of_path("/API/v2/Private/BUY/").as_deref(),
+            Some("private/buy")
+        );
+        assert_eq!(
+            rpc_method_of_path("/api/v2/private/buy.json").as_deref(),
+            Some("private/buy")
+        );
+        assert_eq!(
+            rpc_method_of_path("/api/v2/private%2Fbuy").as_deref(),
+            Some("private/buy")
+        );
+        assert_eq!(rpc_method_of_path("/api/v2/"), None);
+        let env =
+            rpc_envelope(br#"{"jsonrpc":"2.0","Method":"private/sell","params":{"a":1},"id":3}"#)
+                .expect("envelope");
+        assert_eq!(env.method.as_deref(), Some("private/sell"));
+        assert_eq!(
+            env.params.map(|p| p.get().to_owned()).as_deref(),
+            Some(r#"{"a":1}"#)
+        );
+        assert!(rpc_envelope(br#"{"method":"public/test","METHOD":"private/buy"}"#).is_err());
+        assert!(rpc_envelope(b" [ {} ]").is_err());
+        assert!(rpc_envelope(b"").expect("empty").method.is_none());
+        assert!(rpc_envelope(b"not json").expect("opaque").method.is_none());
+    }
+
+    #[tokio::test]
+    async fn trades_the_request_cannot_describe_meet_every_limit_that_needs_a_value() {
+        let conversion = endpoint(
+            KeyKind::Cdp,
+            &Method::POST,
+            "/api/v3/brokerage/convert/trade/q",
+        )
+        .expect("ep");
+        let (who, body) = (WHO, br#"{"from_account":"a","to_account":"b"}"#);
+        let g = guard(|c| c.products = vec!["BTC-USD".into()]);
+        let r = g.check(conversion, body, &who, &Fixed(None)).await;
+        assert!(
+            matches!(&r, Err(Refusal::Denied(m)) if m.contains("product is not in the request")),
+            "{r:?}"
+        );
+        let g = guard(|c| c.max_order_quote = Some(dec("100")));
+        let r = g.check(conversion, body, &who, &Fixed(None)).await;
+        assert!(
+            matches!(&r, Err(Refusal::Denied(m)) if m.contains("cannot be determined")),
+            "{r:?}"
+        );
+        // Only an order rate: counted like any order.
+        let g = guard(|c| c.max_orders_per_minute = Some(1));
+        assert!(g.check(conversion, body, &who, &Fixed(None)).await.is_ok());
+        assert!(g.check(conversion, body, &who, &Fixed(None)).await.is_err());
     }
 }

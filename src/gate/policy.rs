@@ -740,7 +740,7 @@ fn ceiling_allows(permission: Permission, method: &Method, family: KeyKind, path
 
 /// The derivatives gateway is JSON-RPC: every call may be a POST, so the method name in the
 /// path decides. `public/*` and `private/get*` read; orders (buy, sell, edit, cancel, close
-/// a position) trade; everything else (withdraw, transfers, address book, subaccounts,
+/// a position, block trades and RFQs) trade; everything else (withdraw, transfers, address book, subaccounts,
 /// API keys) is transfer class.
 fn gateway_allows(permission: Permission, path: &str) -> bool {
     let Some(call) = path.strip_prefix("/api/v2/") else {
@@ -755,6 +755,18 @@ fn gateway_allows(permission: Permission, path: &str) -> bool {
             m,
             "buy" | "sell" | "edit" | "edit_by_label" | "close_position" | "cancel"
         ) || (m.starts_with("cancel_") && !m.contains("transfer") && !m.contains("withdrawal"))
+            // Block trades and RFQs: trades between two parties, no funds leave.
+            || matches!(
+                m,
+                "create_block_rfq"
+                    | "accept_block_rfq"
+                    | "add_block_rfq_quote"
+                    | "edit_block_rfq_quote"
+                    | "execute_block_trade"
+                    | "approve_block_trade"
+                    | "verify_block_trade"
+                    | "simulate_block_trade"
+            )
     });
     match permission {
         Permission::Transfer => true,
@@ -1018,6 +1030,8 @@ mod tests {
         assert!(!gw(Permission::View, "/api/v2/private/buy"));
         assert!(gw(Permission::Trade, "/api/v2/private/buy"));
         assert!(gw(Permission::Trade, "/api/v2/private/cancel_all"));
+        assert!(gw(Permission::Trade, "/api/v2/private/execute_block_trade"));
+        assert!(!gw(Permission::View, "/api/v2/private/accept_block_rfq"));
         assert!(!gw(Permission::Trade, "/api/v2/private/withdraw"));
         assert!(!gw(Permission::Trade, "/api/v2/private/cancel_withdrawal"));
         assert!(!gw(
