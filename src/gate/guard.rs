@@ -483,12 +483,7 @@ impl Guard {
         if self.layers(who).is_empty() {
             return Ok(());
         }
-        if body.len() > ORDER_BODY_LIMIT {
-            return Err(Refusal::BadOrder(format!(
-                "the {} body is larger than {ORDER_BODY_LIMIT} bytes; an order is a few hundred",
-                ep.what
-            )));
-        }
+        within_order_limit(ep, body)?;
         self.check(ep, body, who, prices).await
     }
 
@@ -518,12 +513,7 @@ impl Guard {
         if layers.is_empty() {
             return Ok(());
         }
-        if body.len() > ORDER_BODY_LIMIT {
-            return Err(Refusal::BadOrder(format!(
-                "the {} body is larger than {ORDER_BODY_LIMIT} bytes; an order is a few hundred",
-                ep.what
-            )));
-        }
+        within_order_limit(ep, body)?;
         let params = rpc_params(to.query, env.params.as_deref(), ep)?;
         let order = (ep.parse)(&params)?;
         for l in &layers {
@@ -791,6 +781,17 @@ fn check_fields(layer: &Layer, ep: &Endpoint, order: &Order) -> Result<(), Refus
                 )))
             }
         }
+    }
+    Ok(())
+}
+
+/// Refuses an order body over [`ORDER_BODY_LIMIT`] before it is parsed.
+fn within_order_limit(ep: &Endpoint, body: &[u8]) -> Result<(), Refusal> {
+    if body.len() > ORDER_BODY_LIMIT {
+        return Err(Refusal::BadOrder(format!(
+            "the {} body is larger than {ORDER_BODY_LIMIT} bytes; an order is a few hundred",
+            ep.what
+        )));
     }
     Ok(())
 }
