@@ -19,7 +19,7 @@ use common::harness::{
     self, cbgate_command, free_port, h1_client, http_get, Gate, KeyForm, Process, Resp, TestKey,
     Upstream,
 };
-use common::mock::{AuthOutcome, MockOptions};
+use common::mock::{AuthOutcome, GatewayAuthMode, MockOptions};
 
 const ORDERS: &str = "/api/v3/brokerage/orders";
 
@@ -352,6 +352,7 @@ ca_file = "{ca}"
 "api.coinbase.com" = "{mock}"
 "api.exchange.coinbase.com" = "{mock}"
 "api.international.coinbase.com" = "{mock}"
+"drb.coinbase.com" = "{mock}"
 "#,
             state = state_dir.display(),
             ca = up.ca_file.display(),
@@ -620,6 +621,8 @@ async fn halt_cancel_open_cancels_exactly_the_open_orders() {
     let filled: Vec<String> = (0..3)
         .map(|_| up.mock.seed_order("ETH-USD", true))
         .collect();
+    // And 4 on the derivatives gateway (one private/cancel_all with the key's token).
+    up.mock.seed_gateway_orders(&key.name, 4);
     let state = tempfile::tempdir().expect("tempdir");
     let s = write_config(&up, &key, state.path(), "");
     let p = serve(&s).await;
@@ -627,6 +630,12 @@ async fn halt_cancel_open_cancels_exactly_the_open_orders() {
     let (ok, out) = cli(&s, &["halt", "--reason", "panic", "--cancel-open"]);
     assert!(ok, "{out}");
     assert!(out.contains("cancelled 150 of 150 open orders"), "{out}");
+    assert!(
+        out.contains("derivatives gateway: cancelled 4 open orders"),
+        "{out}"
+    );
+    assert_eq!(up.mock.gateway_open(&key.name), 0);
+    assert_eq!(up.mock.gateway_auths(), vec![key.name.clone()]);
     for id in &open {
         assert!(
             out.contains(&format!("cancelled {id}")),
@@ -671,8 +680,45 @@ async fn halt_cancel_open_cancels_exactly_the_open_orders() {
     let (ok, out) = cli(&s, &["halt", "--cancel-open"]);
     assert!(ok && out.contains("cancelled 0 of 0 open orders"), "{out}");
     assert!(
+        out.contains("derivatives gateway: cancelled 0 open orders"),
+        "{out}"
+    );
+    assert!(
         out.contains("panic"),
         "a repeated halt keeps its reason: {out}"
+    );
+    // The gateway dropped cbgate's cached token (its restart): a 401, one fresh exchange, the
+    // cancel retried once.
+    up.mock.seed_gateway_orders(&key.name, 2);
+    up.mock.revoke_gateway_tokens();
+    let (ok, out) = cli(&s, &["halt", "--cancel-open"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("derivatives gateway: cancelled 2 open orders"),
+        "{out}"
+    );
+    assert_eq!(up.mock.gateway_auths().len(), 2);
+    // A key the gateway refuses (no derivatives access) has nothing open there: skipped, and
+    // the halt still succeeds.
+    up.mock.set_gateway_auth(GatewayAuthMode::Refuse);
+    up.mock.revoke_gateway_tokens();
+    let (ok, out) = cli(&s, &["halt", "--cancel-open"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("derivatives gateway: skipped") && out.contains("no access to derivatives"),
+        "{out}"
+    );
+    // The gateway not answering is not "nothing open": it is reported, and the exit says so.
+    up.mock.set_gateway_auth(GatewayAuthMode::BadGateway);
+    let (ok, out) = cli(&s, &["halt", "--cancel-open"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("derivatives gateway: NOT cancelled") && out.contains("502"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("drb-tok-"),
+        "a gateway token in the output: {out}"
     );
     stop(p).await;
 }

@@ -32,8 +32,9 @@ pub struct HaltArgs {
     /// Why, shown in every refusal and in `cbgate status`.
     #[arg(long, value_name = "TEXT", default_value = "")]
     pub reason: String,
-    /// Also cancel every open order of each signing key (Advanced Trade and Exchange keys;
-    /// INTX and Prime keys are reported as not cancelled), and report each id.
+    /// Also cancel every open order of each signing key (Advanced Trade, the derivatives
+    /// gateway and Exchange keys; INTX and Prime keys are reported as not cancelled), and
+    /// report each id.
     #[arg(long)]
     pub cancel_open: bool,
 }
@@ -262,6 +263,18 @@ fn print_one(label: &str, c: &serde_json::Value) -> bool {
     for id in &cancelled {
         println!("  cancelled {}", id.as_str().unwrap_or("?"));
     }
+    let mut ok = true;
+    if let Some(d) = c.get("derivatives").filter(|d| !d.is_null()) {
+        let n = d.get("cancelled").and_then(|x| x.as_u64()).unwrap_or(0);
+        if let Some(why) = d.get("skipped").and_then(|x| x.as_str()) {
+            println!("  derivatives gateway: skipped: {why}");
+        } else if let Some(e) = d.get("error").and_then(|x| x.as_str()) {
+            println!("  derivatives gateway: NOT cancelled: {e}");
+            ok = false;
+        } else {
+            println!("  derivatives gateway: cancelled {n} open orders (private/cancel_all)");
+        }
+    }
     for f in &failed {
         println!(
             "  NOT cancelled {}: {}",
@@ -273,7 +286,7 @@ fn print_one(label: &str, c: &serde_json::Value) -> bool {
     if let Some(e) = error {
         println!("  stopped: {e}");
     }
-    failed.is_empty() && error.is_none()
+    ok && failed.is_empty() && error.is_none()
 }
 
 /// One call to the admin listener; the JSON answer of a 200.

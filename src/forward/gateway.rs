@@ -29,8 +29,15 @@ pub const PLACEHOLDER_TOKEN: &str = "cbgate-managed";
 
 /// A failed token exchange; never carries the JWT or a token.
 #[derive(Debug, thiserror::Error)]
-#[error("the derivatives gateway's public/auth failed: {0}")]
-pub struct GatewayError(pub String);
+pub enum GatewayError {
+    /// The gateway answered and refused the key (a JSON-RPC error, or no token in the
+    /// answer): most often a CDP key without derivatives access.
+    #[error("the derivatives gateway's public/auth refused the key: {0}")]
+    Refused(String),
+    /// No usable answer: the gateway was not reached, or the exchange JWT could not be made.
+    #[error("the derivatives gateway's public/auth failed: {0}")]
+    Failed(String),
+}
 
 struct Cached {
     token: Zeroizing<String>,
@@ -105,7 +112,7 @@ impl TokenCache {
                 now_secs,
                 &format!("{}{AUTH_PATH}", upstream.authority),
             )
-            .map_err(|_| GatewayError("signing the exchange JWT failed".into()))?,
+            .map_err(|_| GatewayError::Failed("signing the exchange JWT failed".into()))?,
         );
         let body = Zeroizing::new(
             serde_json::json!({
@@ -130,19 +137,20 @@ impl TokenCache {
                 64 * 1024,
             )
             .await
-            .map_err(GatewayError)?;
+            .map_err(GatewayError::Failed)?;
         self.exchanges
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let answer = Zeroizing::new(answer.to_vec());
-        let v: serde_json::Value = serde_json::from_slice(&answer)
-            .map_err(|_| GatewayError(format!("HTTP {status}, and the answer is not JSON")))?;
+        let v: serde_json::Value = serde_json::from_slice(&answer).map_err(|_| {
+            GatewayError::Failed(format!("HTTP {status}, and the answer is not JSON"))
+        })?;
         if !status.is_success() {
             // The error object holds no token; its message is Coinbase's sentence.
             let why = v
                 .pointer("/error/message")
                 .and_then(|m| m.as_str())
                 .unwrap_or("no message");
-            return Err(GatewayError(format!(
+            return Err(GatewayError::Refused(format!(
                 "HTTP {status}: {}",
                 why.chars().take(200).collect::<String>()
             )));
@@ -151,7 +159,7 @@ impl TokenCache {
             .pointer("/result/access_token")
             .and_then(|t| t.as_str())
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| GatewayError("the answer has no result.access_token".into()))?;
+            .ok_or_else(|| GatewayError::Refused("the answer has no result.access_token".into()))?;
         let expires_in = v
             .pointer("/result/expires_in")
             .and_then(|e| e.as_u64())

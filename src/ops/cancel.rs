@@ -7,6 +7,10 @@
 //!   [`CANCEL_BATCH`] `order_ids` per call (Coinbase's limit).
 //! - Exchange (`kind = "exchange"`): `DELETE /orders`, which cancels every open order of the
 //!   key's profile in one call and answers the ids it cancelled.
+//! - The derivatives gateway (a route to `drb.coinbase.com`, `/api/v2/` by default), for each
+//!   CDP key: `private/cancel_all` with the key's access token; the gateway answers how many
+//!   orders it cancelled. A key the gateway does not know (its `public/auth` fails) is reported
+//!   as skipped, not as an error: most CDP keys never trade derivatives.
 //! - INTX and Prime keys are reported as not cancelled, with why: both APIs cancel only
 //!   within a portfolio named in the request (INTX `DELETE /api/v1/orders?portfolio=`, Prime
 //!   `POST /v1/portfolios/{id}/orders/{id}/cancel` per order), and cbgate does not know which
@@ -52,8 +56,20 @@ pub struct CancelReport {
     pub failed: Vec<Failed>,
     /// Why listing or cancelling stopped early, if it did.
     pub error: Option<String>,
+    /// `[key]`'s orders on the derivatives gateway, when a route goes there.
+    pub derivatives: Option<GatewayCancel>,
     /// One entry per `[keys.NAME]`.
     pub keys: Vec<KeyCancel>,
+}
+
+/// What `private/cancel_all` did on the derivatives gateway for one key.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct GatewayCancel {
+    /// Orders the gateway reported cancelled.
+    pub cancelled: u64,
+    pub error: Option<String>,
+    /// Set when the gateway does not take this key, saying why.
+    pub skipped: Option<String>,
 }
 
 /// What cancelling did for one named key.
@@ -68,6 +84,8 @@ pub struct KeyCancel {
     pub error: Option<String>,
     /// Set when this key's orders were not looked at, saying why.
     pub skipped: Option<String>,
+    /// A CDP key's orders on the derivatives gateway, when a route goes there.
+    pub derivatives: Option<GatewayCancel>,
 }
 
 /// How one of cbgate's own calls is signed.
@@ -95,6 +113,9 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
     } else {
         CancelReport::default()
     };
+    if let Some(key) = proxy.signer().key() {
+        report.derivatives = gateway(proxy, crate::config::DEFAULT_KEY, &key).await;
+    }
     for k in named {
         let cred = k.current();
         let mut entry = KeyCancel {
@@ -105,12 +126,14 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
             failed: Vec::new(),
             error: None,
             skipped: None,
+            derivatives: None,
         };
         match cred.as_ref() {
             Credential::Cdp(key) => {
                 let r = advanced_trade(proxy, Signing::Cdp(key)).await;
                 (entry.open, entry.cancelled, entry.failed, entry.error) =
                     (r.open, r.cancelled, r.failed, r.error);
+                entry.derivatives = gateway(proxy, k.name(), key).await;
             }
             Credential::Hmac(h) if h.kind() == KeyKind::Exchange => {
                 match exchange(proxy, h).await {
@@ -267,6 +290,100 @@ async fn list_open(proxy: &Proxy, signing: Signing<'_>) -> Result<Vec<String>, S
     Err(format!(
         "more than {MAX_PAGES} pages of open orders; run it again"
     ))
+}
+
+/// The gateway's path of `private/cancel_all`.
+pub const GATEWAY_CANCEL_PATH: &str = "/api/v2/private/cancel_all";
+
+/// Cancels every open order of `key` on the derivatives gateway; `None` when no route goes
+/// there.
+async fn gateway(proxy: &Proxy, name: &str, key: &ApiKey) -> Option<GatewayCancel> {
+    let route = proxy
+        .router()
+        .find(GATEWAY_CANCEL_PATH)
+        .filter(|r| r.upstream.token_gateway)?;
+    let upstream = &route.upstream;
+    let mut report = GatewayCancel::default();
+    let work = async {
+        let now = crate::sign::jwt::now_secs(proxy.signer().clock_offset());
+        let tokens = proxy.gateway_tokens();
+        let body = Bytes::from(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "private/cancel_all", "params": {}})
+                .to_string(),
+        );
+        // A cached token the gateway has since dropped (its restart, a key change) gets a 401:
+        // one fresh exchange and one retry, as a client's request gets.
+        let mut refused: Option<zeroize::Zeroizing<String>> = None;
+        loop {
+            let token = match tokens
+                .token(
+                    name,
+                    key,
+                    now,
+                    proxy.upstream(),
+                    upstream,
+                    refused.as_deref().map(String::as_str),
+                )
+                .await
+            {
+                Ok(t) => t,
+                // A key without derivatives access has no orders there to cancel.
+                Err(e @ crate::forward::gateway::GatewayError::Refused(_)) => {
+                    report.skipped = Some(format!("the gateway does not take this key ({e})"));
+                    return;
+                }
+                // Not reached: whether orders are open there is unknown, which halt must say.
+                Err(e) => {
+                    report.error = Some(e.to_string());
+                    return;
+                }
+            };
+            let answer = proxy
+                .upstream()
+                .call(
+                    crate::forward::upstream::OwnCall {
+                        method: Method::POST,
+                        host: &upstream.host,
+                        authority: &upstream.authority,
+                        path: GATEWAY_CANCEL_PATH,
+                        token: Some(token.as_str()),
+                        body: Some(body.clone()),
+                    },
+                    MAX_ANSWER,
+                )
+                .await;
+            let (status, bytes) = match answer {
+                Ok((status, _, bytes)) => (status, bytes),
+                Err(e) => {
+                    report.error = Some(format!("private/cancel_all failed: {e}"));
+                    return;
+                }
+            };
+            if status == http::StatusCode::UNAUTHORIZED && refused.is_none() {
+                refused = Some(token);
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            match v.get("result").and_then(Value::as_u64) {
+                Some(n) if status.is_success() => report.cancelled = n,
+                _ => {
+                    let why = v
+                        .pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no result");
+                    report.error = Some(format!(
+                        "private/cancel_all answered {status}: {}",
+                        why.chars().take(200).collect::<String>()
+                    ));
+                }
+            }
+            return;
+        }
+    };
+    if tokio::time::timeout(CALL_TIMEOUT, work).await.is_err() {
+        report.error = Some(format!("no answer within {} s", CALL_TIMEOUT.as_secs()));
+    }
+    Some(report)
 }
 
 /// One signed call to a host of `family`; the JSON answer of a 2xx, otherwise the status and

@@ -312,6 +312,10 @@ struct State {
     gateway_auths: Vec<String>,
     /// Requests to the gateway refused for an unknown or expired token.
     gateway_refused: usize,
+    /// Open gateway orders per key name (seeded), which `private/cancel_all` cancels.
+    gateway_open: std::collections::HashMap<String, u64>,
+    /// How `public/auth` answers from now on.
+    gateway_auth_mode: GatewayAuthMode,
     /// Orders placed on the Exchange host (`POST /orders`) or seeded there.
     exchange_orders: Vec<PlacedOrder>,
 }
@@ -382,6 +386,31 @@ impl MockCoinbase {
     /// Every gateway token issued so far, as a client must never see them.
     pub fn gateway_tokens(&self) -> Vec<String> {
         self.inner.lock().gateway_tokens.keys().cloned().collect()
+    }
+
+    /// Seeds `n` open orders of key `kid` on the derivatives gateway.
+    pub fn seed_gateway_orders(&self, kid: &str, n: u64) {
+        *self
+            .inner
+            .lock()
+            .gateway_open
+            .entry(kid.to_owned())
+            .or_default() += n;
+    }
+
+    /// Open gateway orders of key `kid` left.
+    pub fn gateway_open(&self, kid: &str) -> u64 {
+        self.inner
+            .lock()
+            .gateway_open
+            .get(kid)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Sets how the derivatives gateway's `public/auth` answers from now on.
+    pub fn set_gateway_auth(&self, mode: GatewayAuthMode) {
+        self.inner.lock().gateway_auth_mode = mode;
     }
 
     /// Revokes every gateway token (as a server restart or a key change would).
@@ -662,7 +691,19 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
     let host = request_host(&parts);
 
     if host.as_deref() == Some("drb.coinbase.com") && path == "/api/v2/public/auth" {
-        let outcome = gateway_auth(&inner, &body);
+        let mode = inner.lock().gateway_auth_mode;
+        if mode == GatewayAuthMode::BadGateway {
+            let mut resp = Response::new(full("<html>502 Bad Gateway</html>"));
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            return resp;
+        }
+        let outcome = if mode == GatewayAuthMode::Refuse {
+            Err("this key has no access to derivatives".to_string())
+        } else {
+            gateway_auth(&inner, &body)
+        };
         let (auth, resp) = match outcome {
             Ok((kid, claims, token, secs)) => (
                 AuthOutcome::Valid {
@@ -760,6 +801,18 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
     }
     if let Some(Err(reason)) = &wallet_auth {
         return unauthorized(&format!("X-Wallet-Auth: {reason}"));
+    }
+    // The gateway's cancel_all: answers how many of the token's key's orders it cancelled.
+    if host.as_deref() == Some("drb.coinbase.com") && path == "/api/v2/private/cancel_all" {
+        let who = match &auth {
+            AuthOutcome::Valid { kid, .. } => kid.clone(),
+            _ => String::new(),
+        };
+        let n = inner.lock().gateway_open.remove(&who).unwrap_or(0);
+        return json_response(
+            StatusCode::OK,
+            &json!({"jsonrpc": "2.0", "id": 1, "result": n}),
+        );
     }
     if inner.opts.realistic {
         if let Some(resp) = cdp_v2(&method, &path, &body) {
@@ -1807,6 +1860,18 @@ fn gateway_auth(inner: &Inner, body: &[u8]) -> Result<(String, Value, String, u6
     );
     st.gateway_auths.push(kid.clone());
     Ok((kid, c, token, secs))
+}
+
+/// How the mock's `public/auth` answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GatewayAuthMode {
+    /// Verifies the exchange JWT and issues a token.
+    #[default]
+    Normal,
+    /// Refuses every key with a JSON-RPC error (a key without derivatives access).
+    Refuse,
+    /// Answers 502 with an HTML page (something in between failed).
+    BadGateway,
 }
 
 /// A private gateway call: `Authorization: Bearer <issued, unexpired token>`.
