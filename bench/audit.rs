@@ -10,7 +10,9 @@
 //! Run: `cargo bench --bench audit` (the file goes to `$AUDIT_BENCH_DIR`, default a temporary
 //! directory under `target/`: put it on the disk the real log will use). Prints one line per
 //! case; the chain is verified afterwards so the figures cannot come from a broken log.
-//! `AUDIT_BENCH_ROUNDS` (default 3) and `AUDIT_BENCH_SECS` (default 3) size the proxy rounds.
+//! `AUDIT_BENCH_ROUNDS` (default 3) and `AUDIT_BENCH_SECS` (default 3) size the proxy rounds;
+//! `AUDIT_BENCH_ONLY=on` (or `off`) runs one side only, to profile it (`perf record`);
+//! `AUDIT_BENCH_CLIENTS=1,32,128` (the default) the client counts.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code)]
@@ -81,8 +83,34 @@ async fn run(dir: &std::path::Path, writers: usize, per_writer: usize) -> (f64, 
     (n as f64 / took.as_secs_f64(), took / n as u32)
 }
 
+/// This process's CPU time so far (user, system; all threads), from `/proc/self/stat`
+/// (clock ticks of 1/100 s, Linux's fixed USER_HZ).
+fn cpu_secs() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) closed by its `)`.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the `)`.
+    let tick = |i: usize| f.get(i).copied().unwrap_or(0) as f64 / 100.0;
+    (tick(11), tick(12))
+}
+
+/// One round: requests per second and CPU microseconds per request (client, cbgate, mock
+/// and audit writer together, as they share the process).
+struct Round {
+    rate: f64,
+    cpu_us: f64,
+    /// The part of `cpu_us` spent in the kernel (syscalls, fsync, wake-ups).
+    sys_us: f64,
+    requests: u64,
+}
+
 /// POSTs per second through `gate` with `clients` request loops for `time`.
-async fn throughput(gate: &common::harness::Gate, clients: usize, time: Duration) -> f64 {
+async fn throughput(gate: &common::harness::Gate, clients: usize, time: Duration) -> Round {
+    let cpu0 = cpu_secs();
     use bytes::Bytes;
     use http_body_util::Full;
     let client = common::harness::h1_client();
@@ -113,7 +141,13 @@ async fn throughput(gate: &common::harness::Gate, clients: usize, time: Duration
     for t in tasks {
         total += t.await.expect("loop");
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    let cpu1 = cpu_secs();
+    Round {
+        rate: total as f64 / started.elapsed().as_secs_f64(),
+        cpu_us: (cpu1.0 + cpu1.1 - cpu0.0 - cpu0.1) * 1e6 / total.max(1) as f64,
+        sys_us: (cpu1.1 - cpu0.1) * 1e6 / total.max(1) as f64,
+        requests: total,
+    }
 }
 
 /// The proxy with the audit log on and off, interleaved rounds, for 1 and 32 clients.
@@ -126,6 +160,9 @@ async fn proxy_cost(dir: &std::path::Path) {
             .unwrap_or(default)
     };
     let rounds = env("AUDIT_BENCH_ROUNDS", 3) as usize;
+    // `on` or `off`: run that side only (for a profile of one side).
+    let only_var = std::env::var("AUDIT_BENCH_ONLY").ok();
+    let only = only_var.as_deref();
     let secs = Duration::from_secs(env("AUDIT_BENCH_SECS", 3));
     let key = TestKey::generate(KeyForm::Ed25519B64_64);
     let up = Upstream::start(Some(&key)).await;
@@ -138,19 +175,51 @@ async fn proxy_cost(dir: &std::path::Path) {
     on.audit.file = Some(file.clone());
     let gate_off = Gate::start(off, Some(&key)).await;
     let gate_on = Gate::start(on, Some(&key)).await;
-    for clients in [1, 32] {
+    // 128 clients: what group commit does when more requests are in flight than one fsync's
+    // time can hold up.
+    let fsyncs = || gate_on.proxy.audit().map_or(0, |a| a.fsyncs());
+    let counts: Vec<usize> = std::env::var("AUDIT_BENCH_CLIENTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+        .filter(|v: &Vec<usize>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 32, 128]);
+    for clients in counts {
         throughput(&gate_off, clients, Duration::from_secs(1)).await;
         throughput(&gate_on, clients, Duration::from_secs(1)).await;
         let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut synced = 0;
         for _ in 0..rounds {
-            b.push(throughput(&gate_off, clients, secs).await);
-            a.push(throughput(&gate_on, clients, secs).await);
+            if only != Some("on") {
+                b.push(throughput(&gate_off, clients, secs).await);
+            }
+            let before = fsyncs();
+            if only != Some("off") {
+                a.push(throughput(&gate_on, clients, secs).await);
+            }
+            synced += fsyncs() - before;
         }
-        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-        let (on, off) = (mean(&a), mean(&b));
+        if a.is_empty() || b.is_empty() {
+            // One side only (to profile it): its rate, no comparison.
+            let r = a.iter().chain(&b).map(|r| r.rate).sum::<f64>() / rounds.max(1) as f64;
+            println!(
+                "proxy, {clients:>3} client(s), audit {}: {r:.0} req/s",
+                only.unwrap_or("")
+            );
+            continue;
+        }
+        let sent: u64 = a.iter().map(|r| r.requests).sum();
+        let mean =
+            |v: &[Round], f: fn(&Round) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+        let (on, off) = (mean(&a, |r| r.rate), mean(&b, |r| r.rate));
+        let (cpu_on, cpu_off) = (mean(&a, |r| r.cpu_us), mean(&b, |r| r.cpu_us));
+        let (sys_on, sys_off) = (mean(&a, |r| r.sys_us), mean(&b, |r| r.sys_us));
+        let rates = |v: &[Round]| v.iter().map(|r| r.rate.round()).collect::<Vec<_>>();
         println!(
-            "proxy, {clients:>2} client(s), POST through the mock over TLS: audit off {off:.0} req/s, on {on:.0} req/s ({:+.1}%); rounds off {b:.0?}, on {a:.0?}",
-            (on - off) / off * 100.0
+            "proxy, {clients:>3} client(s), POST through the mock over TLS: audit off {off:.0} req/s, on {on:.0} req/s ({:+.1}%); CPU per request off {cpu_off:.0} us ({sys_off:.0} in the kernel), on {cpu_on:.0} us ({sys_on:.0}); {:.2} fsyncs per request; rounds off {:?}, on {:?}",
+            (on - off) / off * 100.0,
+            synced as f64 / sent.max(1) as f64,
+            rates(&b),
+            rates(&a)
         );
     }
     gate_on.stop().await;
