@@ -391,22 +391,30 @@ def cmd_summarize(d):
             if m:
                 p(f"| {names[mode]} | {fmt(m['p50'], 3)} | {fmt(m['p99'], 3)} | "
                   f"{ratio(m['p50'], lat.get('plain', {}).get('p50'))} | {m['bad']} |")
-    es_full, es_one = med.get("cbgate-es256", {}), c1.get("cbgate-es256", {})
-    stages = [("cbgate-es256-budget", "rate budget (a limit it never reaches)")]
-    if any(t in med for t, _ in stages):
+    # Each stage against the same cbgate without it: the budget on the GET, the guard and the
+    # audit log on the POSTed order (they act only on orders and other state-changing requests).
+    stages = [("cbgate-es256-budget", "rate budget (a limit it never reaches), GET", "cbgate-es256"),
+              ("cbgate-orders-guard", "pre-trade guard (every limit set), POST order", "cbgate-orders"),
+              ("cbgate-orders-audit", "audit log (intent fsync'd before sending), POST order", "cbgate-orders")]
+    if any(t in med for t, _, _ in stages):
         p("")
-        p("Optional stages, each against cbgate ES256 without it (same run):")
+        p("Optional stages, each against the same cbgate without it (same run):")
         p("")
         p(f"| stage | req/s at {meta.get('conns')} connections | vs without | p50 at 1 connection | vs without | CPU us/req | vs without |")
         p("|---|---:|---:|---:|---:|---:|---:|")
-        for t, what in stages:
+        for t, what, without in stages:
             m, m1 = med.get(t, {}), c1.get(t, {})
-            p(f"| {what} | {fmt(m.get('rps'))} | {ratio(m.get('rps'), es_full.get('rps'))} "
-              f"| {fmt(m1.get('p50'), 3)} | {ratio(m1.get('p50'), es_one.get('p50'))} "
-              f"| {fmt(m.get('cpu_us_per_req'), 1)} | {ratio(m.get('cpu_us_per_req'), es_full.get('cpu_us_per_req'))} |")
-        p("")
-        p("The pre-trade guard and the audit log act only on orders and other state-changing requests; "
-          "this GET skips both, so they are not in this table.")
+            b, b1 = med.get(without, {}), c1.get(without, {})
+            if not m:
+                continue
+            p(f"| {what} | {fmt(m.get('rps'))} | {ratio(m.get('rps'), b.get('rps'))} "
+              f"| {fmt(m1.get('p50'), 3)} | {ratio(m1.get('p50'), b1.get('p50'))} "
+              f"| {fmt(m.get('cpu_us_per_req'), 1)} | {ratio(m.get('cpu_us_per_req'), b.get('cpu_us_per_req'))} |")
+        orders = med.get("cbgate-orders", {})
+        if orders:
+            p("")
+            p(f"The order baseline (cbgate ES256, POST order, neither stage): {fmt(orders.get('rps'))} req/s, "
+              f"p50 {fmt(c1.get('cbgate-orders', {}).get('p50'), 3)} ms at 1 connection.")
 
     rss = read_json(os.path.join(d, "rss.json"), {})
     p("")

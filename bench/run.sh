@@ -30,6 +30,9 @@ C1_DURATION=${C1_DURATION:-5}
 LAT_REQUESTS=${LAT_REQUESTS:-3000}
 README_TABLE=${README:-1}
 REQ_PATH=/api/v3/brokerage/accounts
+# The order targets POST this (bench/post_order.lua): the guard and the audit log act on orders.
+ORDER_PATH=/api/v3/brokerage/orders
+ORDER_BODY='{"client_order_id":"bench-1","product_id":"BTC-USD","side":"BUY","order_configuration":{"limit_limit_gtc":{"base_size":"0.001","limit_price":"10000","post_only":true}}}'
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
@@ -51,12 +54,16 @@ FRESH_PORT=$((BASE_PORT + 60))  # fresh cbgate for memory, start-up and profile 
 BUDGET_PORT=$((BASE_PORT + 62)) # cbgate, ES256 key, rate budget on (admin +1)
 H2_PORT=$((BASE_PORT + 64))     # cbgate, ES256 key, h2 to the upstream (admin +1)
 ICPT_PORT=$((BASE_PORT + 66))   # cbgate, ES256 key, intercept mode (admin +1)
+ORD_PORT=$((BASE_PORT + 68))    # cbgate, ES256 key, orders (POST), no guard, no audit (admin +1)
+GUARD_PORT=$((BASE_PORT + 70))  # the same with the pre-trade guard (admin +1)
+AUDIT_PORT=$((BASE_PORT + 72))  # the same with the audit log (admin +1)
 PY_PORT=$((BASE_PORT + 90))     # Python SDK + aiohttp proxy
 
 # The proxies under load, in the order of every round (A B A B ...), with their labels.
 # `direct` is wrk against the TLS upstream itself: what a client that signs for itself waits for.
 TARGETS=(direct nginx cbgate-es256 cbgate-ed25519 cbgate-es256-shared cbgate-es256-h2
-  cbgate-es256-budget cbgate-es256-info nginx-tls cbgate-https sdk-python)
+  cbgate-es256-budget cbgate-es256-info nginx-tls cbgate-https sdk-python
+  cbgate-orders cbgate-orders-guard cbgate-orders-audit)
 if [ -n "${ONLY:-}" ]; then read -r -a TARGETS <<<"$ONLY"; fi
 declare -A LABEL=(
   [direct]="client -> TLS upstream directly (no proxy)"
@@ -70,17 +77,24 @@ declare -A LABEL=(
   [nginx-tls]="nginx terminating TLS + proxy_pass, no signing"
   [cbgate-https]="cbgate ES256, https:// listener"
   [sdk-python]="Python SDK jwt_generator + aiohttp (ES256)"
+  [cbgate-orders]="cbgate ES256, POST order"
+  [cbgate-orders-guard]="cbgate ES256, POST order, pre-trade guard on"
+  [cbgate-orders-audit]="cbgate ES256, POST order, audit log on (fsync)"
 )
 declare -A PORT=(
   [direct]=$UP_PORT [nginx]=$NGX_PORT [cbgate-es256]=$ES_PORT [cbgate-ed25519]=$ED_PORT
   [cbgate-es256-shared]=$SHARED_PORT [cbgate-es256-h2]=$H2_PORT [cbgate-es256-budget]=$BUDGET_PORT
   [cbgate-es256-info]=$INFO_PORT [nginx-tls]=$NGXTLS_PORT [cbgate-https]=$HTTPS_PORT
   [sdk-python]=$PY_PORT [cbgate-icpt]=$ICPT_PORT
+  [cbgate-orders]=$ORD_PORT [cbgate-orders-guard]=$GUARD_PORT [cbgate-orders-audit]=$AUDIT_PORT
 )
+# Targets whose requests are orders: their path, and wrk's script that POSTs the order.
+declare -A ORDERS=([cbgate-orders]=1 [cbgate-orders-guard]=1 [cbgate-orders-audit]=1)
+WRK_S() { [ -n "${ORDERS[$1]:-}" ] && echo "-s $BENCH_DIR/post_order.lua" || true; }
 declare -A SCHEME=([direct]=https [nginx-tls]=https [cbgate-https]=https)
 # The cbgate processes (each with its admin listener on PORT + 1).
 CBGATES=(cbgate-es256 cbgate-ed25519 cbgate-es256-shared cbgate-es256-h2 cbgate-es256-budget
-  cbgate-es256-info cbgate-https cbgate-icpt)
+  cbgate-es256-info cbgate-https cbgate-icpt cbgate-orders cbgate-orders-guard cbgate-orders-audit)
 
 log() { printf '== %s\n' "$*" >&2; }
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -393,7 +407,7 @@ state_dir = "$T/state-$2"
 [key]
 file = "$T/$3"
 [policy]
-permission = "view"
+permission = "${PERMISSION:-view}"
 [upstream]
 ca_file = "$T/ca.pem"
 protocol = "${UP_PROTOCOL:-http1}"
@@ -428,6 +442,21 @@ cbgate_conf "$T/icpt.toml" "$ICPT_PORT" es256.json warn '[budget]
 enabled = false
 [intercept]
 enabled = true'
+# Orders: the same cbgate with the trade permission; then with each order stage.
+PERMISSION=trade cbgate_conf "$T/orders.toml" "$ORD_PORT" es256.json warn
+PERMISSION=trade cbgate_conf "$T/orders-guard.toml" "$GUARD_PORT" es256.json warn '[budget]
+enabled = false
+[guard]
+products = ["BTC-USD"]
+max_order_base = "1"
+max_order_quote = "1000000"
+order_types = ["limit"]
+max_orders_per_minute = 100000000'
+# The log on the same disk as everything else here; each order waits for one fsync.
+PERMISSION=trade cbgate_conf "$T/orders-audit.toml" "$AUDIT_PORT" es256.json warn "[budget]
+enabled = false
+[audit]
+file = \"$T/audit.log\""
 cbgate_conf "$T/fresh-es256.toml" "$FRESH_PORT" es256.json warn
 cbgate_conf "$T/fresh-ed25519.toml" "$FRESH_PORT" ed25519.json warn
 
@@ -438,7 +467,8 @@ wait_port "$UP_PORT"
 start nginx "$NGINX" -p "$T/ngx" -c "$T/ngx.conf" -e "$T/ngx/error.log"
 declare -A CONF=([cbgate-es256]=es256 [cbgate-ed25519]=ed25519 [cbgate-es256-info]=es256-info
   [cbgate-es256-shared]=es256-shared [cbgate-es256-h2]=es256-h2 [cbgate-es256-budget]=es256-budget
-  [cbgate-https]=https [cbgate-icpt]=icpt)
+  [cbgate-https]=https [cbgate-icpt]=icpt [cbgate-orders]=orders [cbgate-orders-guard]=orders-guard
+  [cbgate-orders-audit]=orders-audit)
 for t in "${CBGATES[@]}"; do
   start "$t" "$CBGATE" serve --config "$T/${CONF[$t]}.toml"
 done
@@ -449,11 +479,21 @@ for t in "${CBGATES[@]}"; do
   "$PY" "$BENCH_DIR/helpers.py" wait "127.0.0.1:$((PORT[$t] + 1))" /readyz 30 ||
     { cat "$T/$t.log" >&2; die "$t not ready"; }
 done
-URL() { echo "${SCHEME[$1]:-http}://127.0.0.1:${PORT[$1]}$REQ_PATH"; }
+URL() {
+  local path=$REQ_PATH
+  [ -z "${ORDERS[$1]:-}" ] || path=$ORDER_PATH
+  echo "${SCHEME[$1]:-http}://127.0.0.1:${PORT[$1]}$path"
+}
+# curl's method and body for TARGET (an order target POSTs the order).
+CURL_BODY() {
+  [ -z "${ORDERS[$1]:-}" ] || printf '%s\n' -X POST -H "content-type: application/json" --data-raw "$ORDER_BODY"
+}
 check() { # check TARGET: 200 with the upstream's body, signed unless the target does not sign
   local t=$1 out status signed len want=yes
   case $t in direct | nginx | nginx-tls) want=no ;; esac
-  out=$(curl -sk -o /dev/null -D - -w 'CODE %{http_code} %{size_download}\n' "$(URL "$t")" | tr -d '\r')
+  local body=()
+  mapfile -t body < <(CURL_BODY "$t")
+  out=$(curl -sk "${body[@]}" -o /dev/null -D - -w 'CODE %{http_code} %{size_download}\n' "$(URL "$t")" | tr -d '\r')
   status=$(awk '/^CODE / {print $2}' <<<"$out")
   len=$(awk '/^CODE / {print $3}' <<<"$out")
   signed=$(awk -F': ' 'tolower($1) == "x-bench-signed" {print $2}' <<<"$out")
@@ -463,8 +503,9 @@ check() { # check TARGET: 200 with the upstream's body, signed unless the target
   fi
 }
 for t in "${TARGETS[@]}"; do
+  mapfile -t body < <(CURL_BODY "$t")
   for _ in $(seq 100); do
-    [ "$(curl -sk -o /dev/null -w '%{http_code}' "$(URL "$t")")" = 200 ] && break
+    [ "$(curl -sk "${body[@]}" -o /dev/null -w '%{http_code}' "$(URL "$t")")" = 200 ] && break
     sleep 0.2
   done
   check "$t"
@@ -475,7 +516,8 @@ done
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 log "warm-up, 3 s each"
 for t in "${TARGETS[@]}"; do
-  pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d3s "$(URL "$t")" >/dev/null
+  # shellcheck disable=SC2046 # WRK_S is empty or two words
+  pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d3s $(WRK_S "$t") "$(URL "$t")" >/dev/null
 done
 : >"$R/runs.tsv"
 for r in $(seq "$ROUNDS"); do
@@ -483,7 +525,8 @@ for r in $(seq "$ROUNDS"); do
     log "round $r/$ROUNDS: $t"
     read -r -a pids < <(proxy_pids "$t")
     before=$(ticks "${pids[@]}") sw_before=$(ctxsw "${pids[@]}")
-    pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$(URL "$t")" \
+    # shellcheck disable=SC2046
+    pin "$WRK_CPUS" wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency $(WRK_S "$t") "$(URL "$t")" \
       >"$R/wrk/$t.r$r.txt"
     after=$(ticks "${pids[@]}") sw_after=$(ctxsw "${pids[@]}")
     printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "wrk/$t.r$r.txt" $((after - before)) \
@@ -498,7 +541,8 @@ for r in $(seq "$ROUNDS"); do
     log "one connection, round $r/$ROUNDS: $t"
     read -r -a pids < <(proxy_pids "$t")
     before=$(ticks "${pids[@]}") sw_before=$(ctxsw "${pids[@]}")
-    pin "$WRK_CPUS" wrk -t1 -c1 -d"${C1_DURATION}s" --latency "$(URL "$t")" >"$R/wrk/$t.c1.r$r.txt"
+    # shellcheck disable=SC2046
+    pin "$WRK_CPUS" wrk -t1 -c1 -d"${C1_DURATION}s" --latency $(WRK_S "$t") "$(URL "$t")" >"$R/wrk/$t.c1.r$r.txt"
     after=$(ticks "${pids[@]}") sw_after=$(ctxsw "${pids[@]}")
     printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$r" "wrk/$t.c1.r$r.txt" $((after - before)) \
       $((sw_after - sw_before)) >>"$R/runs-c1.tsv"
