@@ -5,9 +5,10 @@
 //! crash after a request left cbgate cannot lose the record of it. One writer thread owns the
 //! file (records never interleave) and commits in groups: it writes every record queued so far,
 //! fsyncs once and then releases all of their waiters, so concurrent requests share an fsync.
-//! A result record has no waiter (its request has left): it is written at once but made
-//! durable by the next fsync, an intent's or at most [`RESULT_SYNC`] later. An fsync costs a
-//! few hundred microseconds of a core on a virtual disk; one per result would double them.
+//! A result record has no waiter (its request has left): it waits in memory, without waking
+//! the writer, and is written with the next intent's batch, or at most [`RESULT_SYNC`] later.
+//! On a virtual disk an fsync costs a few hundred microseconds of a core and a wake-up of the
+//! writer tens: one of each per result would double them.
 //!
 //! Each record carries `seq` (1, 2, ...) and `prev`, the SHA-256 (hex) of the previous record's
 //! line (without its newline); the first record of a fresh log chains from [`GENESIS`]. Rotation
@@ -50,8 +51,9 @@ const FIELD_CAP: usize = 256;
 /// Records written per fsync at most, so the first waiter of a huge queue is not held long.
 const MAX_BATCH: usize = 1024;
 
-/// How long a written result record may wait for an fsync when no intent brings one: the
-/// window in which a crash can lose a result (never an intent: those are synced first).
+/// How long a result record may wait for the writer when no intent brings one: the window in
+/// which a crash can lose a result (never an intent: those are synced before their request
+/// leaves).
 pub const RESULT_SYNC: Duration = Duration::from_millis(200);
 
 /// How much of a file's end is read at start to find its last record (records are far smaller).
@@ -72,7 +74,35 @@ pub enum AuditError {
     Stopped,
 }
 
-/// What the writer thread is asked to do.
+/// Result records queued for the writer, which nobody waits for.
+#[derive(Debug, Default)]
+struct Pending {
+    lines: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// Set by the writer before it sleeps with nothing to write: the next result wakes it.
+    idle: std::sync::atomic::AtomicBool,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // A panic while holding it cannot leave the vector half-changed: use it as is.
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, line: Vec<u8>) {
+        self.lock().push(line);
+    }
+
+    fn take(&self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// What the writer thread is asked to do (a job with neither record nor waiter only wakes it:
+/// result records are pending).
 struct Job {
     /// The record's fields as a JSON object, serialized on the request's own thread (the
     /// writer only frames them with `seq` and `prev`). `None`: a barrier (fsync what is
@@ -90,6 +120,8 @@ pub struct Audit {
     tx: mpsc::Sender<Job>,
     /// fsyncs done so far (shared with the writer thread), for metrics and tests.
     fsyncs: Arc<AtomicU64>,
+    /// Result records waiting for the writer.
+    pending: Arc<Pending>,
     /// How long a state-changing request's body may take to arrive (it is buffered to be hashed
     /// before it is sent).
     pub body_timeout: Duration,
@@ -130,10 +162,12 @@ impl Audit {
         let mut writer = Writer::open(path, cfg.max_file_bytes, cfg.keep)?;
         writer.result_sync = result_sync;
         let fsyncs = Arc::clone(&writer.fsyncs);
+        let pending = Arc::new(Pending::default());
+        let theirs = Arc::clone(&pending);
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("cbgate-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &theirs))
             .map_err(|e| AuditError::Open {
                 path: path.clone(),
                 message: format!("cannot start the writer thread: {e}"),
@@ -141,6 +175,7 @@ impl Audit {
         Ok(Some(Audit {
             tx,
             fsyncs,
+            pending,
             body_timeout,
         }))
     }
@@ -175,15 +210,20 @@ impl Audit {
         }
     }
 
-    /// Queues `record` without waiting (result records: the request has already left).
+    /// Queues `record` without waiting (result records: the request has already left). It is
+    /// written with the next intent, or [`RESULT_SYNC`] later: no wake-up of the writer per
+    /// result, only when the writer sleeps with nothing pending.
     fn queue(&self, record: Map<String, Value>) {
-        if self
-            .tx
-            .send(Job {
-                record: Some(fields_json(&record)),
-                done: None,
-            })
-            .is_err()
+        let line = fields_json(&record);
+        self.pending.push(line);
+        if self.pending.idle.swap(false, Ordering::SeqCst)
+            && self
+                .tx
+                .send(Job {
+                    record: None,
+                    done: None,
+                })
+                .is_err()
         {
             tracing::error!("audit log writer has stopped: a result record is lost");
         }
@@ -520,11 +560,9 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 struct Writer {
     path: PathBuf,
     file: File,
-    /// Bytes in the current file that are written (and synced unless `dirty`).
+    /// Bytes in the current file that are written and synced.
     size: u64,
-    /// Written records not yet fsync'd (results, which nobody waits for).
-    dirty: bool,
-    /// How long `dirty` records wait for an fsync at most ([`RESULT_SYNC`]).
+    /// How long pending result records wait for the writer at most ([`RESULT_SYNC`]).
     result_sync: Duration,
     fsyncs: Arc<AtomicU64>,
     /// `seq` of the last record written (0: none yet).
@@ -671,7 +709,6 @@ impl Writer {
             path: path.to_owned(),
             file,
             size: meta.len(),
-            dirty: false,
             result_sync: RESULT_SYNC,
             fsyncs: Arc::default(),
             seq: 0,
@@ -715,27 +752,36 @@ impl Writer {
                 );
                 r.insert("torn_bytes".into(), bytes.len().into());
                 r.insert("torn_sha256".into(), sha256_hex(&bytes).into());
-                w.commit(vec![fields_json(&r)], true)
+                w.commit(vec![fields_json(&r)])
                     .map_err(|e| open_err(path, format!("cannot be written: {e}")))?;
             }
         }
         Ok(w)
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
+    fn run(mut self, rx: mpsc::Receiver<Job>, pending: &Pending) {
         let mut batch = Vec::new();
         loop {
-            let job = if self.dirty {
+            let job = if !pending.is_empty() {
                 match rx.recv_timeout(self.result_sync) {
                     Ok(j) => j,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.sync_dirty();
+                        // No intent came to carry them: write and sync the results now.
+                        self.write_results(pending.take());
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             } else {
-                match rx.recv() {
+                pending.idle.store(true, Ordering::SeqCst);
+                // A result queued before `idle` was set sent no wake-up: look once more.
+                if !pending.is_empty() {
+                    pending.idle.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                let job = rx.recv();
+                pending.idle.store(false, Ordering::SeqCst);
+                match job {
                     Ok(j) => j,
                     Err(_) => break,
                 }
@@ -747,11 +793,18 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            // Only a batch someone waits for (an intent, a refusal, a barrier) is fsync'd now.
+            // Only a batch someone waits for (an intent, a refusal, a barrier) is written and
+            // fsync'd now, with the pending results before it; a wake-up alone starts the
+            // results' timer.
             let sync = batch.iter().any(|j| j.done.is_some());
-            let records: Vec<_> = batch.iter_mut().filter_map(|j| j.record.take()).collect();
+            if !sync {
+                batch.clear();
+                continue;
+            }
+            let mut records = pending.take();
+            records.extend(batch.iter_mut().filter_map(|j| j.record.take()));
             let n = records.len();
-            let res = self.commit(records, sync).map_err(|e| e.to_string());
+            let res = self.commit(records).map_err(|e| e.to_string());
             if let Err(e) = &res {
                 tracing::error!(file = %self.path.display(), records = n, error = %e, "audit log write failed: state-changing requests are refused until it succeeds");
             }
@@ -761,25 +814,26 @@ impl Writer {
                 }
             }
         }
-        let _ = self.file.sync_data();
+        // Every handle is gone: what is pending is written and everything synced.
+        self.write_results(pending.take());
     }
 
-    /// The deferred fsync of written result records.
-    fn sync_dirty(&mut self) {
-        match self.sync() {
-            Ok(()) => self.dirty = false,
-            Err(e) => {
-                tracing::error!(file = %self.path.display(), error = %e, "audit log fsync of result records failed; retried with the next record");
-            }
+    /// Writes result records nobody waits for, and fsyncs.
+    fn write_results(&mut self, records: Vec<Vec<u8>>) {
+        let n = records.len();
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = self.commit(records) {
+            tracing::error!(file = %self.path.display(), records = n, error = %e, "audit log write of result records failed: they are lost");
         }
     }
 
-    /// Writes `records`, and fsyncs once when `sync`. On failure the file is cut back to its
-    /// last good length and the chain state restored, so the next attempt continues a clean
-    /// chain.
-    fn commit(&mut self, records: Vec<Vec<u8>>, sync: bool) -> std::io::Result<()> {
+    /// Writes `records` and fsyncs once. On failure the file is cut back to its last good
+    /// length and the chain state restored, so the next attempt continues a clean chain.
+    fn commit(&mut self, records: Vec<Vec<u8>>) -> std::io::Result<()> {
         let (seq0, prev0) = (self.seq, self.prev.clone());
-        let res = self.write_all(records, sync);
+        let res = self.write_all(records);
         if res.is_err() {
             let _ = self.file.set_len(self.size);
             self.seq = seq0;
@@ -788,15 +842,14 @@ impl Writer {
         res
     }
 
-    fn write_all(&mut self, records: Vec<Vec<u8>>, sync: bool) -> std::io::Result<()> {
+    fn write_all(&mut self, records: Vec<Vec<u8>>) -> std::io::Result<()> {
         let mut out: Vec<u8> = Vec::new();
         let (mut seq, mut prev) = (self.seq, self.prev.clone());
         for fields in records {
             let line = framed(seq + 1, &fields, &prev);
             let pending = self.size + out.len() as u64;
             if pending > 0 && pending + line.len() as u64 + 1 > self.max_file_bytes {
-                // A file is complete on disk before it is rotated away.
-                self.flush(&out, seq, &prev, true)?;
+                self.flush(&out, seq, &prev)?;
                 out.clear();
                 self.rotate()?;
             }
@@ -805,19 +858,12 @@ impl Writer {
             out.extend_from_slice(&line);
             out.push(b'\n');
         }
-        self.flush(&out, seq, &prev, sync)
+        self.flush(&out, seq, &prev)
     }
 
-    /// Writes `out`; with `sync`, fsyncs it and everything written before it.
-    fn flush(&mut self, out: &[u8], seq: u64, prev: &str, sync: bool) -> std::io::Result<()> {
+    fn flush(&mut self, out: &[u8], seq: u64, prev: &str) -> std::io::Result<()> {
         self.file.write_all(out)?;
-        if sync {
-            // Also makes the deferred result records written before `out` durable.
-            self.sync()?;
-            self.dirty = false;
-        } else if !out.is_empty() {
-            self.dirty = true;
-        }
+        self.sync()?;
         self.size += out.len() as u64;
         self.seq = seq;
         self.prev = prev.to_owned();
@@ -1121,14 +1167,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn result_records_are_written_at_once_and_synced_by_the_next_intent_or_the_timer() {
+    async fn result_records_ride_with_the_next_intent_or_are_written_by_the_timer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
         let cfg = AuditConfig {
             file: Some(path.clone()),
             ..AuditConfig::default()
         };
-        // A timer that never fires within the test: only an intent may fsync.
+        // A timer that never fires within the test: only an intent may write them.
         let log = Audit::open_with(&cfg, Duration::from_secs(5), Duration::from_secs(3600))
             .expect("open")
             .expect("configured");
@@ -1136,19 +1182,22 @@ mod tests {
         for _ in 0..3 {
             log.queue(rec("result"));
         }
-        assert!(
-            eventually(|| lines(&path) == 3).await,
-            "results not written"
+        // Give a wrongly eager writer time to write them; it must not.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(lines(&path), 0, "a result record was written on its own");
+        assert_eq!(
+            log.fsyncs(),
+            base,
+            "a result record cost an fsync of its own"
         );
-        assert_eq!(log.fsyncs(), base, "a result record waited for an fsync");
         log.append(rec("intent")).await.expect("intent");
         assert_eq!(
             log.fsyncs(),
             base + 1,
-            "an intent is durable when append returns"
+            "one fsync for the intent and the results"
         );
-        assert_eq!(lines(&path), 4);
-        // With the timer: written results are synced within it, without any intent.
+        assert_eq!(lines(&path), 4, "the results are written with the intent");
+        // With a short timer: a result is written and synced without any intent.
         let path2 = dir.path().join("audit2.log");
         let cfg2 = AuditConfig {
             file: Some(path2.clone()),
@@ -1160,10 +1209,31 @@ mod tests {
         let base2 = log2.fsyncs();
         log2.queue(rec("result"));
         assert!(
-            eventually(|| log2.fsyncs() == base2 + 1).await,
-            "a result record was never synced"
+            eventually(|| lines(&path2) == 1 && log2.fsyncs() == base2 + 1).await,
+            "a result record was never written and synced"
         );
-        assert_eq!(lines(&path2), 1);
+        // And again after the writer went back to sleep: the wake-up is not lost.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log2.queue(rec("result"));
+        assert!(
+            eventually(|| lines(&path2) == 2).await,
+            "a second result record, queued while the writer slept, was never written"
+        );
+        // A handle dropped: what is pending is written.
+        let path3 = dir.path().join("audit3.log");
+        let cfg3 = AuditConfig {
+            file: Some(path3.clone()),
+            ..AuditConfig::default()
+        };
+        let log3 = Audit::open_with(&cfg3, Duration::from_secs(5), Duration::from_secs(3600))
+            .expect("open")
+            .expect("configured");
+        log3.queue(rec("result"));
+        drop(log3);
+        assert!(
+            eventually(|| lines(&path3) == 1).await,
+            "a pending result was lost when the last handle went away"
+        );
         let r = verify(std::slice::from_ref(&path)).expect("chain");
         assert_eq!(r.records, 4);
     }
@@ -1173,12 +1243,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
         let mut w = Writer::open(&path, 1 << 20, 3).expect("open");
-        w.commit(vec![rec_json("a"), rec_json("b")], true)
-            .expect("write");
+        w.commit(vec![rec_json("a"), rec_json("b")]).expect("write");
         drop(w);
         let mut w = Writer::open(&path, 1 << 20, 3).expect("reopen");
         assert_eq!(w.seq, 2);
-        w.commit(vec![rec_json("c")], true).expect("write");
+        w.commit(vec![rec_json("c")]).expect("write");
         drop(w);
         let r = verify(std::slice::from_ref(&path)).expect("chain verifies across a restart");
         assert_eq!((r.records, r.last_seq, r.breaks.len()), (3, 3, 0));
@@ -1199,7 +1268,7 @@ mod tests {
             "{e}"
         );
         let mut w = Writer::open(&path, 1 << 20, 3).expect("open over a torn tail");
-        w.commit(vec![rec_json("d")], true).expect("write");
+        w.commit(vec![rec_json("d")]).expect("write");
         drop(w);
         let r = verify(std::slice::from_ref(&path)).expect("torn line explained by a chain_break");
         assert_eq!(r.records, 5, "a, b, c, chain_break, d");
@@ -1214,8 +1283,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let mut w = Writer::open(&path, 300, 2).expect("open");
         for _ in 0..20 {
-            w.commit(vec![rec_json("x"), rec_json("y")], true)
-                .expect("write");
+            w.commit(vec![rec_json("x"), rec_json("y")]).expect("write");
         }
         assert!(rotated(&path, 2).exists() && !rotated(&path, 3).exists());
         let files = vec![rotated(&path, 2), rotated(&path, 1), path.clone()];
