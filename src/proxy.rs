@@ -127,7 +127,7 @@ impl Proxy {
             signer: Arc::new(Signer::new(key)),
             keys: Arc::new(Keyring::default()),
             gateway: crate::forward::gateway::TokenCache::default(),
-            client: UpstreamClient::new(&cfg.upstream)?,
+            client: UpstreamClient::new(&cfg.upstream, cfg.pool_max_idle())?,
             ws: WsState::new(&cfg.ws, Arc::clone(metrics.ws())),
             policy: Policy::new(&cfg.policy)
                 .map_err(|(k, m)| BuildError::Policy(format!("{k}: {m}")))?,

@@ -246,3 +246,59 @@ async fn sigterm_drains_the_requests_of_every_worker() {
     let (status, output) = p.wait_exit().await;
     assert_eq!(status.code(), Some(0), "{output}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_idle_upstream_connections_leave_slots_for_each_other() {
+    let key = TestKey::generate(KeyForm::P256Sec1);
+    let up = Upstream::start(Some(&key)).await;
+    let (cfg, listen, admin) = write_config(&up, "");
+    // 13 connections per host shared by two workers' pools: each keeps at most 6 idle, so
+    // one slot always stays free for the other worker (pool_max_idle_per_host = 13 alone
+    // would let one pool keep all 13 while the other waits for a slot).
+    // HTTP/1.1 upstream: one connection per concurrent request (h2 would multiplex on one).
+    let text = std::fs::read_to_string(&cfg).expect("read config");
+    std::fs::write(
+        &cfg,
+        text.replacen(
+            "[upstream]\n",
+            "[upstream]\nprotocol = \"http1\"\nmax_connections_per_host = 13\npool_max_idle_per_host = 13\n",
+            1,
+        ),
+    )
+    .expect("write config");
+    let _p = start(&key, &cfg, admin).await;
+
+    // 26 slow requests at once, on 26 client connections spread over both workers: every
+    // slot is used.
+    let mut tasks = Vec::new();
+    for _ in 0..26 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(listen)
+                .await
+                .expect("connect");
+            get_on(&mut s, "/api/v3/brokerage/sleep/300").await
+        }));
+    }
+    for t in tasks {
+        let answer = t.await.expect("request");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert!(
+        up.mock.connections() >= 13,
+        "the burst opened only {} upstream connections: it does not test the idle limit",
+        up.mock.connections()
+    );
+    // What stays open afterwards is what the pools keep idle: at most 6 each.
+    let mut open = up.mock.open_connections();
+    for _ in 0..100 {
+        if open <= 12 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        open = up.mock.open_connections();
+    }
+    assert!(
+        open <= 12,
+        "{open} idle upstream connections kept: more than the two workers' share of 13"
+    );
+}

@@ -651,6 +651,38 @@ pub struct RuntimeConfig {
     pub threads: usize,
 }
 
+impl Config {
+    /// Idle upstream connections per host each connection pool keeps: `(each worker's pool,
+    /// the pool of cbgate's own calls)`. Idle connections hold `max_connections_per_host`
+    /// slots, so in the per-core model (a pool per worker thread) each worker's pool keeps at
+    /// most its share, `max_connections_per_host / threads` (one worker's idle connections
+    /// must not leave another waiting for a slot), and the pool of cbgate's own calls (rare:
+    /// start-up checks, `halt --cancel-open`) keeps none. 0 for the workers when the share is
+    /// less than one: no keep-alive reuse rather than a starved worker (a warning says so).
+    pub fn pool_max_idle(&self) -> (usize, usize) {
+        let cap = self.upstream.pool_max_idle_per_host;
+        match self.runtime.model {
+            RuntimeModel::PerCore => {
+                let share = self.upstream.max_connections_per_host / self.runtime.thread_count();
+                (share.min(cap), 0)
+            }
+            RuntimeModel::Shared => (cap, cap),
+        }
+    }
+
+    /// A warning when the per-core pools get no idle connections at all (see
+    /// [`Config::pool_max_idle`]).
+    fn pool_share_warning(&self) -> Option<String> {
+        (self.pool_max_idle().0 == 0).then(|| {
+            format!(
+                "upstream.max_connections_per_host ({}) is less than one per worker thread ({}): no upstream connection is kept alive between requests, each one connects anew; raise max_connections_per_host or lower runtime.threads",
+                self.upstream.max_connections_per_host,
+                self.runtime.thread_count()
+            )
+        })
+    }
+}
+
 impl RuntimeConfig {
     /// The number of threads to serve with (`threads`, or the CPUs available).
     pub fn thread_count(&self) -> usize {
@@ -1492,6 +1524,7 @@ impl Config {
             self.unreachable_identities(),
             self.group_socket_warning(),
             self.unenforced_limits_warning(),
+            self.pool_share_warning(),
         ]
         .into_iter()
         .flatten()
@@ -2411,5 +2444,32 @@ mod tests {
             .expect("valid");
         assert_eq!(c.ws.subscribe_timeout, Duration::from_secs(10));
         assert_eq!(c.ws.max_client_message_bytes, 4096);
+    }
+
+    #[test]
+    fn each_upstream_pool_keeps_at_most_its_share_of_the_per_host_slots_idle() {
+        let idle = |toml: &str| {
+            let c = load_toml(toml).expect("load");
+            let warned = c
+                .warnings()
+                .iter()
+                .any(|w| w.contains("max_connections_per_host"));
+            (c.pool_max_idle(), warned)
+        };
+        // The shared runtime has one pool for everything: pool_max_idle_per_host as set.
+        assert_eq!(idle("[runtime]\nmodel = \"shared\"\n"), ((16, 16), false));
+        // Two workers: 64 / 2 = 32 each, capped at 16; cbgate's own calls keep none.
+        assert_eq!(idle("[runtime]\nthreads = 2\n"), ((16, 0), false));
+        assert_eq!(
+            idle("[runtime]\nthreads = 2\n[upstream]\nmax_connections_per_host = 13\npool_max_idle_per_host = 13\n"),
+            ((6, 0), false)
+        );
+        // The most threads with the default limit still keep one each.
+        assert_eq!(idle("[runtime]\nthreads = 64\n"), ((1, 0), false));
+        // Fewer slots than workers: no idle connections (and a warning), never a starved worker.
+        assert_eq!(
+            idle("[runtime]\nthreads = 4\n[upstream]\nmax_connections_per_host = 3\npool_max_idle_per_host = 3\n"),
+            ((0, 0), true)
+        );
     }
 }

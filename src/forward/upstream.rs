@@ -9,7 +9,8 @@
 //! taken before signing and held until the response body ends), `max_connections_per_host`
 //! open connections (a per-host semaphore whose permit lives inside each connection, so it
 //! counts idle pooled connections too and frees only when hyper drops the socket), and
-//! `pool_max_idle_per_host` idle ones.
+//! `pool_max_idle_per_host` idle ones (in the per-core model, each worker's pool its share of
+//! the per-host slots: see `Config::pool_max_idle`).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
@@ -146,7 +147,8 @@ pub struct UpstreamClient {
     workers: Arc<[OnceLock<Client<Connector, Body>>]>,
     connector: Connector,
     pool_idle_timeout: Duration,
-    pool_max_idle_per_host: usize,
+    /// Idle connections per host each worker's pool keeps.
+    max_idle: usize,
     /// Same roots, resolve map and timeouts, ALPN `http/1.1` only (for WebSocket upgrades).
     http1_connector: Connector,
     request_timeout: Duration,
@@ -222,7 +224,12 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
 
 impl UpstreamClient {
     /// Builds the client from `[upstream]`.
-    pub fn new(cfg: &UpstreamConfig) -> Result<UpstreamClient, SetupError> {
+    /// `(worker_idle, own_idle)`: idle connections per host each worker's pool and the pool
+    /// of every other thread keep (see [`crate::config::Config::pool_max_idle`]).
+    pub fn new(
+        cfg: &UpstreamConfig,
+        (worker_idle, own_idle): (usize, usize),
+    ) -> Result<UpstreamClient, SetupError> {
         let tls = tls_config(cfg.ca_file.as_deref())?;
         // WebSocket upgrades are HTTP/1.1 only: offering h2 there would let ALPN pick a
         // protocol that cannot upgrade.
@@ -254,17 +261,13 @@ impl UpstreamClient {
             connect_timeout: cfg.connect_timeout,
             slots: None,
         };
-        let client = pool(
-            connector.clone(),
-            cfg.pool_idle_timeout,
-            cfg.pool_max_idle_per_host,
-        );
+        let client = pool(connector.clone(), cfg.pool_idle_timeout, own_idle);
         Ok(UpstreamClient {
             client,
             workers: (0..MAX_WORKER_POOLS).map(|_| OnceLock::new()).collect(),
             connector,
             pool_idle_timeout: cfg.pool_idle_timeout,
-            pool_max_idle_per_host: cfg.pool_max_idle_per_host,
+            max_idle: worker_idle,
             http1_connector,
             request_timeout: cfg.request_timeout,
             in_flight: InFlight {
@@ -282,7 +285,7 @@ impl UpstreamClient {
                 pool(
                     self.connector.clone(),
                     self.pool_idle_timeout,
-                    self.pool_max_idle_per_host,
+                    self.max_idle,
                 )
             }),
             None => &self.client,

@@ -281,13 +281,26 @@ impl Gate {
     }
 
     async fn start_inner(
-        cfg: Config,
+        mut cfg: Config,
         key: Option<&TestKey>,
         token: Option<zeroize::Zeroizing<String>>,
         wallet: Option<cbgate::sign::wallet::WalletSecret>,
         listeners: Vec<Listener>,
         tls: Option<Arc<cbgate::listen::tls::TlsContext>>,
     ) -> Gate {
+        // The runtime the Gate really serves with (below), so that what depends on it (each
+        // upstream pool's share of the per-host slots) is what `cbgate serve` would set up.
+        cfg.runtime = if per_core_tests() {
+            cbgate::config::RuntimeConfig {
+                model: cbgate::config::RuntimeModel::PerCore,
+                threads: 2,
+            }
+        } else {
+            cbgate::config::RuntimeConfig {
+                model: cbgate::config::RuntimeModel::Shared,
+                threads: 0,
+            }
+        };
         cfg.validate().expect("valid test config");
         let api_key = key.map(|k| {
             let dir = tempfile::tempdir().expect("tempdir");
