@@ -1166,18 +1166,24 @@ mod tests {
         ok()
     }
 
-    #[tokio::test]
-    async fn result_records_ride_with_the_next_intent_or_are_written_by_the_timer() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("audit.log");
+    /// A log at `dir/name` whose pending results wait `timer` at most.
+    fn open_log(dir: &Path, name: &str, timer: Duration) -> (PathBuf, Audit) {
+        let path = dir.join(name);
         let cfg = AuditConfig {
             file: Some(path.clone()),
             ..AuditConfig::default()
         };
-        // A timer that never fires within the test: only an intent may write them.
-        let log = Audit::open_with(&cfg, Duration::from_secs(5), Duration::from_secs(3600))
+        let log = Audit::open_with(&cfg, Duration::from_secs(5), timer)
             .expect("open")
             .expect("configured");
+        (path, log)
+    }
+
+    #[tokio::test]
+    async fn result_records_ride_with_the_next_intent_or_are_written_by_the_timer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A timer that never fires within the test: only an intent may write them.
+        let (path, log) = open_log(dir.path(), "audit.log", Duration::from_secs(3600));
         let base = log.fsyncs();
         for _ in 0..3 {
             log.queue(rec("result"));
@@ -1198,14 +1204,7 @@ mod tests {
         );
         assert_eq!(lines(&path), 4, "the results are written with the intent");
         // With a short timer: a result is written and synced without any intent.
-        let path2 = dir.path().join("audit2.log");
-        let cfg2 = AuditConfig {
-            file: Some(path2.clone()),
-            ..AuditConfig::default()
-        };
-        let log2 = Audit::open_with(&cfg2, Duration::from_secs(5), Duration::from_millis(20))
-            .expect("open")
-            .expect("configured");
+        let (path2, log2) = open_log(dir.path(), "audit2.log", Duration::from_millis(20));
         let base2 = log2.fsyncs();
         log2.queue(rec("result"));
         assert!(
@@ -1220,14 +1219,7 @@ mod tests {
             "a second result record, queued while the writer slept, was never written"
         );
         // A handle dropped: what is pending is written.
-        let path3 = dir.path().join("audit3.log");
-        let cfg3 = AuditConfig {
-            file: Some(path3.clone()),
-            ..AuditConfig::default()
-        };
-        let log3 = Audit::open_with(&cfg3, Duration::from_secs(5), Duration::from_secs(3600))
-            .expect("open")
-            .expect("configured");
+        let (path3, log3) = open_log(dir.path(), "audit3.log", Duration::from_secs(3600));
         log3.queue(rec("result"));
         drop(log3);
         assert!(
