@@ -720,6 +720,14 @@ async fn halt_cancel_open_cancels_exactly_the_open_orders() {
         !out.contains("drb-tok-"),
         "a gateway token in the output: {out}"
     );
+    // A JSON-RPC error with 503 is the gateway's state, not the key's: not cancelled either.
+    up.mock.set_gateway_auth(GatewayAuthMode::Unavailable);
+    let (ok, out) = cli(&s, &["halt", "--cancel-open"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("derivatives gateway: NOT cancelled") && out.contains("503"),
+        "{out}"
+    );
     stop(p).await;
 }
 

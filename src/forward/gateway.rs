@@ -30,11 +30,12 @@ pub const PLACEHOLDER_TOKEN: &str = "cbgate-managed";
 /// A failed token exchange; never carries the JWT or a token.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// The gateway answered and refused the key (a JSON-RPC error, or no token in the
-    /// answer): most often a CDP key without derivatives access.
+    /// The gateway answered and refused the key (400, 401 or 403 with a JSON-RPC error, or
+    /// no token in a 2xx answer): most often a CDP key without derivatives access.
     #[error("the derivatives gateway's public/auth refused the key: {0}")]
     Refused(String),
-    /// No usable answer: the gateway was not reached, or the exchange JWT could not be made.
+    /// No usable answer: the gateway was not reached, answered 429 or 5xx or not JSON, or the
+    /// exchange JWT could not be made.
     #[error("the derivatives gateway's public/auth failed: {0}")]
     Failed(String),
 }
@@ -150,10 +151,17 @@ impl TokenCache {
                 .pointer("/error/message")
                 .and_then(|m| m.as_str())
                 .unwrap_or("no message");
-            return Err(GatewayError::Refused(format!(
+            let why = format!(
                 "HTTP {status}: {}",
                 why.chars().take(200).collect::<String>()
-            )));
+            );
+            // Only a client error is about the key; 429 and 5xx are the gateway's own state.
+            let about_the_key = matches!(status.as_u16(), 400 | 401 | 403);
+            return Err(if about_the_key {
+                GatewayError::Refused(why)
+            } else {
+                GatewayError::Failed(why)
+            });
         }
         let token = v
             .pointer("/result/access_token")

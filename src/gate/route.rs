@@ -206,6 +206,11 @@ impl Router {
         self.routes.iter().find(|r| r.upstream.family == family)
     }
 
+    /// The first route to the token-authenticated derivatives gateway, whatever its prefix.
+    pub fn find_gateway(&self) -> Option<&Route> {
+        self.routes.iter().find(|r| r.upstream.token_gateway)
+    }
+
     /// The configured prefixes, for error messages.
     pub fn prefixes(&self) -> Vec<&str> {
         self.routes.iter().map(|r| r.prefix.as_str()).collect()

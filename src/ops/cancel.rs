@@ -7,10 +7,11 @@
 //!   [`CANCEL_BATCH`] `order_ids` per call (Coinbase's limit).
 //! - Exchange (`kind = "exchange"`): `DELETE /orders`, which cancels every open order of the
 //!   key's profile in one call and answers the ids it cancelled.
-//! - The derivatives gateway (a route to `drb.coinbase.com`, `/api/v2/` by default), for each
-//!   CDP key: `private/cancel_all` with the key's access token; the gateway answers how many
-//!   orders it cancelled. A key the gateway does not know (its `public/auth` fails) is reported
-//!   as skipped, not as an error: most CDP keys never trade derivatives.
+//! - The derivatives gateway (any route to `drb.coinbase.com`), for each CDP key, after all of
+//!   the above: `private/cancel_all` with the key's access token; the gateway answers how many
+//!   orders it cancelled. A key the gateway refuses at `public/auth` (400, 401, 403) is
+//!   reported as skipped, not as an error: most CDP keys never trade derivatives. A gateway
+//!   that does not answer usably is an error, and later keys are not tried.
 //! - INTX and Prime keys are reported as not cancelled, with why: both APIs cancel only
 //!   within a portfolio named in the request (INTX `DELETE /api/v1/orders?portfolio=`, Prime
 //!   `POST /v1/portfolios/{id}/orders/{id}/cancel` per order), and cbgate does not know which
@@ -113,10 +114,7 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
     } else {
         CancelReport::default()
     };
-    if let Some(key) = proxy.signer().key() {
-        report.derivatives = gateway(proxy, crate::config::DEFAULT_KEY, &key).await;
-    }
-    for k in named {
+    for k in &named {
         let cred = k.current();
         let mut entry = KeyCancel {
             key: k.name().to_owned(),
@@ -133,7 +131,6 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
                 let r = advanced_trade(proxy, Signing::Cdp(key)).await;
                 (entry.open, entry.cancelled, entry.failed, entry.error) =
                     (r.open, r.cancelled, r.failed, r.error);
-                entry.derivatives = gateway(proxy, k.name(), key).await;
             }
             Credential::Hmac(h) if h.kind() == KeyKind::Exchange => {
                 match exchange(proxy, h).await {
@@ -153,6 +150,17 @@ pub async fn cancel_open(proxy: &Proxy) -> CancelReport {
             }
         }
         report.keys.push(entry);
+    }
+    // The derivatives gateway after every spot cancel, so a gateway that hangs holds none of
+    // them up; once it has failed, later keys are not tried (each would wait as long).
+    let mut down = None;
+    if let Some(key) = proxy.signer().key() {
+        report.derivatives = gateway(proxy, crate::config::DEFAULT_KEY, &key, &mut down).await;
+    }
+    for (entry, k) in report.keys.iter_mut().zip(&named) {
+        if let Credential::Cdp(key) = k.current().as_ref() {
+            entry.derivatives = gateway(proxy, k.name(), key, &mut down).await;
+        }
     }
     report
 }
@@ -296,14 +304,21 @@ async fn list_open(proxy: &Proxy, signing: Signing<'_>) -> Result<Vec<String>, S
 pub const GATEWAY_CANCEL_PATH: &str = "/api/v2/private/cancel_all";
 
 /// Cancels every open order of `key` on the derivatives gateway; `None` when no route goes
-/// there.
-async fn gateway(proxy: &Proxy, name: &str, key: &ApiKey) -> Option<GatewayCancel> {
-    let route = proxy
-        .router()
-        .find(GATEWAY_CANCEL_PATH)
-        .filter(|r| r.upstream.token_gateway)?;
+/// there. `down`: why the gateway failed for an earlier key (then this one is not tried), set
+/// when it fails for this one.
+async fn gateway(
+    proxy: &Proxy,
+    name: &str,
+    key: &ApiKey,
+    down: &mut Option<String>,
+) -> Option<GatewayCancel> {
+    let route = proxy.router().find_gateway()?;
     let upstream = &route.upstream;
     let mut report = GatewayCancel::default();
+    if let Some(why) = down {
+        report.error = Some(format!("not tried: it failed for an earlier key ({why})"));
+        return Some(report);
+    }
     let work = async {
         let now = crate::sign::jwt::now_secs(proxy.signer().clock_offset());
         let tokens = proxy.gateway_tokens();
@@ -382,6 +397,9 @@ async fn gateway(proxy: &Proxy, name: &str, key: &ApiKey) -> Option<GatewayCance
     };
     if tokio::time::timeout(CALL_TIMEOUT, work).await.is_err() {
         report.error = Some(format!("no answer within {} s", CALL_TIMEOUT.as_secs()));
+    }
+    if let Some(e) = &report.error {
+        *down = Some(e.chars().take(200).collect());
     }
     Some(report)
 }

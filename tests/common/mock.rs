@@ -699,6 +699,12 @@ async fn handle_inner(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Res
                 .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
             return resp;
         }
+        if mode == GatewayAuthMode::Unavailable {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"jsonrpc": "2.0", "id": 1, "error": {"code": 10028, "message": "maintenance"}}),
+            );
+        }
         let outcome = if mode == GatewayAuthMode::Refuse {
             Err("this key has no access to derivatives".to_string())
         } else {
@@ -1872,6 +1878,8 @@ pub enum GatewayAuthMode {
     Refuse,
     /// Answers 502 with an HTML page (something in between failed).
     BadGateway,
+    /// Answers 503 with a JSON-RPC error (the gateway's maintenance).
+    Unavailable,
 }
 
 /// A private gateway call: `Authorization: Bearer <issued, unexpired token>`.
