@@ -5,8 +5,9 @@
 //! crash after a request left cbgate cannot lose the record of it. One writer thread owns the
 //! file (records never interleave) and commits in groups: it writes every record queued so far,
 //! fsyncs once and then releases all of their waiters, so concurrent requests share an fsync.
-//! A result record has no waiter (its request has left): it waits in memory, without waking
-//! the writer, and is written with the next intent's batch, or at most [`RESULT_SYNC`] later.
+//! A result record has no waiter (its request has left): it waits in memory, waking the writer
+//! only when the writer sleeps with nothing pending, and is written with the next intent's
+//! batch, or about [`RESULT_SYNC`] later.
 //! On a virtual disk an fsync costs a few hundred microseconds of a core and a wake-up of the
 //! writer tens: one of each per result would double them.
 //!
@@ -48,7 +49,8 @@ const SUMMARY_CAP: usize = 64 * 1024;
 /// Strings copied from a body into a record are cut to this many characters.
 const FIELD_CAP: usize = 256;
 
-/// Records written per fsync at most, so the first waiter of a huge queue is not held long.
+/// Jobs taken from the queue per fsync at most (pending results come on top), so the first
+/// waiter of a huge queue is not held long.
 const MAX_BATCH: usize = 1024;
 
 /// How long a result record may wait for the writer when no intent brings one: the window in
@@ -96,6 +98,13 @@ impl Pending {
         std::mem::take(&mut *self.lock())
     }
 
+    /// Puts records a failed commit took back in front of any queued since.
+    fn restore(&self, mut lines: Vec<Vec<u8>>) {
+        let mut pending = self.lock();
+        lines.append(&mut pending);
+        *pending = lines;
+    }
+
     fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
@@ -115,8 +124,8 @@ struct Job {
 #[derive(Clone, Debug)]
 pub struct Audit {
     // Unbounded, yet bounded in practice: every intent and refusal waits for its fsync, so at
-    // most about two records per request in flight are queued (its intent or refusal, and the
-    // result of an earlier one).
+    // most one job per request in flight is queued (results wait in `pending`, which each
+    // intent's batch empties).
     tx: mpsc::Sender<Job>,
     /// fsyncs done so far (shared with the writer thread), for metrics and tests.
     fsyncs: Arc<AtomicU64>,
@@ -752,7 +761,7 @@ impl Writer {
                 );
                 r.insert("torn_bytes".into(), bytes.len().into());
                 r.insert("torn_sha256".into(), sha256_hex(&bytes).into());
-                w.commit(vec![fields_json(&r)])
+                w.commit(&[fields_json(&r)])
                     .map_err(|e| open_err(path, format!("cannot be written: {e}")))?;
             }
         }
@@ -767,7 +776,7 @@ impl Writer {
                     Ok(j) => j,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
                         // No intent came to carry them: write and sync the results now.
-                        self.write_results(pending.take());
+                        self.write_results(pending.take(), pending);
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -802,11 +811,16 @@ impl Writer {
                 continue;
             }
             let mut records = pending.take();
+            let results = records.len();
             records.extend(batch.iter_mut().filter_map(|j| j.record.take()));
             let n = records.len();
-            let res = self.commit(records).map_err(|e| e.to_string());
+            let res = self.commit(&records).map_err(|e| e.to_string());
             if let Err(e) = &res {
                 tracing::error!(file = %self.path.display(), records = n, error = %e, "audit log write failed: state-changing requests are refused until it succeeds");
+                // The intents' requests are refused (their waiters get the error); the
+                // results' requests have left, so their records are tried again.
+                records.truncate(results);
+                pending.restore(records);
             }
             for job in batch.drain(..) {
                 if let Some(done) = job.done {
@@ -815,23 +829,24 @@ impl Writer {
             }
         }
         // Every handle is gone: what is pending is written and everything synced.
-        self.write_results(pending.take());
+        self.write_results(pending.take(), pending);
     }
 
     /// Writes result records nobody waits for, and fsyncs.
-    fn write_results(&mut self, records: Vec<Vec<u8>>) {
+    fn write_results(&mut self, records: Vec<Vec<u8>>, pending: &Pending) {
         let n = records.len();
         if n == 0 {
             return;
         }
-        if let Err(e) = self.commit(records) {
-            tracing::error!(file = %self.path.display(), records = n, error = %e, "audit log write of result records failed: they are lost");
+        if let Err(e) = self.commit(&records) {
+            tracing::error!(file = %self.path.display(), records = n, error = %e, "audit log write of result records failed: tried again with the next record");
+            pending.restore(records);
         }
     }
 
     /// Writes `records` and fsyncs once. On failure the file is cut back to its last good
     /// length and the chain state restored, so the next attempt continues a clean chain.
-    fn commit(&mut self, records: Vec<Vec<u8>>) -> std::io::Result<()> {
+    fn commit(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
         let (seq0, prev0) = (self.seq, self.prev.clone());
         let res = self.write_all(records);
         if res.is_err() {
@@ -842,11 +857,11 @@ impl Writer {
         res
     }
 
-    fn write_all(&mut self, records: Vec<Vec<u8>>) -> std::io::Result<()> {
+    fn write_all(&mut self, records: &[Vec<u8>]) -> std::io::Result<()> {
         let mut out: Vec<u8> = Vec::new();
         let (mut seq, mut prev) = (self.seq, self.prev.clone());
         for fields in records {
-            let line = framed(seq + 1, &fields, &prev);
+            let line = framed(seq + 1, fields, &prev);
             let pending = self.size + out.len() as u64;
             if pending > 0 && pending + line.len() as u64 + 1 > self.max_file_bytes {
                 self.flush(&out, seq, &prev)?;
@@ -1235,11 +1250,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.log");
         let mut w = Writer::open(&path, 1 << 20, 3).expect("open");
-        w.commit(vec![rec_json("a"), rec_json("b")]).expect("write");
+        w.commit(&[rec_json("a"), rec_json("b")]).expect("write");
         drop(w);
         let mut w = Writer::open(&path, 1 << 20, 3).expect("reopen");
         assert_eq!(w.seq, 2);
-        w.commit(vec![rec_json("c")]).expect("write");
+        w.commit(&[rec_json("c")]).expect("write");
         drop(w);
         let r = verify(std::slice::from_ref(&path)).expect("chain verifies across a restart");
         assert_eq!((r.records, r.last_seq, r.breaks.len()), (3, 3, 0));
@@ -1260,7 +1275,7 @@ mod tests {
             "{e}"
         );
         let mut w = Writer::open(&path, 1 << 20, 3).expect("open over a torn tail");
-        w.commit(vec![rec_json("d")]).expect("write");
+        w.commit(&[rec_json("d")]).expect("write");
         drop(w);
         let r = verify(std::slice::from_ref(&path)).expect("torn line explained by a chain_break");
         assert_eq!(r.records, 5, "a, b, c, chain_break, d");
@@ -1275,7 +1290,7 @@ mod tests {
         let path = dir.path().join("audit.log");
         let mut w = Writer::open(&path, 300, 2).expect("open");
         for _ in 0..20 {
-            w.commit(vec![rec_json("x"), rec_json("y")]).expect("write");
+            w.commit(&[rec_json("x"), rec_json("y")]).expect("write");
         }
         assert!(rotated(&path, 2).exists() && !rotated(&path, 3).exists());
         let files = vec![rotated(&path, 2), rotated(&path, 1), path.clone()];
