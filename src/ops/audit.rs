@@ -110,14 +110,18 @@ impl Pending {
     }
 }
 
-/// What the writer thread is asked to do (a job with neither record nor waiter only wakes it:
-/// result records are pending).
-struct Job {
-    /// The record's fields as a JSON object, serialized on the request's own thread (the
-    /// writer only frames them with `seq` and `prev`). `None`: a barrier (fsync what is
-    /// queued, then answer).
-    record: Option<Vec<u8>>,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+/// What the writer thread is asked to do.
+enum Job {
+    /// Write `record` with whatever is pending, fsync, then answer `done`.
+    Commit {
+        /// The record's fields as a JSON object, serialized on the request's own thread (the
+        /// writer only frames them with `seq` and `prev`). `None`: a barrier (fsync what is
+        /// queued, then answer).
+        record: Option<Vec<u8>>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Result records are pending and the writer slept: start their timer.
+    Wake,
 }
 
 /// A handle on the audit log; cheap to clone (a channel to the writer thread).
@@ -207,9 +211,9 @@ impl Audit {
     async fn submit(&self, record: Option<Map<String, Value>>) -> Result<(), AuditError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Job {
+            .send(Job::Commit {
                 record: record.as_ref().map(fields_json),
-                done: Some(done),
+                done,
             })
             .map_err(|_| AuditError::Stopped)?;
         match wait.await {
@@ -225,15 +229,7 @@ impl Audit {
     fn queue(&self, record: Map<String, Value>) {
         let line = fields_json(&record);
         self.pending.push(line);
-        if self.pending.idle.swap(false, Ordering::SeqCst)
-            && self
-                .tx
-                .send(Job {
-                    record: None,
-                    done: None,
-                })
-                .is_err()
-        {
+        if self.pending.idle.swap(false, Ordering::SeqCst) && self.tx.send(Job::Wake).is_err() {
             tracing::error!("audit log writer has stopped: a result record is lost");
         }
     }
@@ -805,27 +801,32 @@ impl Writer {
             // Only a batch someone waits for (an intent, a refusal, a barrier) is written and
             // fsync'd now, with the pending results before it; a wake-up alone starts the
             // results' timer.
-            let sync = batch.iter().any(|j| j.done.is_some());
-            if !sync {
-                batch.clear();
+            let mut records = Vec::new();
+            let mut waiters = Vec::new();
+            for job in batch.drain(..) {
+                if let Job::Commit { record, done } = job {
+                    records.extend(record);
+                    waiters.push(done);
+                }
+            }
+            if waiters.is_empty() {
                 continue;
             }
-            let mut records = pending.take();
-            let results = records.len();
-            records.extend(batch.iter_mut().filter_map(|j| j.record.take()));
-            let n = records.len();
-            let res = self.commit(&records).map_err(|e| e.to_string());
+            // Pending results first: their requests left before these intents'.
+            let mut all = pending.take();
+            let results = all.len();
+            all.append(&mut records);
+            let n = all.len();
+            let res = self.commit(&all).map_err(|e| e.to_string());
             if let Err(e) = &res {
                 tracing::error!(file = %self.path.display(), records = n, error = %e, "audit log write failed: state-changing requests are refused until it succeeds");
                 // The intents' requests are refused (their waiters get the error); the
                 // results' requests have left, so their records are tried again.
-                records.truncate(results);
-                pending.restore(records);
+                all.truncate(results);
+                pending.restore(all);
             }
-            for job in batch.drain(..) {
-                if let Some(done) = job.done {
-                    let _ = done.send(res.clone());
-                }
+            for done in waiters {
+                let _ = done.send(res.clone());
             }
         }
         // Every handle is gone: what is pending is written and everything synced.
